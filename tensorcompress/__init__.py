@@ -1,0 +1,24 @@
+"""tensorcompress: tensor decompositions for compressed-activation fine-tuning.
+
+The core (``svd``, ``hosvd``, ``asi``, ``rank``, ``tenalg``) works on numpy
+arrays and torch tensors alike and never imports torch itself; the torch
+adapter lives in :mod:`tensorcompress.torch`.
+"""
+
+from tensorcompress import asi, hosvd, rank, svd, tenalg
+from tensorcompress.rank import ExplainedVariance, Fixed
+from tensorcompress.results import SVDResult, TuckerResult
+
+__all__ = [
+    "ExplainedVariance",
+    "Fixed",
+    "SVDResult",
+    "TuckerResult",
+    "asi",
+    "hosvd",
+    "rank",
+    "svd",
+    "tenalg",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""Backend resolution and input validation shared by every decomposition.
+
+The namespace is resolved once per public call with array-api-compat; inner
+steps receive it as an argument, so the core never imports a framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace, device, is_torch_array
+
+__all__ = [
+    "Array",
+    "as_compute",
+    "cast",
+    "check_tensor",
+    "device",
+    "from_numpy",
+    "namespace",
+    "to_float",
+    "to_numpy",
+]
+
+Array = Any  # any array-API array (numpy.ndarray, torch.Tensor, ...)
+
+_LOW_PRECISION = ("float16", "bfloat16")
+
+
+def namespace(x: Array) -> Any:
+    """Return the array-API namespace of ``x`` (numpy, torch, ...)."""
+    return array_namespace(x)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def check_tensor(x: Array, name: str = "x", min_ndim: int = 2, check_finite: bool = True) -> Any:
+    """Validate a tensor argument and return its namespace.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not an array, or its dtype is not real floating point.
+    ValueError
+        If ``x`` has fewer than ``min_ndim`` dimensions, is empty, or (with
+        ``check_finite``) holds NaN or Inf.
+    """
+    try:
+        xp = array_namespace(x)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor, got {type(x).__name__}"
+        ) from None
+    dtype = _dtype_name(x.dtype)
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16/bfloat16/float32/float64), "
+            f"got {dtype}"
+        )
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
+        )
+    if any(int(n) == 0 for n in x.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if check_finite and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return xp
+
+
+def as_compute(xp: Any, x: Array) -> Array:
+    """Return ``x`` in the dtype decompositions run in (float16/bfloat16 -> float32)."""
+    if _dtype_name(x.dtype) in _LOW_PRECISION:
+        return xp.astype(x, xp.float32)
+    return x
+
+
+def to_float(value: Any) -> float:
+    """Convert a 0-d array (any backend, any device) to a Python float."""
+    if is_torch_array(value):
+        return float(value.item())
+    return float(np.asarray(value))
+
+
+def to_numpy(a: Array) -> np.ndarray:
+    """Copy a (small) array of any backend and device to a float64 numpy array."""
+    if is_torch_array(a):
+        return a.detach().to("cpu").double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def from_numpy(xp: Any, a: np.ndarray, like: Array) -> Array:
+    """Move a numpy array to ``like``'s backend, device and dtype."""
+    return xp.asarray(a, dtype=like.dtype, device=device(like))
+
+
+def cast(xp: Any, a: Array, dtype: Any) -> Array:
+    """Return ``a`` in ``dtype`` (no copy when it already is)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)

@@ -1,0 +1,207 @@
+"""Activation Subspace Iteration (ASI).
+
+ASI tracks the Tucker subspaces of a stream of similar tensors (a layer's
+activations over training steps). The first call runs an exact ST-HOSVD,
+which also fixes the ranks when ``rank`` is a threshold. Each later call
+starts from the previous factors and runs ``n_iter`` steps of subspace
+iteration per mode, ``U <- qr(X_(k) X_(k)^T U)``, then projects onto them.
+
+Modes are visited in turn on the tensor already projected onto the earlier
+modes' new factors (sequential truncation), so after the first mode every
+product runs on a tensor that is ``r_k / n_k`` smaller. A mode whose Gram
+matrix is cheaper than two thin products (``n_k <= 2 r_k``) iterates on its
+Gram matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tensorcompress import hosvd, tenalg
+from tensorcompress import rank as _rank
+from tensorcompress._array import (
+    Array,
+    as_compute,
+    cast,
+    check_tensor,
+    device,
+    from_numpy,
+    to_float,
+)
+from tensorcompress.results import TuckerResult
+
+__all__ = ["decompose"]
+
+Seed = int | np.random.Generator | None
+
+
+def _rng(seed: Seed) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _orthonormal(xp: Any, a: Array) -> Array:
+    q, _ = xp.linalg.qr(a)
+    return q
+
+
+def fit_factor(
+    xp: Any, factor: Array, dim: int, rank: int, like: Array, rng: np.random.Generator
+) -> Array:
+    """Adapt a previous factor to a mode of size ``dim`` and ``rank`` columns.
+
+    Rows are cut, or padded with seeded Gaussian rows, when the mode changed
+    size (a smaller last batch); columns are cut, or padded with seeded
+    Gaussian columns, when the rank changed. The result is re-orthonormalised
+    whenever it was changed.
+    """
+    u = cast(xp, factor, like.dtype)
+    n, r = int(u.shape[0]), int(u.shape[1])
+    if n == dim and r == rank:
+        return u
+    if n > dim:
+        u = u[:dim, :]
+    elif n < dim:
+        pad = from_numpy(xp, rng.standard_normal((dim - n, r)) / np.sqrt(dim), like)
+        u = xp.concat([u, pad], axis=0)
+    if r > rank:
+        u = u[:, :rank]
+    elif r < rank:
+        pad = from_numpy(xp, rng.standard_normal((dim, rank - r)), like)
+        u = xp.concat([u, pad], axis=1)
+    return _orthonormal(xp, u)
+
+
+def _step_ranks(ranks: Sequence[_rank.ModeRank], warm: TuckerResult) -> tuple[int, ...]:
+    # Thresholds were applied when the ranks were fixed by the cold start.
+    return tuple(r if isinstance(r, int) else warm.ranks[k] for k, r in enumerate(ranks))
+
+
+def _warm_step(
+    xp: Any,
+    x: Array,
+    warm: TuckerResult,
+    ranks: tuple[int, ...],
+    n_iter: int,
+    rng: np.random.Generator,
+) -> tuple[Array, list[Array], list[float]]:
+    shape = tuple(int(n) for n in x.shape)
+    factors: list[Any] = [None] * x.ndim
+    explained = [1.0] * x.ndim
+    t = x
+    energy = to_float(xp.sum(t * t))
+    for k in hosvd.mode_order(shape, ranks):
+        n, r = shape[k], ranks[k]
+        if r == n:
+            # A whole mode needs no subspace: the identity spans it.
+            factors[k] = xp.eye(n, dtype=t.dtype, device=device(t))
+            continue
+        u = fit_factor(xp, warm.factors[k], n, r, t, rng)
+        if n <= 2 * r:
+            g = tenalg.gram(t, k, xp=xp)
+            for _ in range(n_iter):
+                u = _orthonormal(xp, g @ u)
+        else:
+            for _ in range(n_iter):
+                z = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
+                u = _orthonormal(xp, tenalg.cross_gram(t, z, k, xp=xp))
+        factors[k] = u
+        t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
+        kept = to_float(xp.sum(t * t))
+        explained[k] = kept / energy if energy > 0 else 1.0
+        energy = kept
+    return t, factors, explained
+
+
+def decompose(
+    x: Array,
+    rank: _rank.RankLike,
+    *,
+    warm_start: TuckerResult | None = None,
+    n_iter: int = 1,
+    seed: Seed = None,
+    check_finite: bool = True,
+) -> TuckerResult:
+    """Tucker decomposition by Activation Subspace Iteration.
+
+    Parameters
+    ----------
+    x : array
+        numpy array or torch tensor with ``ndim >= 2``, real floating dtype.
+    rank : int, float, sequence or policy
+        See :mod:`tensorcompress.rank`. Thresholds (floats) are resolved by the
+        cold start; with a warm start they keep the warm start's ranks. An int
+        rank that differs from the warm start's pads or cuts its subspace.
+    warm_start : TuckerResult, optional
+        A previous result (typically the previous training step's); its factors
+        are the starting subspaces. Modes may have changed size (a smaller last
+        batch): rows are then cut or padded and re-orthonormalised. ``None``
+        runs the exact ST-HOSVD cold start.
+    n_iter : int, default 1
+        Subspace-iteration steps per mode.
+    seed : int, numpy Generator or None
+        Only used to pad subspaces (rank or size changes). Never touches the
+        global RNG.
+    check_finite : bool, default True
+        Refuse NaN/Inf input (costs one pass over ``x``).
+
+    Returns
+    -------
+    TuckerResult
+        ``explained_variance[k]`` is, for a warm step, the fraction of the
+        energy of the tensor mode k saw (already projected in the earlier
+        modes) that the new factor keeps; for the cold start, as in HOSVD.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad tensor, rank, ``n_iter`` or warm start, naming the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorcompress import asi
+    >>> rng = np.random.default_rng(0)
+    >>> first = asi.decompose(rng.standard_normal((16, 8, 5, 5)), 0.8)
+    >>> nxt = asi.decompose(rng.standard_normal((16, 8, 5, 5)), 0.8, warm_start=first)
+    >>> nxt.ranks == first.ranks
+    True
+    """
+    xp = check_tensor(x, "x", check_finite=check_finite)
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    ranks = _rank.resolve(rank, tuple(x.shape))
+    if warm_start is None:
+        return hosvd.decompose(x, ranks, check_finite=False)
+    if not isinstance(warm_start, TuckerResult):
+        raise TypeError(
+            f"warm_start must be a TuckerResult or None, got {type(warm_start).__name__}"
+        )
+    if len(warm_start.factors) != x.ndim:
+        raise ValueError(
+            f"warm_start has {len(warm_start.factors)} factors but x has {x.ndim} modes "
+            f"(shape {tuple(x.shape)})"
+        )
+    for k, u in enumerate(warm_start.factors):
+        if u.ndim != 2:
+            raise ValueError(
+                f"warm_start.factors[{k}] must be a matrix, got shape {tuple(u.shape)}"
+            )
+    step_ranks = _step_ranks(ranks, warm_start)
+    for k, (r, n) in enumerate(zip(step_ranks, x.shape)):
+        if r > n:
+            raise ValueError(
+                f"warm_start rank {r} of mode {k} is larger than the mode's dimension {n}; "
+                "pass an int rank or a new cold start"
+            )
+    core, factors, explained = _warm_step(
+        xp, as_compute(xp, x), warm_start, step_ranks, n_iter, _rng(seed)
+    )
+    return TuckerResult(
+        core=cast(xp, core, x.dtype),
+        factors=tuple(cast(xp, u, x.dtype) for u in factors),
+        explained_variance=tuple(explained),
+        n_iter=n_iter,
+    )
