@@ -1,0 +1,87 @@
+"""Model definitions compatible with torchvision's parameter names.
+
+No torchvision import and no weight download: models start randomly initialised, and
+users who have a ``state_dict`` file pass it as ``weights`` to :func:`get_model`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .mcunet import mcunet_in1
+from .mobilenet import mobilenet_v2
+from .resnet import resnet18, resnet34
+
+__all__ = ["MODEL_NAMES", "get_model", "mcunet_in1", "mobilenet_v2", "resnet18", "resnet34"]
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "mobilenet_v2": mobilenet_v2,
+    "mcunet_in1": mcunet_in1,
+}
+
+#: Names accepted by :func:`get_model`.
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def _load_weights(model: nn.Module, weights: str | os.PathLike[str], name: str) -> None:
+    path = os.fspath(weights)
+    try:
+        # weights_only=True: never run arbitrary pickled code from a user-supplied file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing/unreadable file: the OS error already names the path
+    except Exception as err:  # unpickling, zip and format errors all mean "not a state_dict"
+        raise ValueError(f"could not read a state_dict from {path!r}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"{path!r} holds a {type(state).__name__}, expected a state_dict (a mapping of "
+            "parameter names to tensors)"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"state_dict in {path!r} does not match model {name!r}: {err}") from err
+
+
+def get_model(
+    name: str,
+    num_classes: int = 1000,
+    weights: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Build a model by name, optionally loading a local ``state_dict`` file.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES` (case-insensitive; ``-`` is read as ``_``, so
+        ``"mcunet-in1"`` works).
+    num_classes : int, default 1000
+        Output features of the classification head.
+    weights : str or os.PathLike or None, default None
+        Path to a file saved with ``torch.save(model.state_dict(), path)``. It is read
+        with ``torch.load(weights_only=True)`` and loaded with ``strict=True``.
+
+    Returns
+    -------
+    nn.Module
+        The model, randomly initialised unless ``weights`` is given.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown (the message lists valid names), or if ``weights`` is not
+        a readable state_dict or does not match the model (the message names the file).
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)}")
+    model = _BUILDERS[key](num_classes=num_classes)
+    if weights is not None:
+        _load_weights(model, weights, key)
+    return model
