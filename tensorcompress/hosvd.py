@@ -61,17 +61,18 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     """
     n = int(t.shape[mode])
     q = math.prod(t.shape) // n
+    rtol = 4 * float(xp.finfo(t.dtype).eps)
     if n <= q:
         # Short and wide: Gram + symmetric eigensolver, eigenvalues = s**2.
         w, v = xp.linalg.eigh(tenalg.gram(t, mode, xp=xp))
         sv2 = to_numpy(w)[::-1]
-        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank)
+        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
         u = xp.flip(v[:, n - r :], axis=1)
     else:
         unfolded = tenalg.unfold(t, mode, xp=xp)
         u_full, s, _ = xp.linalg.svd(unfolded, full_matrices=False)
         sv2 = to_numpy(s) ** 2
-        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank)
+        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
         if r > int(s.shape[0]):
             # More columns than the unfolding's rank: complete the basis.
             u_full, _, _ = xp.linalg.svd(unfolded, full_matrices=True)

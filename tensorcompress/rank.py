@@ -145,12 +145,13 @@ def explained_variance(sq_singular_values: Any) -> np.ndarray:
     return np.cumsum(s) / total
 
 
-def rank_for_threshold(sq_singular_values: Any, threshold: float) -> int:
+def rank_for_threshold(sq_singular_values: Any, threshold: float, rtol: float = 1e-12) -> int:
     """Smallest rank whose explained variance reaches ``threshold``.
 
-    A relative slack of ``len * 1e-12`` absorbs round-off, so ``threshold=1.0``
-    gives the numerical rank rather than always the full dimension.
+    A slack of ``len * rtol`` absorbs the round-off of the spectrum (pass the
+    working dtype's machine epsilon), so ``threshold=1.0`` gives the numerical
+    rank rather than always the full dimension.
     """
     cum = explained_variance(sq_singular_values)
-    slack = len(cum) * 1e-12
+    slack = len(cum) * rtol
     return int(min(np.searchsorted(cum, threshold - slack, side="left") + 1, len(cum)))

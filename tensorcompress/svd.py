@@ -124,8 +124,10 @@ def decompose(
     explained: float | None
     if method == "exact":
         u, s, vh = xp.linalg.svd(a, full_matrices=False)
-        cum = _rank.explained_variance(to_numpy(s) ** 2)
-        keep = r if isinstance(r, int) else _rank.rank_for_threshold(to_numpy(s) ** 2, r)
+        sv2 = to_numpy(s) ** 2
+        cum = _rank.explained_variance(sv2)
+        rtol = 4 * float(xp.finfo(a.dtype).eps)
+        keep = r if isinstance(r, int) else _rank.rank_for_threshold(sv2, r, rtol)
         u, s, vh = u[:, :keep], s[:keep], vh[:keep, :]
         explained = float(cum[keep - 1])
     else:

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import decaying_tensor, low_rank_tensor, tol
+
+from tensorcompress import asi, hosvd, tenalg
+
+
+def _subspace_distance(u: object, v: object) -> float:
+    """Sine of the largest principal angle between the column spaces."""
+    a, b = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    s = np.linalg.svd(a.T @ b, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - s.min() ** 2)))
+
+
+def test_cold_start_is_st_hosvd(to_backend) -> None:
+    x = to_backend(decaying_tensor((8, 7, 6, 5), seed=1))
+    cold, ref = asi.decompose(x, 0.8), hosvd.decompose(x, 0.8)
+    assert cold.ranks == ref.ranks and cold.n_iter == 0
+    assert cold.relative_error(x) == pytest.approx(ref.relative_error(x), rel=1e-6)
+
+
+def test_warm_start_converges_to_hosvd_subspace(to_backend) -> None:
+    # A spectral gap (low multilinear rank plus noise) makes the dominant
+    # subspaces well defined; from a random start ASI must find them.
+    ranks = (3, 3, 2, 2)
+    a = low_rank_tensor((12, 10, 9, 8), ranks, seed=2, noise=0.03)
+    x = to_backend(a)
+    exact = hosvd.decompose(a, ranks, sequential=False)
+    # Start far from the answer: a random orthonormal subspace in every mode.
+    rng = np.random.default_rng(0)
+    start = hosvd.decompose(to_backend(rng.standard_normal(a.shape)), ranks)
+    res = start
+    distances = []
+    for _ in range(30):
+        res = asi.decompose(x, ranks, warm_start=res)
+        distances.append(max(_subspace_distance(u, v) for u, v in zip(res.factors, exact.factors)))
+    assert distances[0] > 0.1  # one step from a random start is not enough...
+    assert distances[-1] < 0.05  # ...but the iterations converge
+    # The first mode visited iterates on the whole tensor: exactly HOSVD's subspace.
+    first = hosvd.mode_order(a.shape, ranks)[0]
+    assert _subspace_distance(res.factors[first], exact.factors[first]) < 1e-3
+    # The others see the tensor projected on the first: a HOOI-like fixed point,
+    # never worse than HOSVD.
+    assert res.relative_error(x) <= exact.relative_error(a) * (1 + 1e-4)
+
+
+def test_warm_step_on_fixed_tensor_keeps_low_rank_exact(to_backend) -> None:
+    x = to_backend(low_rank_tensor((9, 8, 7, 6), (2, 3, 2, 2)))
+    res = asi.decompose(x, (2, 3, 2, 2))
+    for _ in range(3):
+        res = asi.decompose(x, (2, 3, 2, 2), warm_start=res)
+        assert res.relative_error(x) < tol(x)
+        assert res.n_iter == 1
+
+
+def test_threshold_ranks_fixed_by_cold_start(to_backend) -> None:
+    x1 = to_backend(decaying_tensor((10, 8, 6, 6), seed=3))
+    x2 = to_backend(decaying_tensor((10, 8, 6, 6), seed=4, decay=0.9))
+    cold = asi.decompose(x1, 0.8)
+    warm = asi.decompose(x2, 0.8, warm_start=cold)
+    assert warm.ranks == cold.ranks
+
+
+def test_warm_start_survives_smaller_batch_and_rank_change(to_backend) -> None:
+    x = to_backend(decaying_tensor((16, 8, 6, 6), seed=5))
+    cold = asi.decompose(x, (4, 3, 3, 3))
+    small = x[:5]
+    res = asi.decompose(small, (4, 3, 3, 3), warm_start=cold, seed=0)
+    assert res.shape == (5, 8, 6, 6) and res.ranks == (4, 3, 3, 3)
+    bigger = asi.decompose(x, (5, 4, 2, 3), warm_start=res, seed=0)
+    assert bigger.shape == (16, 8, 6, 6) and bigger.ranks == (5, 4, 2, 3)
+    for r in (res, bigger):
+        for u in r.factors:
+            a = np.asarray(u, dtype=np.float64)
+            np.testing.assert_allclose(a.T @ a, np.eye(a.shape[1]), atol=tol(x) * 10)
+
+
+def test_warm_start_is_deterministic_given_seed() -> None:
+    x = decaying_tensor((16, 8, 6, 6), seed=6)
+    cold = asi.decompose(x, (4, 3, 3, 3))
+    a = asi.decompose(x[:5], (4, 3, 3, 3), warm_start=cold, seed=7)
+    b = asi.decompose(x[:5], (4, 3, 3, 3), warm_start=cold, seed=7)
+    np.testing.assert_array_equal(a.core, b.core)
+
+
+def test_no_global_rng_use() -> None:
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected_np, expected_torch = np.random.rand(), torch.rand(1)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    x = decaying_tensor((16, 8, 6, 6), seed=6)
+    cold = asi.decompose(x, (4, 3, 3, 3))
+    asi.decompose(x[:5], (5, 4, 3, 3), warm_start=cold)
+    asi.decompose(
+        torch.as_tensor(x)[:5], (5, 4, 3, 3), warm_start=asi.decompose(torch.as_tensor(x), 3)
+    )
+    assert np.random.rand() == expected_np and torch.equal(torch.rand(1), expected_torch)
+
+
+def test_more_iterations_do_not_hurt() -> None:
+    a = decaying_tensor((20, 16, 8, 8), seed=8, decay=0.8)
+    start = hosvd.decompose(np.random.default_rng(1).standard_normal(a.shape), (4, 4, 3, 3))
+    errs = [
+        asi.decompose(a, (4, 4, 3, 3), warm_start=start, n_iter=n).relative_error(a)
+        for n in (1, 3, 10)
+    ]
+    assert errs[2] <= errs[1] * (1 + 1e-9) <= errs[0] * (1 + 1e-9)
+
+
+def test_warm_core_is_projection(to_backend) -> None:
+    x = to_backend(decaying_tensor((8, 7, 6), seed=9))
+    warm = asi.decompose(x, (3, 3, 3), warm_start=asi.decompose(x, (3, 3, 3)))
+    proj = tenalg.multi_mode_dot(x, warm.factors, transpose=True)
+    np.testing.assert_allclose(np.asarray(warm.core), np.asarray(proj), atol=tol(x) * 10)
+
+
+def test_bfloat16_warm_start() -> None:
+    x = torch.as_tensor(decaying_tensor((8, 7, 6), seed=10), dtype=torch.bfloat16)
+    cold = asi.decompose(x, (3, 3, 3))
+    warm = asi.decompose(x, (3, 3, 3), warm_start=cold)
+    assert warm.core.dtype == torch.bfloat16
+    assert warm.relative_error(x) < cold.relative_error(x) + 0.05

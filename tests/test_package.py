@@ -1,0 +1,56 @@
+"""Package-level guarantees: no torch import, result types, README/CI agreement."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorly as tl
+
+from tensorcompress import TuckerResult, asi, hosvd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_does_not_import_torch() -> None:
+    code = (
+        "import sys, numpy as np, tensorcompress as tc\n"
+        "tc.asi.decompose(np.ones((4, 3, 2)), 0.8)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_results_are_frozen_unpackable_and_convert_to_tensorly() -> None:
+    x = np.random.default_rng(0).standard_normal((5, 4, 3))
+    res = hosvd.decompose(x, (2, 2, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.core = x  # type: ignore[misc]
+    core, factors = res
+    assert core is res.core and factors is res.factors
+    tt = res.to_tensorly()
+    np.testing.assert_allclose(tl.tucker_to_tensor(tt), res.reconstruct())
+    assert isinstance(asi.decompose(x, 2, warm_start=res), TuckerResult)
+    assert res.nbytes == 8 * (8 + 5 * 2 + 4 * 2 + 3 * 2)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        from readme_commands import quick_start_commands
+    finally:
+        sys.path.pop(0)
+    commands = quick_start_commands((ROOT / "README.md").read_text())
+    assert len(commands) == 2, "the README quick start shows exactly two commands"
+    assert commands[1].startswith("pip install -c constraints.txt")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "readme_commands.py test" in ci
+
+
+def test_torch_is_pinned() -> None:
+    pins = (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins

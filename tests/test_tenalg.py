@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+from conftest import make
+
+from tensorcompress import tenalg
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_unfold_matches_tensorly_and_fold_inverts(backend: str, mode: int) -> None:
+    a = np.random.default_rng(0).standard_normal((3, 4, 5, 6))
+    x = make(backend, "float64")(a)
+    u = tenalg.unfold(x, mode)
+    np.testing.assert_allclose(np.asarray(u), tl.unfold(a, mode))
+    np.testing.assert_allclose(np.asarray(tenalg.fold(u, mode, a.shape)), a)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_mode_dot_gram_cross_gram_match_unfolded_products(backend: str, mode: int) -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((3, 4, 5, 6))
+    m = rng.standard_normal((2, a.shape[mode]))
+    conv = make(backend, "float64")
+    x = conv(a)
+    np.testing.assert_allclose(
+        np.asarray(tenalg.mode_dot(x, conv(m), mode)), tl.tenalg.mode_dot(a, m, mode)
+    )
+    np.testing.assert_allclose(
+        np.asarray(tenalg.gram(x, mode)), tl.unfold(a, mode) @ tl.unfold(a, mode).T, atol=1e-12
+    )
+    b = tl.tenalg.mode_dot(a, m, mode)
+    np.testing.assert_allclose(
+        np.asarray(tenalg.cross_gram(x, conv(b), mode)),
+        tl.unfold(a, mode) @ tl.unfold(b, mode).T,
+        atol=1e-12,
+    )
+
+
+def test_tucker_to_tensor_matches_tensorly() -> None:
+    rng = np.random.default_rng(2)
+    core = rng.standard_normal((2, 3, 4))
+    factors = [rng.standard_normal((n, r)) for n, r in zip((5, 6, 7), core.shape)]
+    np.testing.assert_allclose(
+        tenalg.tucker_to_tensor(core, factors), tl.tucker_to_tensor((core, factors))
+    )
+    np.testing.assert_allclose(
+        tenalg.multi_mode_dot(tl.tucker_to_tensor((core, factors)), factors, transpose=True),
+        tl.tenalg.multi_mode_dot(tl.tucker_to_tensor((core, factors)), factors, transpose=True),
+    )
+
+
+def test_relative_error_of_zero_tensor_is_zero() -> None:
+    z = np.zeros((3, 3))
+    assert tenalg.relative_error(z, z) == 0.0
