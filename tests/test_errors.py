@@ -62,7 +62,7 @@ def test_bad_warm_starts() -> None:
     with pytest.raises(TypeError, match="warm_start must be a TuckerResult or None, got dict"):
         asi.decompose(x, 2, warm_start={"factors": []})  # type: ignore[arg-type]
     small = asi.decompose(np.ones((6, 5, 3)), 3)
-    with pytest.raises(ValueError, match="warm_start rank 3 of mode 2 is larger than .* 2"):
+    with pytest.raises(ValueError, match=r"warm_start rank 3 of mode 2 is larger than .* 2"):
         asi.decompose(np.ones((6, 5, 2)), 0.8, warm_start=small)
     with pytest.raises(ValueError, match="n_iter must be a non-negative int, got -1"):
         asi.decompose(x, 2, warm_start=cold, n_iter=-1)
