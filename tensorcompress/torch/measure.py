@@ -1,0 +1,847 @@
+"""Measured and analytic activation memory of compressed (and vanilla) layers.
+
+Two numbers per layer, both in bytes, reported side by side:
+
+- **measured**: the storages of the tensors autograd actually saved while the
+  layer ran its training forward, recorded with
+  :func:`torch.autograd.graph.saved_tensors_hooks`;
+- **analytic**: what the method's formula says the layer keeps (see
+  :func:`analytic_bytes`).
+
+Counting rules (the ones that make the two comparable and honest):
+
+- A saved tensor is counted by its **storage** (``untyped_storage().nbytes()``),
+  deduplicated by ``(device, storage data_ptr)``: a view keeps its whole base
+  alive, so the storage is what memory really holds, and a tensor saved twice
+  (``x * x``) or saved once as itself and once as a view (``x.view(-1, n)``) is
+  counted once. A compressed layer that saves a narrow view of a big buffer is
+  therefore charged for the buffer, which is the point of measuring.
+- Parameters and buffers (weights, BatchNorm running statistics) that autograd
+  saves are model state, not activations: any saved tensor sharing storage with
+  a parameter or buffer goes to ``parameter_bytes`` and nowhere else.
+- A save is attributed to every selected layer on the module stack when it
+  happens (forward pre/post hooks track the stack); saves outside any selected
+  layer go to ``other_bytes`` under the innermost running module. A storage
+  saved both by a selected layer and elsewhere (a ReLU's output that the next
+  conv saves as its input) belongs to the layer: vanilla training of that
+  layer would keep it anyway.
+- Tensors a custom autograd Function keeps as plain ``ctx`` attributes bypass
+  ``saved_tensors_hooks``; the layer's autograd nodes are searched for them and
+  they are added to the layer's measured bytes (and shown as ``unhooked_bytes``),
+  so keeping activations outside ``save_for_backward`` cannot hide memory.
+
+MB means 2**20 bytes. The paper convention (Mem = inputs kept by the last N
+fine-tuned convs, float32) is ``report.kept_mb`` with ``method="vanilla"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MB",
+    "LayerMemory",
+    "MemoryReport",
+    "PeakMemory",
+    "activation_memory",
+    "analytic_bytes",
+    "peak_forward_memory",
+]
+
+MB = 2**20
+"""Bytes in one MB (the paper's convention: MiB)."""
+
+LayerSelection = Callable[[nn.Module, str], bool] | Iterable[str] | None
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+StorageKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Activation memory kept by one selected layer for its backward pass.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name (as in ``model.named_modules()``).
+    kind : str
+        ``"Conv1d"``, ``"Conv2d"`` or ``"Linear"``.
+    method : str
+        Compression method (``"vanilla"`` for an unconverted layer).
+    input_shape, output_shape : tuple of int
+        Shapes seen on the (first) call.
+    dtype : str
+        Dtype of the input activation, e.g. ``"float32"``.
+    measured_bytes : int
+        Distinct storages autograd saved during the layer's forward (plus any
+        tensor kept on its autograd nodes outside ``save_for_backward``).
+    analytic_bytes : int
+        What the method's formula says the layer keeps.
+    vanilla_bytes : int
+        The input activation's bytes: what the same layer keeps in vanilla
+        training.
+    ranks : tuple of int or None
+        Ranks of the kept decomposition (Tucker: one per mode; SVD: one), or
+        ``None`` for methods without ranks.
+    saved_shapes : tuple of tuple of int
+        Shapes of the non-parameter tensors the layer saved, in save order.
+    unhooked_bytes : int
+        Part of ``measured_bytes`` found on autograd nodes outside
+        ``save_for_backward`` (should be 0).
+    calls : int
+        Forward calls of the layer during the measurement (bytes are summed).
+    """
+
+    name: str
+    kind: str
+    method: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    dtype: str
+    measured_bytes: int
+    analytic_bytes: int
+    vanilla_bytes: int
+    ranks: tuple[int, ...] | None = None
+    saved_shapes: tuple[tuple[int, ...], ...] = ()
+    unhooked_bytes: int = 0
+    calls: int = 1
+
+    @property
+    def measured_mb(self) -> float:
+        """``measured_bytes`` in MB (2**20 bytes)."""
+        return self.measured_bytes / MB
+
+    @property
+    def analytic_mb(self) -> float:
+        """``analytic_bytes`` in MB (2**20 bytes)."""
+        return self.analytic_bytes / MB
+
+    @property
+    def vanilla_mb(self) -> float:
+        """``vanilla_bytes`` in MB (2**20 bytes)."""
+        return self.vanilla_bytes / MB
+
+    @property
+    def compression_ratio(self) -> float:
+        """``vanilla_bytes / measured_bytes`` (``inf`` when nothing was kept)."""
+        return self.vanilla_bytes / self.measured_bytes if self.measured_bytes else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (lists for shapes, MB fields added)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "method": self.method,
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "dtype": self.dtype,
+            "measured_bytes": self.measured_bytes,
+            "analytic_bytes": self.analytic_bytes,
+            "vanilla_bytes": self.vanilla_bytes,
+            "ranks": None if self.ranks is None else list(self.ranks),
+            "saved_shapes": [list(s) for s in self.saved_shapes],
+            "unhooked_bytes": self.unhooked_bytes,
+            "calls": self.calls,
+            "measured_mb": self.measured_mb,
+            "analytic_mb": self.analytic_mb,
+            "vanilla_mb": self.vanilla_mb,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Activation memory of one training forward, per selected layer and in total.
+
+    Attributes
+    ----------
+    layers : tuple of LayerMemory
+        Selected layers in execution order (first call).
+    other_bytes : int
+        Distinct activation storages saved outside the selected layers
+        (BatchNorm inputs, ReLU outputs, pooling indices, unselected layers).
+    other_by_module : tuple of (str, int)
+        ``other_bytes`` split by the innermost module running at the save
+        (``""`` is the root module's own forward).
+    parameter_bytes : int
+        Distinct parameter/buffer storages autograd saved (not activations;
+        never part of any other count).
+    total_bytes : int
+        All distinct activation storages autograd saved: the selected layers'
+        (counted once even when shared) plus ``other_bytes``.
+    shared_bytes : int
+        Bytes counted by more than one selected layer (two convs reading the
+        same input): ``kept_bytes - shared_bytes + other_bytes == total_bytes``.
+    dtype : str
+        Dtype of the first selected layer's input (``""`` without layers).
+    """
+
+    layers: tuple[LayerMemory, ...]
+    other_bytes: int
+    other_by_module: tuple[tuple[str, int], ...] = field(default=())
+    parameter_bytes: int = 0
+    total_bytes: int = 0
+    shared_bytes: int = 0
+    dtype: str = ""
+
+    @property
+    def kept_bytes(self) -> int:
+        """Sum of the selected layers' measured bytes (the paper's Mem)."""
+        return sum(layer.measured_bytes for layer in self.layers)
+
+    @property
+    def analytic_bytes(self) -> int:
+        """Sum of the selected layers' analytic bytes."""
+        return sum(layer.analytic_bytes for layer in self.layers)
+
+    @property
+    def vanilla_bytes(self) -> int:
+        """Sum of the selected layers' input activations (vanilla training's Mem)."""
+        return sum(layer.vanilla_bytes for layer in self.layers)
+
+    @property
+    def kept_mb(self) -> float:
+        """``kept_bytes`` in MB (2**20 bytes)."""
+        return self.kept_bytes / MB
+
+    @property
+    def analytic_mb(self) -> float:
+        """``analytic_bytes`` in MB (2**20 bytes)."""
+        return self.analytic_bytes / MB
+
+    @property
+    def vanilla_mb(self) -> float:
+        """``vanilla_bytes`` in MB (2**20 bytes)."""
+        return self.vanilla_bytes / MB
+
+    @property
+    def other_mb(self) -> float:
+        """``other_bytes`` in MB (2**20 bytes)."""
+        return self.other_bytes / MB
+
+    @property
+    def total_mb(self) -> float:
+        """``total_bytes`` in MB (2**20 bytes)."""
+        return self.total_bytes / MB
+
+    @property
+    def compression_ratio(self) -> float:
+        """``vanilla_bytes / kept_bytes`` over the selected layers."""
+        return self.vanilla_bytes / self.kept_bytes if self.kept_bytes else math.inf
+
+    def __getitem__(self, name: str) -> LayerMemory:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no selected layer named {name!r}; have {[x.name for x in self.layers]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict, totals and MB figures included."""
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "other_bytes": self.other_bytes,
+            "other_by_module": {name: nbytes for name, nbytes in self.other_by_module},
+            "parameter_bytes": self.parameter_bytes,
+            "total_bytes": self.total_bytes,
+            "shared_bytes": self.shared_bytes,
+            "dtype": self.dtype,
+            "kept_bytes": self.kept_bytes,
+            "analytic_bytes": self.analytic_bytes,
+            "vanilla_bytes": self.vanilla_bytes,
+            "kept_mb": self.kept_mb,
+            "analytic_mb": self.analytic_mb,
+            "vanilla_mb": self.vanilla_mb,
+            "other_mb": self.other_mb,
+            "total_mb": self.total_mb,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Analytic formulas
+# ---------------------------------------------------------------------------
+
+
+def analytic_bytes(
+    method: str,
+    input_shape: Sequence[int],
+    *,
+    itemsize: int = 4,
+    ranks: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
+    patch: int | None = None,
+    mode: int = 0,
+) -> int:
+    """Bytes a layer keeps for its weight gradient, by the method's formula.
+
+    Parameters
+    ----------
+    method : {"vanilla", "asi", "hosvd", "svd", "gradient_filter"}
+        Compression method.
+    input_shape : sequence of int
+        Shape of the tensor the method compresses (the layer's input).
+    itemsize : int, default 4
+        Bytes per element of the kept tensors (float32: 4).
+    ranks : sequence of int, optional
+        Tucker ranks, one per mode of ``input_shape`` (``asi``, ``hosvd``), or
+        the single rank of the truncated SVD (``svd``).
+    output_shape : sequence of int, optional
+        ``gradient_filter`` only: the layer's output shape ``(B, C_out, *spatial)``.
+    patch : int, optional
+        ``gradient_filter`` only: the patch size R.
+    mode : int, default 0
+        ``svd`` only: the unfolding mode.
+
+    Returns
+    -------
+    int
+        - vanilla: ``prod(input_shape) * itemsize``;
+        - asi / hosvd: ``(prod(ranks) + sum(n_k * r_k)) * itemsize`` (core + factors);
+        - svd of the mode-``m`` unfolding ``(n, q)`` at rank ``r``:
+          ``(n * r + r + r * q) * itemsize`` (U, S, Vh);
+        - gradient_filter: ``B * C_in * prod(ceil(s_out / R)) * itemsize``, the
+          input averaged on a grid sized by the output's spatial dims.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method or a missing/inconsistent argument.
+    """
+    shape = tuple(int(n) for n in input_shape)
+    if method == "vanilla":
+        return math.prod(shape) * itemsize
+    if method in ("asi", "hosvd"):
+        if ranks is None or len(ranks) != len(shape):
+            raise ValueError(
+                f"method={method!r} needs one rank per mode of input_shape {shape}, got {ranks!r}"
+            )
+        rk = tuple(int(k) for k in ranks)
+        return (math.prod(rk) + sum(n * k for n, k in zip(shape, rk))) * itemsize
+    if method == "svd":
+        if ranks is None or len(ranks) != 1:
+            raise ValueError(f"method='svd' needs ranks=(r,), got {ranks!r}")
+        r = int(ranks[0])
+        n = shape[mode]
+        q = math.prod(shape) // n
+        return (n * r + r + r * q) * itemsize
+    if method == "gradient_filter":
+        if patch is None or patch < 1 or output_shape is None:
+            raise ValueError(
+                "method='gradient_filter' needs patch (a positive int) and output_shape, "
+                f"got patch={patch!r}, output_shape={output_shape!r}"
+            )
+        spatial = tuple(int(n) for n in output_shape[2:])
+        return shape[0] * shape[1] * math.prod(-(-s // patch) for s in spatial) * itemsize
+    raise ValueError(
+        f"method must be one of 'vanilla', 'asi', 'hosvd', 'svd', 'gradient_filter', got {method!r}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Recording what autograd saves
+# ---------------------------------------------------------------------------
+
+
+def _storage(t: torch.Tensor) -> tuple[StorageKey, int] | None:
+    """``((device, data_ptr), nbytes)`` of the storage behind ``t``, if it has one."""
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None  # sparse, nested or otherwise storage-less tensors
+    return (str(t.device), int(s.data_ptr())), int(s.nbytes())
+
+
+@dataclass
+class _Save:
+    key: StorageKey
+    nbytes: int
+    shape: tuple[int, ...]
+    stack: tuple[str, ...]  # module names running at the save, outermost first
+    state: bool  # shares storage with a parameter or buffer
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    stop: set[Any]  # grad_fns of the inputs: where the layer's own graph ends
+    output_shape: tuple[int, ...] = ()
+    output_node: Any = None
+
+
+@dataclass
+class _Recorder:
+    selected: Mapping[str, nn.Module]
+    state_keys: set[StorageKey]
+    names: dict[int, str]
+    stack: list[str] = field(default_factory=list)
+    saves: list[_Save] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
+    open_calls: list[_Call] = field(default_factory=list)
+    # Saved tensors are held until the report is built, so a freed storage's
+    # address cannot be reused by a later one and merged with it.
+    hold: list[torch.Tensor] = field(default_factory=list)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        found = _storage(t)
+        if found is not None:
+            key, nbytes = found
+            self.saves.append(
+                _Save(key, nbytes, tuple(t.shape), tuple(self.stack), key in self.state_keys)
+            )
+            self.hold.append(t)
+        return t
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        name = self.names[id(module)]
+        self.stack.append(name)
+        if name in self.selected:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if not tensors:
+                raise TypeError(f"selected layer {name!r} was called without a tensor input")
+            x = tensors[0]
+            stop = {a.grad_fn for a in tensors if a.grad_fn is not None}
+            self.open_calls.append(_Call(name, module, tuple(x.shape), x.dtype, stop))
+
+    def post(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        name = self.names[id(module)]
+        if self.stack and self.stack[-1] == name:
+            self.stack.pop()
+        if name in self.selected and self.open_calls and self.open_calls[-1].name == name:
+            call = self.open_calls.pop()
+            if isinstance(out, torch.Tensor):
+                call.output_shape = tuple(out.shape)
+                call.output_node = out.grad_fn
+            self.calls.append(call)
+
+
+def _state_keys(model: nn.Module) -> set[StorageKey]:
+    keys = set()
+    for t in (*model.parameters(), *model.buffers()):
+        found = _storage(t)
+        if found is not None and found[1] > 0:
+            keys.add(found[0])
+    return keys
+
+
+def _ctx_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors reachable from a ctx attribute (through containers and dataclasses)."""
+    if depth > 4 or isinstance(obj, nn.Module):
+        return  # a module reference leads to parameters, which are not activations
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _ctx_tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _ctx_tensors(v, depth + 1)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _ctx_tensors(getattr(obj, name, None), depth + 1)
+
+
+def _unhooked(call: _Call, max_nodes: int = 256) -> list[torch.Tensor]:
+    """Tensors held as attributes of the custom-Function nodes the call created.
+
+    Walks the autograd graph from the layer's output back to its inputs'
+    grad_fns; ``saved_tensors_hooks`` never sees such tensors.
+    """
+    found: list[torch.Tensor] = []
+    todo = [call.output_node] if call.output_node is not None else []
+    seen: set[int] = set()
+    while todo and len(seen) < max_nodes:
+        node = todo.pop()
+        if node is None or id(node) in seen or node in call.stop:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            for value in vars(node).values():
+                found.extend(_ctx_tensors(value))
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# activation_memory
+# ---------------------------------------------------------------------------
+
+
+def _select(model: nn.Module, layers: LayerSelection) -> dict[str, nn.Module]:
+    named = dict(model.named_modules())
+    if layers is None:
+        chosen = {n: m for n, m in named.items() if hasattr(m, "compression")}
+    elif callable(layers):
+        chosen = {n: m for n, m in named.items() if layers(m, n)}
+    elif isinstance(layers, str):
+        raise TypeError(f"layers must be a filter_fn or a sequence of names, got str {layers!r}")
+    else:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ValueError(f"layers names {missing} are not modules of the model")
+        chosen = {n: named[n] for n in wanted}
+    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not _is_layer(m)]
+    if wrong:
+        raise ValueError(
+            f"layers must select Conv1d, Conv2d or Linear modules (compressed or not), got {wrong}"
+        )
+    return chosen
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, _LAYER_TYPES)
+
+
+def _kind(module: nn.Module) -> str:
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
+        if isinstance(module, cls):
+            return cls.__name__
+    return type(module).__name__
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _preserved_state(model: nn.Module) -> Iterator[None]:
+    """Train mode for the measurement; training flags and buffers restored after.
+
+    The measuring forward is a real training forward, so BatchNorm would update
+    its running statistics; they are put back so measuring has no side effect
+    on the model's buffers. (A compressed layer's own warm-start state does
+    advance, as it would on any training step.)
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, flag in flags:
+            m.training = flag
+
+
+def activation_memory(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple[Any, ...],
+    *,
+    layers: LayerSelection = None,
+) -> MemoryReport:
+    """Measure the activation memory one training forward keeps for backward.
+
+    Runs ``model`` once in training mode with gradients enabled and records
+    every tensor autograd saves (see the module docstring for the counting
+    rules), then compares each selected layer with its analytic formula.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; compressed layers are recognised by their ``compression``
+        attribute. Parameters that do not require grad stay frozen, so the
+        autograd graph (and what it saves) is the fine-tuning one.
+    example_input : Tensor or tuple
+        The batch (a tuple is passed as positional arguments).
+    layers : filter_fn, sequence of names or None
+        Layers to report: a ``filter_fn(module, name) -> bool``, qualified
+        names, or ``None`` for every compressed layer. Plain ``Conv1d``,
+        ``Conv2d`` and ``Linear`` modules may be selected too and are reported
+        as ``method="vanilla"``. Selected modules that never run are skipped.
+
+    Returns
+    -------
+    MemoryReport
+        Per-layer measured, analytic and vanilla bytes, plus ``other_bytes``,
+        ``parameter_bytes`` and totals.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a selection naming unknown modules or modules that are not
+        ``Conv1d``/``Conv2d``/``Linear``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tensorcompress.torch.measure import activation_memory
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    >>> report = activation_memory(net, torch.randn(2, 3, 10, 10), layers=["2"])
+    >>> report["2"].measured_bytes == 2 * 8 * 8 * 8 * 4
+    True
+    """
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    selected = _select(model, layers)
+    names = {id(m): n for n, m in model.named_modules()}
+    rec = _Recorder(selected=selected, state_keys=_state_keys(model), names=names)
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
+    try:
+        with (
+            _preserved_state(model),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t),
+        ):
+            out = model(*args)
+        # `out` keeps the graph (and every saved tensor) alive while we look.
+        report = _build_report(rec)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        rec.hold.clear()
+    return report
+
+
+def _build_report(rec: _Recorder) -> MemoryReport:
+    state_sizes: dict[StorageKey, int] = {}
+    act_sizes: dict[StorageKey, int] = {}
+    for s in rec.saves:
+        (state_sizes if s.state else act_sizes)[s.key] = s.nbytes
+
+    per_layer_keys: dict[str, dict[StorageKey, int]] = {}
+    per_layer_shapes: dict[str, list[tuple[int, ...]]] = {}
+    for s in rec.saves:
+        if s.state:
+            continue
+        for name in s.stack:
+            if name in rec.selected:
+                per_layer_keys.setdefault(name, {})[s.key] = s.nbytes
+                per_layer_shapes.setdefault(name, []).append(s.shape)
+
+    calls_by_layer: dict[str, list[_Call]] = {}
+    for call in rec.calls:
+        calls_by_layer.setdefault(call.name, []).append(call)
+
+    unhooked_by_layer: dict[str, int] = {}
+    for name, calls in calls_by_layer.items():
+        keys = per_layer_keys.setdefault(name, {})
+        extra = 0
+        for call in calls:
+            for t in _unhooked(call):
+                found = _storage(t)
+                if found is None or found[0] in rec.state_keys or found[0] in keys:
+                    continue
+                keys[found[0]] = found[1]
+                act_sizes[found[0]] = found[1]
+                extra += found[1]
+        unhooked_by_layer[name] = extra
+
+    layer_reports = []
+    for name in sorted(calls_by_layer, key=lambda n: rec.calls.index(calls_by_layer[n][0])):
+        calls = calls_by_layer[name]
+        first = calls[0]
+        itemsize = first.dtype.itemsize
+        method, ranks, analytic = _describe(first.module, calls, itemsize)
+        layer_reports.append(
+            LayerMemory(
+                name=name,
+                kind=_kind(first.module),
+                method=method,
+                input_shape=first.input_shape,
+                output_shape=first.output_shape,
+                dtype=_dtype_name(first.dtype),
+                measured_bytes=sum(per_layer_keys.get(name, {}).values()),
+                analytic_bytes=analytic,
+                vanilla_bytes=sum(math.prod(c.input_shape) * itemsize for c in calls),
+                ranks=ranks,
+                saved_shapes=tuple(per_layer_shapes.get(name, [])),
+                unhooked_bytes=unhooked_by_layer.get(name, 0),
+                calls=len(calls),
+            )
+        )
+
+    layer_keys: set[StorageKey] = set()
+    for keys in per_layer_keys.values():
+        layer_keys.update(keys)
+    union_bytes = sum(act_sizes[k] for k in layer_keys)
+    other: dict[str, int] = {}
+    counted: set[StorageKey] = set(layer_keys)
+    for s in rec.saves:
+        if s.state or s.key in counted:
+            continue
+        counted.add(s.key)
+        owner = s.stack[-1] if s.stack else ""
+        other[owner] = other.get(owner, 0) + s.nbytes
+    other_bytes = sum(other.values())
+    kept = sum(r.measured_bytes for r in layer_reports)
+    return MemoryReport(
+        layers=tuple(layer_reports),
+        other_bytes=other_bytes,
+        other_by_module=tuple(other.items()),
+        parameter_bytes=sum(state_sizes.values()),
+        total_bytes=union_bytes + other_bytes,
+        shared_bytes=kept - union_bytes,
+        dtype=_dtype_name(rec.calls[0].dtype) if rec.calls else "",
+    )
+
+
+def _describe(
+    module: nn.Module, calls: Sequence[_Call], itemsize: int
+) -> tuple[str, tuple[int, ...] | None, int]:
+    """Method, kept ranks and analytic bytes (summed over calls) of a selected layer."""
+    config = getattr(module, "compression", None)
+    if config is None:
+        return "vanilla", None, sum(math.prod(c.input_shape) * itemsize for c in calls)
+    raise NotImplementedError  # filled in once the adapter's layers exist
+
+
+# ---------------------------------------------------------------------------
+# Peak memory of one forward
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Memory allocated during one training forward of a single layer.
+
+    All figures are net of what was allocated before the forward started.
+
+    Attributes
+    ----------
+    peak_bytes : int
+        Highest net allocation reached during the forward: output, kept
+        tensors and every transient (unfoldings, Gram matrices, workspaces).
+    retained_bytes : int
+        Net allocation once the forward returned: the output plus what the
+        layer keeps for backward (and any state it updated).
+    input_bytes : int
+        Bytes of the input activation.
+    output_bytes : int
+        Bytes of the output.
+    device : str
+        Where it was measured (``"cpu"`` uses the profiler's allocation
+        events, CUDA the caching allocator's peak statistics).
+    """
+
+    peak_bytes: int
+    retained_bytes: int
+    input_bytes: int
+    output_bytes: int
+    device: str
+
+    @property
+    def factor(self) -> float:
+        """``peak_bytes / input_bytes``: the transient cost in units of the activation."""
+        return self.peak_bytes / self.input_bytes
+
+    @property
+    def transient_bytes(self) -> int:
+        """``peak_bytes - retained_bytes``: memory needed only while computing."""
+        return self.peak_bytes - self.retained_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (``factor`` included)."""
+        return {
+            "peak_bytes": self.peak_bytes,
+            "retained_bytes": self.retained_bytes,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "device": self.device,
+            "factor": self.factor,
+        }
+
+
+def _cpu_peak(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    # Raw allocation events (signed sizes) in time order; the FunctionEvent view
+    # folds them into ops and loses the order that a running peak needs.
+    events = sorted(
+        (e.start_ns(), int(e.nbytes()))
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return out, peak, current
+
+
+def _cuda_peak(fn: Callable[[], torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, int, int]:
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fn()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    return out, peak, torch.cuda.memory_allocated(dev) - base
+
+
+def _warm_up(layer: nn.Module, x: torch.Tensor, steps: int) -> None:
+    # A function of its own, so the warm-up graphs are freed when it returns.
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for _ in range(steps):
+        out = layer(x)
+        if params and out.requires_grad:
+            torch.autograd.grad(out.sum(), params)
+
+
+def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -> PeakMemory:
+    """Peak memory of one training forward of ``layer`` on ``x``.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        A single layer (compressed or not); put in training mode.
+    x : Tensor
+        Its input (CPU or CUDA).
+    warmup : int, default 1
+        Full training steps (forward + backward, gradients discarded) run
+        first, so the measured forward is a steady-state one: for ASI a warm
+        subspace-iteration step, not the cold-start HOSVD.
+
+    Returns
+    -------
+    PeakMemory
+        ``factor = peak_bytes / input_bytes``. A vanilla conv with as many
+        output as input elements already reaches about 1 (its output) plus
+        the convolution's workspace.
+
+    Notes
+    -----
+    On CPU the peak is rebuilt from the profiler's allocation events
+    (``torch.profiler.profile(profile_memory=True)``), which see every
+    allocation of the CPU allocator, including oneDNN workspaces. On CUDA it
+    is ``torch.cuda.max_memory_allocated`` over the forward.
+    """
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    layer.train()
+    with torch.enable_grad():
+        _warm_up(layer, x, warmup)
+
+        def forward() -> torch.Tensor:
+            return layer(x)
+
+        if x.device.type == "cuda":
+            result, peak, retained = _cuda_peak(forward, x.device)
+        else:
+            result, peak, retained = _cpu_peak(forward)
+    return PeakMemory(
+        peak_bytes=peak,
+        retained_bytes=retained,
+        input_bytes=x.nelement() * x.element_size(),
+        output_bytes=result.nelement() * result.element_size(),
+        device=str(x.device),
+    )
