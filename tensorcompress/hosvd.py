@@ -3,9 +3,10 @@
 Each mode's basis comes from the eigendecomposition of the mode's Gram matrix
 when the unfolding is short and wide (the usual activation case: cheap, and
 the same subspace and spectrum as the SVD), and from a thin SVD otherwise.
-With ``sequential=True`` each mode works on the tensor already truncated in
-the earlier modes, which is much cheaper and never worse than the HOSVD error
-bound.
+With ``sequential=True`` and fixed ranks each mode works on the tensor already
+truncated in the earlier modes, which is much cheaper and never worse than the
+HOSVD error bound. Explained-variance thresholds are defined on the unfoldings
+of the tensor itself, so their modes are computed on it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tensorcompress import rank as _rank
 from tensorcompress import tenalg
-from tensorcompress._array import Array, as_compute, cast, check_tensor, device, to_numpy
+from tensorcompress._array import (
+    Array,
+    as_compute,
+    cast,
+    check_tensor,
+    device,
+    to_numpy,
+)
 from tensorcompress.results import TuckerResult
 
 __all__ = ["decompose", "mode_order"]
@@ -25,9 +35,9 @@ __all__ = ["decompose", "mode_order"]
 def mode_order(shape: Sequence[int], ranks: Sequence[_rank.ModeRank]) -> list[int]:
     """Order in which sequential algorithms visit the modes.
 
-    Largest known reduction (smallest ``rank / dim``) first; modes chosen by a
-    threshold, whose rank is not known yet, after the fixed ones, smallest
-    dimension first, because a mode's Gram matrix costs ``size * dim``.
+    Largest reduction (smallest ``rank / dim``) first, so later modes work on a
+    smaller tensor; modes chosen by a threshold, whose rank is not known yet,
+    after the fixed ones, smallest dimension first.
     """
 
     def key(k: int) -> tuple[float, int]:
@@ -62,17 +72,19 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     n = int(t.shape[mode])
     q = math.prod(t.shape) // n
     rtol = 4 * float(xp.finfo(t.dtype).eps)
-    if n <= q:
+    tall = n > q
+    if not tall:
         # Short and wide: Gram + symmetric eigensolver, eigenvalues = s**2.
         w, v = xp.linalg.eigh(tenalg.gram(t, mode, xp=xp))
-        sv2 = to_numpy(w)[::-1]
-        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
-        u = xp.flip(v[:, n - r :], axis=1)
+        sv2 = np.clip(to_numpy(w)[::-1], 0.0, None)
     else:
         unfolded = tenalg.unfold(t, mode, xp=xp)
         u_full, s, _ = xp.linalg.svd(unfolded, full_matrices=False)
         sv2 = to_numpy(s) ** 2
-        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
+    r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
+    if not tall:
+        u = xp.flip(v[:, n - r :], axis=1)
+    else:
         if r > int(s.shape[0]):
             # More columns than the unfolding's rank: complete the basis.
             u_full, _, _ = xp.linalg.svd(unfolded, full_matrices=True)
@@ -89,12 +101,15 @@ def _truncate(
     explained = [1.0] * ndim
     t = x
     for k in mode_order(tuple(x.shape), ranks):
-        n = int(x.shape[k])
-        if ranks[k] == n and isinstance(ranks[k], int):
+        n, r = int(x.shape[k]), ranks[k]
+        if r == n and isinstance(r, int):
             # Keeping a mode whole needs no decomposition: the identity is a basis.
             factors[k] = xp.eye(n, dtype=x.dtype, device=device(x))
             continue
-        u, explained[k] = mode_basis(xp, t if sequential else x, k, ranks[k])
+        # A threshold is defined on x's own unfolding (the textbook rule), so
+        # its rank and basis come from x; fixed ranks use the truncated tensor.
+        source = t if sequential and isinstance(r, int) else x
+        u, explained[k] = mode_basis(xp, source, k, r)
         factors[k] = u
         if sequential:
             t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
@@ -119,8 +134,9 @@ def decompose(
         float16/bfloat16 are computed in float32.
     rank : int, float, sequence or policy
         See :mod:`tensorcompress.rank`. A float is an explained-variance
-        threshold; with ``sequential=True`` it is applied to the spectrum of
-        the tensor each mode sees (already truncated in the earlier modes).
+        threshold, applied to the spectrum of ``x``'s own mode-k unfolding (the
+        textbook rule) in both variants, so the ranks do not depend on
+        ``sequential``.
     sequential : bool, default True
         ST-HOSVD when True, textbook HOSVD (every mode on ``x``) when False.
     check_finite : bool, default True
@@ -130,7 +146,10 @@ def decompose(
     -------
     TuckerResult
         Core and factors in ``x``'s backend, device and dtype;
-        ``explained_variance[k]`` is the fraction of mode k's energy kept.
+        ``explained_variance[k]`` is the fraction of the squared singular
+        values kept, of ``x``'s mode-k unfolding (thresholds, or
+        ``sequential=False``) or of the partially truncated tensor's (fixed
+        ranks with ``sequential=True``).
 
     Raises
     ------

@@ -1,0 +1,1 @@
+"""Experiments, data and the command-line interface (these parts use torch)."""
