@@ -193,7 +193,7 @@ class CompressedModule(nn.Module):
     compression: CompressionConfig
     layer_name: str
     last_result: Compressed | None
-    _fixed_ranks: tuple[int, ...] | None
+    _fixed_ranks: tuple[int | None, ...] | None
     _rng: np.random.Generator
 
     def _init_compression(self, config: CompressionConfig | None, name: str) -> None:
@@ -301,7 +301,7 @@ class CompressedModule(nn.Module):
                 warm = TuckerResult(
                     warm.core.to(x.device), tuple(u.to(x.device) for u in warm.factors)
                 )
-            ranks = tuple(min(r, n) for r, n in zip(self._fixed_ranks, shape))
+            ranks = tuple(n if r is None else min(r, n) for r, n in zip(self._fixed_ranks, shape))
             res = asi.decompose(
                 xs,
                 [ranks[p] for p in perm],
@@ -314,10 +314,11 @@ class CompressedModule(nn.Module):
             entries = _mode_ranks(cfg.rank, shape)
             res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
             if cfg.method == "asi":
-                # Thresholds are resolved once, by the cold start (as in the paper).
+                # Thresholds are resolved once, by the cold start (as in the paper);
+                # a mode the threshold kept whole (None) stays whole if it grows.
                 self._fixed_ranks = tuple(
-                    int(e) if isinstance(e, numbers.Integral) else r
-                    for e, r in zip(entries, (res.ranks[i] for i in inv))
+                    int(e) if isinstance(e, numbers.Integral) else (None if r == n else r)
+                    for e, r, n in zip(entries, (res.ranks[i] for i in inv), shape)
                 )
         res = _permute_tucker(res, inv)
         return replace(
