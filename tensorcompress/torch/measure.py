@@ -45,6 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorcompress.results import SVDResult, TuckerResult
+from tensorcompress.torch.convert import LastLayers
+from tensorcompress.torch.gradient_filter import PatchAverage
+from tensorcompress.torch.modules import CompressedModule
+
 __all__ = [
     "MB",
     "LayerMemory",
@@ -58,7 +63,7 @@ __all__ = [
 MB = 2**20
 """Bytes in one MB (the paper's convention: MiB)."""
 
-LayerSelection = Callable[[nn.Module, str], bool] | Iterable[str] | None
+LayerSelection = LastLayers | Callable[[nn.Module, str], bool] | Iterable[str] | None
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -376,6 +381,8 @@ class _Call:
     stop: set[Any]  # grad_fns of the inputs: where the layer's own graph ends
     output_shape: tuple[int, ...] = ()
     output_node: Any = None
+    before: Any = None  # the layer's last_result when the call started
+    result: Any = None  # what the call compressed its input to (None: not compressed)
 
 
 @dataclass
@@ -410,7 +417,10 @@ class _Recorder:
                 raise TypeError(f"selected layer {name!r} was called without a tensor input")
             x = tensors[0]
             stop = {a.grad_fn for a in tensors if a.grad_fn is not None}
-            self.open_calls.append(_Call(name, module, tuple(x.shape), x.dtype, stop))
+            before = getattr(module, "last_result", None)
+            self.open_calls.append(
+                _Call(name, module, tuple(x.shape), x.dtype, stop, before=before)
+            )
 
     def post(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -423,6 +433,11 @@ class _Recorder:
             if isinstance(out, torch.Tensor):
                 call.output_shape = tuple(out.shape)
                 call.output_node = out.grad_fn
+            after = getattr(module, "last_result", None)
+            # A compressed layer replaces last_result on every compressing call;
+            # an unchanged one ran the plain layer (eval, frozen weight, vanilla).
+            if after is not None and after is not call.before:
+                call.result = after
             self.calls.append(call)
 
 
@@ -450,6 +465,11 @@ def _ctx_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif hasattr(obj, "__dataclass_fields__"):
         for name in obj.__dataclass_fields__:
             yield from _ctx_tensors(getattr(obj, name, None), depth + 1)
+    elif callable(obj) and getattr(obj, "__closure__", None):
+        # A rebuild function stored on ctx can close over tensors too.
+        for cell in obj.__closure__:
+            with contextlib.suppress(ValueError):  # an empty cell
+                yield from _ctx_tensors(cell.cell_contents, depth + 1)
 
 
 def _unhooked(call: _Call, max_nodes: int = 256) -> list[torch.Tensor]:
@@ -478,10 +498,14 @@ def _unhooked(call: _Call, max_nodes: int = 256) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------
 
 
-def _select(model: nn.Module, layers: LayerSelection) -> dict[str, nn.Module]:
+def _select(model: nn.Module, layers: LayerSelection, example: Any) -> dict[str, nn.Module]:
     named = dict(model.named_modules())
     if layers is None:
-        chosen = {n: m for n, m in named.items() if hasattr(m, "compression")}
+        chosen: dict[str, nn.Module] = {
+            n: m for n, m in named.items() if isinstance(m, CompressedModule)
+        }
+    elif isinstance(layers, LastLayers):
+        chosen = {n: named[n] for n in layers.select(model, example)}
     elif callable(layers):
         chosen = {n: m for n, m in named.items() if layers(m, n)}
     elif isinstance(layers, str):
@@ -552,16 +576,19 @@ def activation_memory(
     Parameters
     ----------
     model : nn.Module
-        Any model; compressed layers are recognised by their ``compression``
-        attribute. Parameters that do not require grad stay frozen, so the
-        autograd graph (and what it saves) is the fine-tuning one.
+        Any model, converted (:func:`tensorcompress.torch.convert`) or not.
+        Parameters that do not require grad stay frozen, so the autograd
+        graph (and what it saves) is the fine-tuning one.
     example_input : Tensor or tuple
         The batch (a tuple is passed as positional arguments).
-    layers : filter_fn, sequence of names or None
-        Layers to report: a ``filter_fn(module, name) -> bool``, qualified
-        names, or ``None`` for every compressed layer. Plain ``Conv1d``,
-        ``Conv2d`` and ``Linear`` modules may be selected too and are reported
-        as ``method="vanilla"``. Selected modules that never run are skipped.
+    layers : LastLayers, filter_fn, sequence of names or None
+        Layers to report: :func:`~tensorcompress.torch.last_layers` ``(n)``
+        (resolved in execution order on ``example_input``), a
+        ``filter_fn(module, name) -> bool``, qualified names, or ``None`` for
+        every compressed layer. Plain ``Conv1d``, ``Conv2d`` and ``Linear``
+        modules may be selected too and are reported as ``method="vanilla"``,
+        as is a compressed layer that did not compress (its weight frozen).
+        Selected modules that never run are skipped.
 
     Returns
     -------
@@ -586,7 +613,7 @@ def activation_memory(
     True
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    selected = _select(model, layers)
+    selected = _select(model, layers, example_input)
     names = {id(m): n for n, m in model.named_modules()}
     rec = _Recorder(selected=selected, state_keys=_state_keys(model), names=names)
     handles = []
@@ -696,11 +723,42 @@ def _build_report(rec: _Recorder) -> MemoryReport:
 def _describe(
     module: nn.Module, calls: Sequence[_Call], itemsize: int
 ) -> tuple[str, tuple[int, ...] | None, int]:
-    """Method, kept ranks and analytic bytes (summed over calls) of a selected layer."""
-    config = getattr(module, "compression", None)
-    if config is None:
-        return "vanilla", None, sum(math.prod(c.input_shape) * itemsize for c in calls)
-    raise NotImplementedError  # filled in once the adapter's layers exist
+    """Method, kept ranks (last call) and analytic bytes (summed over calls) of a layer.
+
+    A call that did not compress (the plain layer ran: eval mode, frozen
+    weight, ``method="vanilla"``) is vanilla for the formula; the layer's
+    method is reported as ``"vanilla"`` when none of its calls compressed.
+    """
+    total = 0
+    ranks: tuple[int, ...] | None = None
+    method = "vanilla"
+    for call in calls:
+        res = call.result
+        if res is None:
+            total += analytic_bytes("vanilla", call.input_shape, itemsize=itemsize)
+            continue
+        method = module.compression.method if isinstance(module, CompressedModule) else "?"
+        total += _result_analytic(method, res, call, itemsize)
+        ranks = res.ranks
+    return method, ranks, total
+
+
+def _result_analytic(method: str, res: Any, call: _Call, itemsize: int) -> int:
+    """The method's formula for what one call kept, from the shapes it decomposed."""
+    if isinstance(res, TuckerResult):
+        shape = res.shape  # the input's (a 1-D Linear input is decomposed as (1, C))
+        return analytic_bytes(method, shape, itemsize=itemsize, ranks=res.ranks)
+    if isinstance(res, SVDResult):
+        return analytic_bytes("svd", res.shape, itemsize=itemsize, ranks=res.ranks, mode=res.mode)
+    if isinstance(res, PatchAverage):
+        return analytic_bytes(
+            "gradient_filter",
+            call.input_shape,
+            itemsize=itemsize,
+            output_shape=call.output_shape,
+            patch=res.patch,
+        )
+    raise TypeError(f"layer {call.name!r} kept an unknown {type(res).__name__}")
 
 
 # ---------------------------------------------------------------------------
