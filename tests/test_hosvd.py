@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from conftest import decaying_tensor, low_rank_tensor, tol
+from core_data import decaying_tensor, low_rank_tensor, tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

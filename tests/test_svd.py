@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorly as tl
-from conftest import decaying_tensor, tol
+from core_data import decaying_tensor, tol
 
 from tensorcompress import svd
 

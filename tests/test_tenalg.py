@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorly as tl
-from conftest import make
+from core_data import make
 
 from tensorcompress import tenalg
 
