@@ -1,36 +1,35 @@
-"""The ``tensorcompress`` command line."""
+"""The ``tensorcompress`` command line.
+
+Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``main(args) -> int``; this file only dispatches
+and turns expected errors into a one-line message and a non-zero exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "main"]
 
-
-def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 4 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected BxCxHxW with positive sizes, got {text!r}")
-    return parts  # type: ignore[return-value]
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a float in (0, 1], got {text!r}")
-    return value
+# name -> (module, help); modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("tensorcompress.experiments.demo", "decompose a realistic activation"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="tensorcompress", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tensorcompress",
+        description="Tensor decompositions for compressed-activation fine-tuning.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="decompose a realistic activation with every method")
-    demo.add_argument("--shape", type=_shape, default=(64, 256, 14, 14), help="BxCxHxW")
-    demo.add_argument("--threshold", type=_threshold, default=0.8, help="explained variance")
-    demo.add_argument("--seed", type=int, default=0)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
     return parser
 
 
@@ -38,14 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tensorcompress`` command."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from tensorcompress.experiments.demo import print_demo
-
-            print_demo(args.shape, args.threshold, args.seed)
-    except (ValueError, TypeError, OSError) as exc:
+        code: int = importlib.import_module(COMMANDS[args.command][0]).main(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"tensorcompress {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"tensorcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from tensorcompress import asi, hosvd, svd
 from tensorcompress.experiments.activations import realistic_activation
 
-__all__ = ["DemoRow", "run_demo"]
+__all__ = ["DemoRow", "add_arguments", "main", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,33 @@ def print_demo(shape: tuple[int, int, int, int], threshold: float, seed: int) ->
             f"{r.method:<24} {','.join(map(str, r.ranks)):<18} {r.relative_error:10.4f} "
             f"{r.nbytes / 2**10:8.1f}KB {100 * r.nbytes / total:6.2f}% {1e3 * r.seconds:8.2f}"
         )
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected BxCxHxW with positive sizes, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in (0, 1], got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tensorcompress demo``."""
+    parser.add_argument("--shape", type=_shape, default=(64, 256, 14, 14), help="BxCxHxW")
+    parser.add_argument("--threshold", type=_threshold, default=0.8, help="explained variance")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the image crops")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``tensorcompress demo``."""
+    print_demo(args.shape, args.threshold, args.seed)
+    return 0
