@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ class DemoRow:
     seconds: float
 
 
-def _timed(fn):  # type: ignore[no-untyped-def]
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
@@ -81,7 +83,7 @@ def _shape(text: str) -> tuple[int, int, int, int]:
         parts = ()
     if len(parts) != 4 or min(parts) <= 0:
         raise argparse.ArgumentTypeError(f"expected BxCxHxW with positive sizes, got {text!r}")
-    return parts  # type: ignore[return-value]
+    return (parts[0], parts[1], parts[2], parts[3])
 
 
 def _threshold(text: str) -> float:
