@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from core_data import decaying_tensor, low_rank_tensor, tol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tensorcompress import asi, hosvd, tenalg
 
@@ -125,3 +127,30 @@ def test_bfloat16_warm_start() -> None:
     warm = asi.decompose(x, (3, 3, 3), warm_start=cold)
     assert warm.core.dtype == torch.bfloat16
     assert warm.relative_error(x) < cold.relative_error(x) + 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=2, max_size=4),
+    new_lead=st.integers(1, 7),
+    data=st.data(),
+)
+def test_property_warm_step_is_an_orthogonal_projection(
+    shape: list[int], new_lead: int, data: st.DataObject
+) -> None:
+    rng = np.random.default_rng(sum(shape))
+    ranks = [data.draw(st.integers(1, n)) for n in shape]
+    cold = asi.decompose(rng.standard_normal(shape), tuple(ranks))
+    # The next batch may be smaller or larger in the leading mode.
+    new_shape = (new_lead, *shape[1:])
+    new_ranks = (min(ranks[0], new_lead), *ranks[1:])
+    x = rng.standard_normal(new_shape)
+    res = asi.decompose(x, new_ranks, warm_start=cold, seed=0)
+    assert res.shape == new_shape and res.ranks == new_ranks
+    for u in res.factors:
+        np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-10)
+    np.testing.assert_allclose(
+        res.core, tenalg.multi_mode_dot(x, res.factors, transpose=True), atol=1e-10
+    )
+    # Projecting onto orthonormal bases never increases the norm of the residual.
+    assert res.relative_error(x) <= 1.0 + 1e-12
