@@ -1,8 +1,9 @@
 """Higher-order SVD (HOSVD) and sequentially truncated HOSVD (ST-HOSVD).
 
-Each mode's basis comes from the eigendecomposition of the mode's Gram matrix
-when the unfolding is short and wide (the usual activation case: cheap, and
-the same subspace and spectrum as the SVD), and from a thin SVD otherwise.
+Each mode's basis comes from the symmetric eigendecomposition of the smaller
+Gram matrix of the mode's unfolding: ``A A^T`` when it is short and wide (the
+usual activation case), ``A^T A`` followed by ``qr(A V_r)`` when it is tall.
+Both give the SVD's subspaces and spectrum at a fraction of its cost.
 With ``sequential=True`` and fixed ranks each mode works on the tensor already
 truncated in the earlier modes, which is much cheaper and never worse than the
 HOSVD error bound. Explained-variance thresholds are defined on the unfoldings
@@ -99,25 +100,30 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     n = int(t.shape[mode])
     q = math.prod(t.shape) // n
     rtol = 4 * float(xp.finfo(t.dtype).eps)
-    tall = n > q
-    if not tall:
-        # Short and wide: Gram + symmetric eigensolver, eigenvalues = s**2.
+    if n <= q:
+        # Short and wide: the n x n Gram's eigenvectors are the left singular
+        # vectors and its eigenvalues the squared singular values.
         w, v = xp.linalg.eigh(tenalg.gram(t, mode, xp=xp))
         sv2 = np.clip(to_numpy(w)[::-1], 0.0, None)
-    else:
-        unfolded = tenalg.unfold(t, mode, xp=xp)
-        u_full, s, _ = xp.linalg.svd(unfolded, full_matrices=False)
-        sv2 = to_numpy(s) ** 2
+        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
+        return xp.flip(v[:, n - r :], axis=1), _explained(sv2, r)
+    # Tall: the q x q Gram of the other side is smaller (and the tensor small
+    # enough that unfolding it is cheap); U_r = qr(A V_r). QR also completes
+    # the basis when r exceeds the unfolding's rank q.
+    a = tenalg.unfold(t, mode, xp=xp)
+    w, v = xp.linalg.eigh(xp.matrix_transpose(a) @ a)
+    sv2 = np.concatenate([np.clip(to_numpy(w)[::-1], 0.0, None), np.zeros(n - q)])
     r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
-    if not tall:
-        u = xp.flip(v[:, n - r :], axis=1)
-    else:
-        if r > int(s.shape[0]):
-            # More columns than the unfolding's rank: complete the basis.
-            u_full, _, _ = xp.linalg.svd(unfolded, full_matrices=True)
-        u = u_full[:, :r]
-    cum = _rank.explained_variance(sv2)
-    return u, float(cum[min(r, len(cum)) - 1])
+    m = min(r, q)
+    y = a @ xp.flip(v[:, q - m :], axis=1)
+    if r > m:
+        y = xp.concat([y, xp.zeros((n, r - m), dtype=y.dtype, device=device(y))], axis=1)
+    u, _ = xp.linalg.qr(y)
+    return u, _explained(sv2, r)
+
+
+def _explained(sv2: np.ndarray, r: int) -> float:
+    return float(_rank.explained_variance(sv2)[r - 1])
 
 
 def _truncate(
