@@ -62,8 +62,8 @@ def run_demo(
 
 def print_demo(shape: tuple[int, int, int, int], threshold: float, seed: int) -> None:
     """Print the demo table."""
-    torch.set_grad_enabled(False)
-    total, rows = run_demo(shape, threshold, seed)
+    with torch.no_grad():
+        total, rows = run_demo(shape, threshold, seed)
     print(
         f"activation {'x'.join(map(str, shape))} float32 ({total / 2**20:.2f} MB) from "
         f"scikit-learn's sample images through a seeded conv stack; explained variance {threshold}"

@@ -30,3 +30,10 @@ def test_bad_arguments_exit_nonzero(argv: list[str], capsys: pytest.CaptureFixtu
         main(argv)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_demo_leaves_autograd_enabled() -> None:
+    import torch
+
+    main(["demo", "--shape", "4x8x8x8"])
+    assert torch.is_grad_enabled()
