@@ -1,0 +1,119 @@
+"""Converted models train under DistributedDataParallel (gloo, 2 CPU processes).
+
+At full rank the compressed weight gradients are exact, so DDP on two halves
+of a batch must give the parameters of single-process training on the whole
+batch: DDP averages the per-process gradients of mean losses over equal
+halves, which is the gradient of the mean loss over the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tensorcompress.torch import compressed_layers, convert
+
+WORLD = 2
+GLOBAL_BATCH = 8
+STEPS = 3
+LR = 0.1
+
+
+def tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    # No BatchNorm: per-process batch statistics would differ from the
+    # whole batch's, and that is not what this test is about.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+    )
+
+
+def full_ranks(batch: int) -> dict[str, tuple[int, ...]]:
+    """Int ranks equal to every mode's size, for this process's batch."""
+    return {"0": (batch, 3, 8, 8), "2": (batch, 4, 8, 8), "5": (batch, 64)}
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g), torch.randn(GLOBAL_BATCH, 5, generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+METHODS = ("asi", "hosvd")
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        half = GLOBAL_BATCH // WORLD
+        part = slice(rank * half, (rank + 1) * half)
+        shard = [(x[part], y[part]) for x, y in data()]
+        results = {}
+        for method in METHODS:  # one spawn for both: starting processes is the slow part
+            model = convert(tiny_model(), method=method, rank=full_ranks(half))
+            train(DistributedDataParallel(model), shard)
+            ranks = {name: layer.ranks for name, layer in compressed_layers(model).items()}
+            results[method] = {"state": model.state_dict(), "ranks": ranks}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_full_rank_equals_single_process(tmp_path: Path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    workers = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    vanilla = tiny_model()
+    train(vanilla, data())
+    initial = tiny_model().state_dict()
+    # Training moved the parameters: the comparisons are not between initial values.
+    assert max((vanilla.state_dict()[k] - v).abs().max() for k, v in initial.items()) > 1e-2
+    for method in METHODS:
+        reference = convert(tiny_model(), method=method, rank=full_ranks(GLOBAL_BATCH))
+        train(reference, data())
+        for worker in workers:
+            result = worker[method]
+            # The layers really compressed (at full rank) in the workers.
+            assert result["ranks"] == full_ranks(GLOBAL_BATCH // WORLD)
+            for name, expected in reference.state_dict().items():
+                got = result["state"][name]
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(got, vanilla.state_dict()[name], atol=1e-5, rtol=0)
