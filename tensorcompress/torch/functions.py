@@ -254,9 +254,27 @@ def _conv_backward(
     )  # fmt: skip
 
 
-def _shape_only(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    # convolution_backward only reads the shape of the operand whose grad is not asked.
-    return like.new_empty(1).expand(*shape)
+def _transposed_conv(
+    gy: torch.Tensor, w: torch.Tensor, spec: ConvSpec, padding: Sequence[int], shape: Sequence[int]
+) -> torch.Tensor:
+    """``dL/dx`` of a conv of an input of ``shape`` as a transposed conv of ``gy``.
+
+    Unlike ``convolution_backward`` this needs no stand-in for the input (an
+    expanded dummy is materialised by the CPU kernels: a full-size copy).
+    ``output_padding`` restores the rows a strided conv never read.
+    """
+    extra = [
+        int(n) - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+        for n, o, s, p, d, k in zip(
+            shape[2:], gy.shape[2:], spec.stride, padding, spec.dilation, spec.kernel_size
+        )
+    ]
+    args = (gy, w, None, spec.stride, tuple(padding), tuple(extra), spec.groups, spec.dilation)
+    if spec.ndim == 1:
+        return F.conv_transpose1d(*args)
+    if spec.ndim == 2:
+        return F.conv_transpose2d(*args)
+    return F.conv_transpose3d(*args)
 
 
 def conv_input_grad(
@@ -270,15 +288,9 @@ def conv_input_grad(
     """
     native = spec.native_padding
     if native is not None:
-        x = _shape_only(grad_output, input_shape)
-        return _conv_backward(
-            grad_output, x, weight, spec, native, spec.groups, (True, False, False)
-        )[0]
+        return _transposed_conv(grad_output, weight, spec, native, input_shape)
     padded = spec.padded_shape(input_shape)
-    x = _shape_only(grad_output, padded)
-    g = _conv_backward(
-        grad_output, x, weight, spec, (0,) * spec.ndim, spec.groups, (True, False, False)
-    )[0]
+    g = _transposed_conv(grad_output, weight, spec, (0,) * spec.ndim, padded)
     for k, (before, after) in enumerate(spec.pads):
         g = _unpad_dim(g, 2 + k, int(input_shape[2 + k]), before, after, spec.padding_mode)
     return g
@@ -292,7 +304,9 @@ def _weight_grad_of(
     padding: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    w = _shape_only(gy, shape)
+    # The weight operand only gives its shape; a real (uninitialised, weight-sized)
+    # tensor, since an expanded dummy sends depthwise convs down a slow path.
+    w = gy.new_empty(tuple(shape))
     return _conv_backward(gy, x, w, spec, padding, groups, (False, True, False))[1]
 
 
@@ -344,7 +358,8 @@ def _tucker_conv_weight(
         z = tenalg.multi_mode_dot(core, [None, None, *padded])  # (r_B, r_C, *padded spatial)
         r_c = int(core.shape[1])
         g = _weight_grad_of(z, gyp, (c_out, r_c, *w_shape[2:]), spec, zero, 1)
-        return torch.matmul(u_c, g.reshape(c_out, r_c, -1)).reshape(w_shape)
+        # One GEMM (einsum) - a broadcast matmul would run C_out small GEMMs.
+        return torch.einsum("ojk,cj->ock", g.reshape(c_out, r_c, -1), u_c).reshape(w_shape)
     # Grouped: each output channel needs its own input channels, so rebuild
     # them (still only r_B pseudo-samples).
     z = tenalg.multi_mode_dot(core, [None, u_c, *padded])
@@ -367,7 +382,7 @@ def _svd_conv_weight(
         if native is None:
             y, native = _pad_input(y, spec), (0,) * spec.ndim
         g = _weight_grad_of(y, gy, (c_out, r, *w_shape[2:]), spec, native, 1)
-        return torch.matmul(u, g.reshape(c_out, r, -1)).reshape(w_shape)
+        return torch.einsum("ojk,cj->ock", g.reshape(c_out, r, -1), u).reshape(w_shape)
     x = (u @ (s[:, None] * vh)).reshape(c, b, *spatial).transpose(0, 1)
     if native is None:
         x, native = _pad_input(x, spec), (0,) * spec.ndim
