@@ -18,9 +18,15 @@ from tensorcompress.torch import CompressedModule, convert
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
+def fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch._dynamo.reset()  # no cached graphs from (or for) other tests
+    # A handful of tiny kernels: compiling them in-process beats starting a
+    # pool of compile workers, and one intra-op thread avoids spin-waiting.
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     torch._dynamo.reset()
 
 
