@@ -563,7 +563,7 @@ def _preserved_state(model: nn.Module) -> Iterator[None]:
 
 def activation_memory(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[Any, ...],
+    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
     *,
     layers: LayerSelection = None,
 ) -> MemoryReport:
@@ -579,8 +579,9 @@ def activation_memory(
         Any model, converted (:func:`tensorcompress.torch.convert`) or not.
         Parameters that do not require grad stay frozen, so the autograd
         graph (and what it saves) is the fine-tuning one.
-    example_input : Tensor or tuple
-        The batch (a tuple is passed as positional arguments).
+    example_input : Tensor, tuple or dict
+        The batch (a tuple is passed as positional arguments, a dict as
+        keyword arguments).
     layers : LastLayers, filter_fn, sequence of names or None
         Layers to report: :func:`~tensorcompress.torch.last_layers` ``(n)``
         (resolved in execution order on ``example_input``), a
@@ -613,6 +614,9 @@ def activation_memory(
     True
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    kwargs: Mapping[str, Any] = {}
+    if isinstance(example_input, Mapping):
+        args, kwargs = (), example_input
     selected = _select(model, layers, example_input)
     names = {id(m): n for n, m in model.named_modules()}
     rec = _Recorder(selected=selected, state_keys=_state_keys(model), names=names)
@@ -626,7 +630,7 @@ def activation_memory(
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t),
         ):
-            out = model(*args)
+            out = model(*args, **kwargs)
         # `out` keeps the graph (and every saved tensor) alive while we look.
         report = _build_report(rec)
         del out

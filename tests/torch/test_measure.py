@@ -110,6 +110,9 @@ def test_linear_with_leading_dims_and_conv1d() -> None:
     report = activation_memory(nn.Sequential(lin), torch.randn(2, 3, 4, 5), layers=["0"])
     assert report["0"].measured_bytes == nbytes(2, 3, 4, 5) == report["0"].vanilla_bytes
     assert report["0"].input_shape == (2, 3, 4, 5)
+    # Keyword inputs: a dict is passed as **kwargs.
+    report = activation_memory(nn.Sequential(lin), {"input": torch.randn(6, 5)}, layers=["0"])
+    assert report["0"].measured_bytes == nbytes(6, 5)
 
 
 class Square(nn.Module):
