@@ -884,8 +884,19 @@ def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -
     -----
     On CPU the peak is rebuilt from the profiler's allocation events
     (``torch.profiler.profile(profile_memory=True)``), which see every
-    allocation of the CPU allocator, including oneDNN workspaces. On CUDA it
-    is ``torch.cuda.max_memory_allocated`` over the forward.
+    allocation of the CPU allocator, including oneDNN workspaces. The profiler
+    does not report frees of blocks allocated before it started (the previous
+    step's ASI state, released when the new one replaces it), so on CPU
+    ``retained_bytes`` and ``peak_bytes`` are upper bounds. On CUDA it is
+    ``torch.cuda.max_memory_allocated`` over the forward.
+
+    Measured for a 3x3 conv, 64 channels, input 64x64x14x14 float32, rank 0.8
+    on Gaussian input (the worst case: ranks (50, 50, 12, 12)), one warm-up
+    step: vanilla 2.05 (CPU, torch 2.13) / 3.08 (H200, torch 2.11); ASI and
+    HOSVD 2.59 / 4.06; channel-unfolding SVD 4.01 / 10.2; gradient filter
+    2.05 / 3.08. On CUDA the Tucker transient is the batched Gram product of a
+    spatial mode (``tenalg.cross_gram``, 3x the input), the SVD's
+    ``torch.linalg.svd`` of the 64 x 12544 unfolding (9.1x).
     """
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")

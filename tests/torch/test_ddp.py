@@ -8,11 +8,11 @@ halves, which is the gradient of the mean loss over the whole batch.
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -96,8 +96,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_ddp_full_rank_equals_single_process(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
+def test_ddp_full_rank_equals_single_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     workers = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
