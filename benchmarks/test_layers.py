@@ -136,7 +136,8 @@ class Step:
         res = self.module.last_result if isinstance(self.module, CompressedModule) else None
         if not isinstance(res, TuckerResult):
             return err, None
-        x_hat = hosvd.decompose(x.detach(), list(res.ranks)).reconstruct()
+        # Textbook HOSVD: every factor from x's own unfolding, then the projection.
+        x_hat = hosvd.decompose(x.detach(), list(res.ranks), sequential=False).reconstruct()
         ref = _weight_grad(self.module, x_hat, gy)
         return err, float((ref - exact).norm() / exact.norm())
 
@@ -169,10 +170,11 @@ CASES = [(layer, method) for layer in LAYERS for method in METHODS if applicable
 @pytest.mark.parametrize("layer, method", CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_training_step(benchmark: Any, layer: str, method: str) -> None:
     step = Step.make(layer, method)
-    step()  # the cold start (ASI) and first-call setup are not timed
-    step()
-    benchmark.extra_info["kept_bytes"] = step.kept_bytes()
-    benchmark.extra_info["ranks"] = step.ranks
+    if not benchmark.disabled:  # CI runs each case once: no warm-up, no extras
+        step()  # the cold start (ASI) and first-call setup are not timed
+        step()
+        benchmark.extra_info["kept_bytes"] = step.kept_bytes()
+        benchmark.extra_info["ranks"] = step.ranks
     benchmark(step)
 
 
@@ -183,8 +185,7 @@ def test_kept_bytes_and_weight_grad_error(layer: str) -> None:
     base = vanilla.kept_bytes()
     for method in ("asi", "hosvd"):
         step = Step.make(layer, method)
-        for _ in range(3):
-            step()
+        step()  # ASI: the cold start; kept_bytes runs a warm step
         kept = step.kept_bytes()
         err, exact_err = step.weight_grad_error()
         assert exact_err is not None
