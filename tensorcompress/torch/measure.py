@@ -18,7 +18,10 @@ Counting rules (the ones that make the two comparable and honest):
   therefore charged for the buffer, which is the point of measuring.
 - Parameters and buffers (weights, BatchNorm running statistics) that autograd
   saves are model state, not activations: any saved tensor sharing storage with
-  a parameter or buffer goes to ``parameter_bytes`` and nowhere else.
+  a parameter or buffer, or cast from a trainable one (autocast's low-precision
+  weight copies), goes to ``parameter_bytes`` and nowhere else.
+- Under autocast a layer computes, and keeps, its input in autocast's dtype:
+  the formulas use that dtype's item size.
 - A save is attributed to every selected layer on the module stack when it
   happens (forward pre/post hooks track the stack); saves outside any selected
   layer go to ``other_bytes`` under the innermost running module. A storage
@@ -47,6 +50,7 @@ from torch import nn
 
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch.convert import LastLayers
+from tensorcompress.torch.functions import autocast_dtype
 from tensorcompress.torch.gradient_filter import PatchAverage
 from tensorcompress.torch.modules import CompressedModule
 
@@ -85,7 +89,8 @@ class LayerMemory:
     input_shape, output_shape : tuple of int
         Shapes seen on the (first) call.
     dtype : str
-        Dtype of the input activation, e.g. ``"float32"``.
+        Dtype the layer computes in, e.g. ``"float32"``: the input's, or
+        autocast's when autocast applies to the layer.
     measured_bytes : int
         Distinct storages autograd saved during the layer's forward (plus any
         tensor kept on its autograd nodes outside ``save_for_backward``).
@@ -186,7 +191,7 @@ class MemoryReport:
         Bytes counted by more than one selected layer (two convs reading the
         same input): ``kept_bytes - shared_bytes + other_bytes == total_bytes``.
     dtype : str
-        Dtype of the first selected layer's input (``""`` without layers).
+        Compute dtype of the first selected layer (``""`` without layers).
     """
 
     layers: tuple[LayerMemory, ...]
@@ -402,11 +407,27 @@ class _Recorder:
         found = _storage(t)
         if found is not None:
             key, nbytes = found
-            self.saves.append(
-                _Save(key, nbytes, tuple(t.shape), tuple(self.stack), key in self.state_keys)
-            )
+            state = key in self.state_keys or self._from_state(t)
+            self.saves.append(_Save(key, nbytes, tuple(t.shape), tuple(self.stack), state))
             self.hold.append(t)
         return t
+
+    def _from_state(self, t: torch.Tensor, max_depth: int = 4) -> bool:
+        """Whether ``t`` is a copy of a parameter (an autocast cast, ``w.to(dtype)``).
+
+        Follows single-input autograd nodes back to a leaf; the copy has its
+        own storage, but it is model state, not an activation.
+        """
+        node = t.grad_fn
+        for _ in range(max_depth):
+            if node is None or len(node.next_functions) != 1:
+                return False
+            node = node.next_functions[0][0]
+            leaf = getattr(node, "variable", None)  # an AccumulateGrad node
+            if isinstance(leaf, torch.Tensor):
+                found = _storage(leaf)
+                return found is not None and found[0] in self.state_keys
+        return False
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name = self.names[id(module)]
@@ -419,7 +440,10 @@ class _Recorder:
             stop = {a.grad_fn for a in tensors if a.grad_fn is not None}
             before = getattr(module, "last_result", None)
             self.open_calls.append(
-                _Call(name, module, tuple(x.shape), x.dtype, stop, before=before)
+                # Under autocast the layer computes (and keeps) in autocast's dtype.
+                _Call(
+                    name, module, tuple(x.shape), autocast_dtype(x) or x.dtype, stop, before=before
+                )
             )
 
     def post(

@@ -316,6 +316,25 @@ def test_measured_equals_analytic(kind: str, method: str, rank: Any) -> None:
         model(x).sum().backward()  # a real training step between the measurements
 
 
+@pytest.mark.parametrize("method", ["vanilla", "asi", "hosvd", "gradient_filter"])
+def test_autocast_counts_low_precision_inputs_not_weight_copies(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+    convert(model, method=method, rank=2)
+    x = torch.randn(5, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = activation_memory(model, x)
+    for layer in report.layers:
+        # Kept in bfloat16, sized by the bfloat16 formula.
+        assert layer.dtype == "bfloat16"
+        assert layer.measured_bytes == layer.analytic_bytes
+        assert layer.vanilla_bytes == math.prod(layer.input_shape) * 2
+    # The bfloat16 weight copies autocast makes are state: layer 2's always
+    # (its input needs a gradient), layer 0's only in vanilla autograd.
+    copies = 6 * 6 * 9 * 2 + (6 * 4 * 9 * 2 if method == "vanilla" else 0)
+    assert report.parameter_bytes == copies
+
+
 def test_compression_shows_in_the_report() -> None:
     torch.manual_seed(0)
     # An activation of multilinear rank (2, 3, 2, 2): ASI at rank 0.99 finds it.
