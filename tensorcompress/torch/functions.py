@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from tensorcompress import tenalg
 from tensorcompress.results import SVDResult, TuckerResult
@@ -503,6 +504,7 @@ class _ConvFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the compressed input is a constant: no honest double backward
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
         weight, *tensors = ctx.saved_tensors
         spec: ConvSpec = ctx.spec
@@ -534,6 +536,7 @@ class _LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the compressed input is a constant: no honest double backward
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
         weight, *tensors = ctx.saved_tensors
         gx = gw = gb = None

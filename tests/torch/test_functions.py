@@ -699,3 +699,11 @@ def test_pad_rows_is_the_conv_padding(mode: str) -> None:
     flat = "constant" if mode == "zeros" else mode
     want = F.pad(u.T[None], (2, 3), mode=flat)[0].T
     assert torch.equal(padded, want)
+
+
+def test_double_backward_is_refused() -> None:
+    layer = compressed(nn.Conv2d(3, 2, 3), "hosvd")
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
