@@ -50,8 +50,12 @@ model) measured in the same run, medians of interleaved repeats::
 
     python benchmarks/test_budget.py
 
-prints the ratio; on 2 CPU cores it is about 1.7 training steps for the two
-batches (see the benchmark's docstring for more figures).
+prints the ratio. Measured on a 2-core CPU machine shared with other jobs
+(torch 2.13): 1.3 training steps for the two batches with ``--threads 1``
+(0.65 per batch; the two forwards are half of it, the per-candidate weight
+gradients and the eigendecompositions the rest), 2.5-3.0 with 2 threads, where
+LAPACK's multi-threaded ``eigh`` slows down badly on an oversubscribed
+machine (the same ``eigh`` every HOSVD step and ASI cold start runs).
 
 Results are frozen dataclasses that serialise to JSON (``to_json`` /
 ``from_json``), so a sensitivity or an allocation can be saved and reused.

@@ -313,6 +313,48 @@ def test_inplace_relu_does_not_change_the_measurement(
             assert ca.error == pytest.approx(cb.error, abs=1e-6)
 
 
+def test_channels_last_gives_the_same_measurement(
+    sens: Sensitivity, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    model = small_net().to(memory_format=torch.channels_last)
+    cl = [(x.to(memory_format=torch.channels_last), y) for x, y in batches]
+    other = measure_sensitivity(model, cl, LAYERS, CANDIDATES)
+    for a, b in zip(sens.layers, other.layers):
+        for ca, cb in zip(a.choices, b.choices):
+            assert ca.ranks == cb.ranks
+            assert ca.error == pytest.approx(cb.error, abs=1e-4)
+
+
+class Tokens(nn.Module):
+    """A Conv1d over a sequence, then Linears on ``(B, T, D)`` tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.mix = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).transpose(1, 2)
+        return self.head(torch.relu(self.mix(h)).mean(dim=1))
+
+
+def test_conv1d_and_token_linear() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 8, 20, generator=gen).cumsum(-1), torch.randint(0, 5, (6,), generator=gen))
+        for _ in range(2)
+    ]
+    res = measure_sensitivity(Tokens(), batches, None, (0.5, 0.9, 1.0))
+    assert res.names == ("conv", "mix", "head")
+    assert [layer.kind for layer in res.layers] == ["Conv1d", "Linear", "Linear"]
+    assert res["mix"].input_shape == (6, 20, 16)
+    for layer in res.layers:
+        assert layer.choice(1.0).error < 1e-4, layer.name
+        assert layer.choice(0.5).error >= layer.choice(0.9).error - 1e-9, layer.name
+
+
 def test_measurement_leaves_the_model_alone(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
