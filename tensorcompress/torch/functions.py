@@ -260,10 +260,22 @@ def _transposed_conv(
 ) -> torch.Tensor:
     """``dL/dx`` of a conv of an input of ``shape`` as a transposed conv of ``gy``.
 
-    Unlike ``convolution_backward`` this needs no stand-in for the input (an
-    expanded dummy is materialised by the CPU kernels: a full-size copy).
-    ``output_padding`` restores the rows a strided conv never read.
+    With stride 1 (and padding within the kernel's reach) it is the ordinary
+    conv of ``gy`` with the flipped weight. Neither needs a stand-in for the
+    input, which ``convolution_backward`` would (and an expanded dummy is
+    materialised by the CPU kernels: a full-size copy). ``output_padding``
+    restores the rows a strided conv never read.
     """
+    flip_pad = [d * (k - 1) - p for d, k, p in zip(spec.dilation, spec.kernel_size, padding)]
+    if all(s == 1 for s in spec.stride) and min(flip_pad) >= 0:
+        # Stride 1: an ordinary conv with the flipped, channel-transposed weight,
+        # which runs the fast forward kernels (transposed depthwise convs do not).
+        g = spec.groups
+        c_out, c_in_g = int(w.shape[0]), int(w.shape[1])
+        wt = w.reshape(g, c_out // g, c_in_g, *w.shape[2:]).transpose(1, 2)
+        wt = wt.reshape(g * c_in_g, c_out // g, *w.shape[2:]).flip(list(range(2, w.ndim)))
+        conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
+        return conv(gy, wt, None, 1, tuple(flip_pad), spec.dilation, g)
     extra = [
         int(n) - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
         for n, o, s, p, d, k in zip(

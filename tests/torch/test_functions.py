@@ -114,6 +114,8 @@ CONV2D_CASES = [
         shape=(3, 4, 7, 6),
     ),
     case("1x1", C2, 4, 3, 1, shape=(3, 4, 5, 6)),
+    case("pad-beyond-kernel", C2, 4, 3, (1, 2), padding=(1, 2), shape=(3, 4, 5, 6)),
+    case("dw-x2-stride-pad2", C2, 4, 8, 2, stride=2, padding=2, groups=4, shape=(3, 4, 7, 6)),
     case("1x1-stride2", C2, 4, 3, 1, stride=2, shape=(3, 4, 5, 6)),
     case("1x1-groups", C2, 4, 6, 1, groups=2, shape=(3, 4, 5, 6)),
 ]
