@@ -709,3 +709,17 @@ def test_double_backward_is_refused() -> None:
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("method", ["asi", "hosvd", "svd", "gradient_filter"])
+def test_all_zero_input_gives_finite_gradients(method: str) -> None:
+    # Dead ReLU outputs: rank-deficient (zero) activations must not give NaN.
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    layer = compressed(plain, method, rank=0.8)
+    for x in (torch.zeros(4, 3, 6, 6), torch.randn(4, 3, 6, 6), torch.zeros(4, 3, 6, 6)):
+        _, g0 = run(plain, x)
+        _, g = run(layer, x)
+        assert all(torch.isfinite(v).all() for v in g.values())
+        if not x.any():
+            assert not g["weight"].any()  # dW of a zero input is exactly zero
+        assert relative_error(g["input"], g0["input"]) < 1e-5
