@@ -9,9 +9,9 @@ iteration per mode, ``U <- qr(X_(k) X_(k)^T U)``, then projects onto them.
 Modes are visited in turn on the tensor already projected onto the earlier
 modes' new factors (sequential truncation), in the order that costs the fewest
 multiply-adds, so after the first mode every product runs on a smaller tensor.
-A mode whose Gram matrix is cheaper than two thin products (``n_k <= 2 r_k``)
-iterates on its Gram matrix. No product builds a permuted copy of the tensor
-(see :mod:`tensorcompress.tenalg`).
+A mode whose Gram matrix is cheaper than two thin products (one wide pass over
+the tensor instead of two narrow ones) iterates on its Gram matrix. No product
+builds a permuted copy of the tensor (see :mod:`tensorcompress.tenalg`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _warm_step(
             factors[k] = xp.eye(n, dtype=t.dtype, device=device(t))
             continue
         u = fit_factor(xp, warm.factors[k], n, r, t, rng)
-        if n <= 2 * r:  # the cheaper basis step, as hosvd.step_cost counts it
+        if hosvd.gram_is_cheaper(tuple(t.shape), k, r):
             g = tenalg.gram(t, k, xp=xp)
             for _ in range(n_iter):
                 u = _orthonormal(xp, g @ u)

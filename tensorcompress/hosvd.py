@@ -34,15 +34,40 @@ from tensorcompress.results import TuckerResult
 __all__ = ["decompose", "mode_order"]
 
 
-def step_cost(size: int, dim: int, rank: int, iterate: bool) -> int:
-    """Multiply-adds of one mode's step on a tensor of ``size`` elements.
+# A product narrower than this is bound by memory traffic, not arithmetic: one
+# pass over the tensor costs about as much as a product this wide.
+_MIN_WIDTH = 16
 
-    An exact basis costs the Gram matrix (``size * dim``); a subspace-iteration
-    step costs the cheaper of the Gram matrix and two thin products
-    (``2 * size * rank``). Both then project (``size * rank``).
+
+def _pass(size: int, width: int, batched: bool) -> int:
+    # A middle mode runs as many small batched products, about half as fast
+    # as one large product on these shapes.
+    return size * max(width, _MIN_WIDTH) * (2 if batched else 1)
+
+
+def gram_is_cheaper(shape: Sequence[int], mode: int, rank: int) -> bool:
+    """Whether a subspace-iteration step should use the Gram matrix (one wide
+    pass over the tensor) rather than two thin products (two narrow passes)."""
+    n = int(shape[mode])
+    batched = math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
+    size = math.prod(shape)
+    return _pass(size, n, batched) <= 2 * _pass(size, rank, batched)
+
+
+def step_cost(shape: Sequence[int], mode: int, rank: int, iterate: bool) -> int:
+    """Estimated cost of one mode's step on a tensor of ``shape``.
+
+    An exact basis needs the Gram matrix (one pass of width ``dim``); a
+    subspace-iteration step the cheaper of that and two thin products (two
+    passes of width ``rank``). Both then project (a pass of width ``rank``).
+    Counted in multiply-adds, with narrow and batched products charged as
+    memory-bound (see ``_MIN_WIDTH``).
     """
-    basis = min(size * dim, 2 * size * rank) if iterate else size * dim
-    return basis + size * rank
+    n, size = int(shape[mode]), math.prod(shape)
+    batched = math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
+    gram = _pass(size, n, batched)
+    basis = min(gram, 2 * _pass(size, rank, batched)) if iterate else gram
+    return basis + _pass(size, rank, batched)
 
 
 def mode_order(
@@ -50,20 +75,20 @@ def mode_order(
 ) -> list[int]:
     """Order in which sequential algorithms visit the modes.
 
-    The order with the fewest multiply-adds under :func:`step_cost` (found by
-    enumeration up to 6 modes, greedily beyond), since each mode works on the
-    tensor already truncated in the modes before it. Modes chosen by a
-    threshold, whose rank is not known yet, come last, smallest first.
+    The order of least :func:`step_cost` (found by enumeration up to 6 modes,
+    greedily beyond), since each mode works on the tensor already truncated in
+    the modes before it. Modes chosen by a threshold, whose rank is not known
+    yet, come last, smallest first.
     """
     fixed = [k for k in range(len(shape)) if isinstance(ranks[k], int)]
     rest = sorted((k for k in range(len(shape)) if k not in fixed), key=lambda k: shape[k])
 
     def total(order: Sequence[int]) -> int:
-        size, cost = math.prod(shape), 0
+        current, cost = [int(n) for n in shape], 0
         for k in order:
             r = int(ranks[k])
-            cost += step_cost(size, shape[k], r, iterate)
-            size = size // shape[k] * r
+            cost += step_cost(current, k, r, iterate)
+            current[k] = r
         return cost
 
     if len(fixed) <= 6:

@@ -117,17 +117,28 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
     p, n, q = _split(shape, mode)
     m = int(y.shape[mode])
     if q == 1:
-        return xp.matrix_transpose(xp.reshape(x, (p, n))) @ xp.reshape(y, (p, m))
+        # (y^T x)^T, not x^T y: BLAS runs a long contraction with the
+        # transposed operand on the left several times faster (measured 6x
+        # for (172032 x 28)^T (172032 x 8) on torch's CPU BLAS).
+        if x is y:
+            x2 = xp.reshape(x, (p, n))
+            return xp.matrix_transpose(x2) @ x2
+        return xp.matrix_transpose(
+            xp.matrix_transpose(xp.reshape(y, (p, m))) @ xp.reshape(x, (p, n))
+        )
     if p == 1:
         return xp.reshape(x, (n, q)) @ xp.matrix_transpose(xp.reshape(y, (m, q)))
     x3 = xp.reshape(x, (p, n, q))
     y3 = xp.reshape(y, (p, m, q))
-    if q >= n:
-        # One batched product, summed over the leading modes: the (p, n, m)
-        # temporary is no larger than the inputs.
+    if n * m <= q * (n + (0 if x is y else m)):
+        # One batched product summed over the leading modes, when its
+        # (p, n, m) temporary is no larger than mode-first copies would be.
         return xp.sum(x3 @ xp.matrix_transpose(y3), axis=0)
-    # Short trailing modes: contract (p, q) with one GEMM on mode-first copies.
+    # Short trailing modes: contract (p, q) with one GEMM on mode-first copies
+    # (one copy for a Gram matrix).
     xf = xp.reshape(xp.moveaxis(x3, 1, 0), (n, p * q))
+    if x is y:
+        return xf @ xp.matrix_transpose(xf)
     yf = xp.reshape(xp.moveaxis(y3, 1, 0), (m, p * q))
     return xf @ xp.matrix_transpose(yf)
 
