@@ -11,6 +11,7 @@ layers, alternating, each step warm-started from the previous step's result.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +146,12 @@ def ratio_table(repeats: int = 7) -> Iterator[dict[str, Any]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the decomposition ratio table.")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()}  ranks from explained variance {THRESHOLD}")
     header = (
         f"{'shape':>16} {'ranks':>18} {'asi warm ms':>11} {'ref/asi':>8} "
@@ -152,7 +159,7 @@ def main() -> None:
         f"{'err tl':>7} {'lowrank ms':>10}"
     )
     print(header)
-    for row in ratio_table():
+    for row in ratio_table(args.repeats):
         m, e = row["median_s"], row["error"]
         print(
             f"{'x'.join(map(str, row['shape'])):>16} {','.join(map(str, row['ranks'])):>18} "
