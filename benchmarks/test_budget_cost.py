@@ -10,7 +10,7 @@ partial backward per batch, then every candidate's weight gradient from
 sliced eigenbases); the training step is forward + ``loss.backward()`` of the
 whole model with every parameter trainable.
 
-``python benchmarks/test_budget.py`` prints the medians of interleaved repeats
+``python benchmarks/test_budget_cost.py`` prints the medians of interleaved repeats
 and the ratio (sensitivity over 2 batches / one training step), plus what the
 allocation at the ``hosvd@0.8`` budget gains over the uniform threshold.
 Measured (2-core CPU machine shared with other jobs, torch 2.13, 224x224):
@@ -19,7 +19,7 @@ ratio 2.5-3.0 with 2 threads (4.8 s / 12.0 s at load 5, 10.8 s / 32.1 s at
 load 10), the difference being the multi-threaded LAPACK ``eigh`` under
 oversubscription (a 512x512 ``eigh`` took 0.26 s with 2 threads, 0.04 s with 1).
 
-``pytest benchmarks/test_budget.py --benchmark-only`` times both with
+``pytest benchmarks/test_budget_cost.py --benchmark-only`` times both with
 pytest-benchmark; with ``--benchmark-disable`` (CI) the images are 64x64 and
 nothing is warmed up, so the run stays short.
 """
@@ -160,7 +160,7 @@ def test_sensitivity(benchmark: Any) -> None:
 
 
 def main() -> None:
-    """Print the cost ratio (``python benchmarks/test_budget.py --help``)."""
+    """Print the cost ratio (``python benchmarks/test_budget_cost.py --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", type=int, default=224, help="image side")

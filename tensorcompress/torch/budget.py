@@ -48,7 +48,7 @@ Cost (last 4 convs of ResNet-18, batch 16 at 224x224, 2 batches, the 6 default
 candidates) against one plain training step (forward + backward of the whole
 model) measured in the same run, medians of interleaved repeats::
 
-    python benchmarks/test_budget.py
+    python benchmarks/test_budget_cost.py
 
 prints the ratio. Measured on a 2-core CPU machine shared with other jobs
 (torch 2.13): 1.3 training steps for the two batches with ``--threads 1``
