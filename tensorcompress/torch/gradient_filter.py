@@ -15,13 +15,13 @@ used by the ICML 2025 comparison), written from scratch:
 - The output gradient is averaged over ``R`` pixels per dim, the grid centred
   the same way, counting only pixels inside the output
   (``count_include_pad=False``).
-- The weight gradient of every kernel tap is the same number:
-  ``dW[o, c, :] = sum_{n, cell} mean_y[n, o, cell] * sum_x[n, c, cell]``
-  where ``sum_x`` is the **sum** of the input over the cell's window. For a
-  stride-``s`` conv that window holds ``s**d`` times more pixels than a kernel
-  tap touches, so the reference formula is ``s**d`` times larger than the
-  patch-constant approximation it stands for; it is kept as is, since it is the
-  baseline the paper compares against.
+- The weight gradient of every kernel tap is the same number, the exact
+  gradient when both tensors are constant on each patch:
+  ``dW[o, c, :] = R**d * sum_{n, cell} mean_y[n, o, cell] * mean_x[n, c, cell]``
+  (each cell holds ``R**d`` output pixels). The reference code sums the input
+  over the cell's window instead, which is the same at stride 1 but
+  ``stride**d`` times too large for a strided conv (a test shows the exact
+  gradient on patch-constant data); this module uses the exact scale.
 - Groups (depthwise, with or without channel multiplier) use each output
   channel's own input channels. The reference handles ``groups == 1`` and
   depthwise only; the grouped formula reduces to both.
@@ -201,12 +201,12 @@ def weight_grad(
     b, c_out = int(ybar.shape[0]), int(ybar.shape[1])
     c_in = int(xbar.shape[1])
     cells = math.prod(g.cells for g in pa.grids)
-    window = math.prod(g.window for g in pa.grids)
     # (groups, B, per-group channels, cells) without moving the big dims.
     y3 = ybar.reshape(b, groups, c_out // groups, cells)
     x3 = xbar.reshape(b, groups, c_in // groups, cells)
     w = torch.einsum("bgoc,bgic->goi", y3, x3).reshape(c_out, c_in // groups)
-    # The reference sums the input over the window where this kept its mean.
-    w = w * window
+    # Each cell stands for R**d output pixels (the reference's window sum is
+    # stride**d times more for strided convs; see the module docstring).
+    w = w * pa.patch ** len(pa.grids)
     kernel = tuple(int(k) for k in weight_shape[2:])
     return w.reshape(c_out, c_in // groups, *([1] * len(kernel))).expand(*weight_shape).clone()

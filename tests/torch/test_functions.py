@@ -450,12 +450,29 @@ def test_gradient_filter_reproduces_the_reference_formula(
     _, g_exact = run(plain, x, gy)
     stride = plain.stride[0]
     expected = _reference_gradient_filter(x, gy, plain.weight.shape, stride, plain.groups, r)
-    _close(g["weight"], expected, 1e-12)
+    # The reference sums a (R * stride)**2 input window: stride**2 too large.
+    _close(g["weight"], expected / stride**2, 1e-12)
     _close(g["input"], g_exact["input"], 1e-12)  # exact here, unlike the reference
     res = layer.last_result
     assert isinstance(res, PatchAverage)
     out = plain(x).shape[2:]
     assert res.shape == (shape[0], shape[1], *(math.ceil(n / r) for n in out))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_gradient_filter_exact_on_patch_constant_data(stride: int, r: int) -> None:
+    # Input and output gradient constant on every patch: nothing is lost by
+    # averaging, so a 1x1 conv's weight gradient must be exact at any stride.
+    plain = nn.Conv2d(8, 4, 1, stride=stride, bias=False).double()
+    layer = compressed(plain, "gradient_filter", patch=r)
+    xs = torch.randn(2, 8, 2, 2, dtype=torch.float64)
+    x = xs.repeat_interleave(4 * stride, 2).repeat_interleave(4 * stride, 3)
+    gy = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    gy = gy.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    _, g = run(layer, x, gy)
+    _, g_exact = run(plain, x, gy)
+    _close(g["weight"], g_exact["weight"], 1e-12)
 
 
 def test_gradient_filter_paper_memory_convention() -> None:
@@ -501,13 +518,13 @@ def test_gradient_filter_generalises(plain: nn.Module, shape: tuple[int, ...]) -
     _, g = run(layer, x, gy)
     _, g0 = run(plain, x, gy)
     _close(g["input"], g0["input"], 1e-12)
-    # dW[o, c, taps] = window * sum ybar[:, o] xbar[:, c of o's group] (brute force).
+    # dW[o, c, taps] = R**d * sum ybar[:, o] xbar[:, c of o's group] (brute force).
     res = layer.last_result
     assert isinstance(res, PatchAverage)
     groups = plain.groups  # type: ignore[attr-defined]
     c_out, c_in_g = g["weight"].shape[:2]
     ybar = gf._grad_output_mean(gy, res)
-    window = math.prod(gr.window for gr in res.grids)
+    window = 2 ** len(res.grids)  # output pixels per cell
     for o in range(c_out):
         grp = o // (c_out // groups)
         for c in range(c_in_g):
