@@ -337,6 +337,9 @@ class CompressedModule(nn.Module):
     def _compress_input(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> Compressed:
         raise NotImplementedError
 
+    # Under torch.compile the decomposition (data-dependent ranks, host-side
+    # rank selection) runs eagerly: tracing into it only adds graph breaks.
+    @torch.compiler.disable
     def _compress(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> Compressed:
         result = self._compress_input(x, out_shape)
         self.last_result = result
