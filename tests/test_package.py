@@ -54,3 +54,15 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_torch_is_pinned() -> None:
     pins = (ROOT / "constraints.txt").read_text().splitlines()
     assert "torch==2.13.0" in pins
+
+
+def test_docs_show_the_readme_quick_start() -> None:
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        from readme_commands import quick_start_commands
+    finally:
+        sys.path.pop(0)
+    readme = quick_start_commands((ROOT / "README.md").read_text())
+    docs = (ROOT / "docs" / "index.md").read_text()
+    for command in readme:
+        assert f"```bash\n{command}\n```" in docs
