@@ -17,6 +17,7 @@ __all__ = ["COMMANDS", "main"]
 # name -> (module, help); modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tensorcompress.experiments.demo", "decompose a realistic activation"),
+    "run": ("tensorcompress.experiments.run", "pretrain, then fine-tune with every method"),
     "table": ("tensorcompress.experiments.table", "the paper's Mem and GFLOPs table for one model"),
 }
 

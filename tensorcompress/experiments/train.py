@@ -1,0 +1,679 @@
+"""Training loops of the fine-tuning experiment: pretraining (cached), fine-tuning, evaluation.
+
+- :func:`pretrain` trains a model from scratch on the procedural source task
+  (:func:`tensorcompress.experiments.data.shape_batch`, an endless seeded
+  stream); :func:`pretrained_state` caches the result on disk, keyed by
+  everything that determines it, so a second run skips it.
+- :func:`fine_tune` trains a prepared model on the target task for a number
+  of epochs and records every step's wall time; :func:`evaluate` gives top-1
+  accuracy.
+- :func:`trainable_modules` decides what trains when the last N convs are
+  fine-tuned: the convs themselves and every parameterised module that runs
+  after the first of them (BatchNorms in between, the classifier); everything
+  that runs before is frozen.
+- :class:`DistEnv` is the process's place in a ``torchrun`` job: data are
+  sharded by rank, gradients averaged by DistributedDataParallel (gloo on
+  CPU, nccl on CUDA), accuracy summed over processes. Each process keeps its
+  own compressed-layer (ASI) state.
+
+Frozen BatchNorm layers still normalise with batch statistics during training
+and update their running averages (``model.train()`` on the whole model, as in
+the paper's code): "frozen" means no parameter is updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from tensorcompress.experiments import data as D
+from tensorcompress.models import get_model
+
+__all__ = [
+    "DistEnv",
+    "FineTuneConfig",
+    "PretrainConfig",
+    "TrainLog",
+    "default_cache_dir",
+    "evaluate",
+    "fine_tune",
+    "head_name",
+    "init_distributed",
+    "load_backbone",
+    "pretrain",
+    "pretrained_state",
+    "trainable_modules",
+]
+
+# Bump when the source task or the pretraining loop changes: old cache
+# entries then no longer match.
+_PRETRAIN_VERSION = 2
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in a (possibly single-process) job.
+
+    Attributes
+    ----------
+    rank, world : int
+        Process index and count (0 and 1 without ``torchrun``).
+    device : torch.device
+        This process's device.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """True on the process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True under ``torchrun`` with more than one process."""
+        return self.world > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over every process (unchanged in a single process)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def init_distributed(device: str = "cpu") -> DistEnv:
+    """The process's :class:`DistEnv`, joining the ``torchrun`` job if there is one.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) this
+    initialises the default process group: gloo on CPU, nccl on CUDA (each
+    process on ``cuda:LOCAL_RANK``). Call :func:`shutdown_distributed` at the end.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _resolve_device(device, local)
+    if world <= 1:
+        return DistEnv(0, 1, dev)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo",
+            # Long enough for process 0 to pretrain while the others wait.
+            timeout=timedelta(hours=2),
+        )
+    return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------
+# What trains
+# ---------------------------------------------------------------------------
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classifier: the last ``nn.Linear`` in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier")
+    return names[-1]
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules that own parameters, in the order a forward first runs them."""
+    owners = {
+        name: m
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
+    }
+    order: list[str] = []
+    names = {id(m): n for n, m in owners.items()}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        name = names[id(module)]
+        if name not in seen:
+            seen.add(name)
+            order.append(name)
+
+    seen: set[str] = set()
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(hook) for m in owners.values()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return order
+
+
+def trainable_modules(model: nn.Module, convs: Sequence[str], example: torch.Tensor) -> list[str]:
+    """Modules that train when ``convs`` (the last N convs) are fine-tuned.
+
+    The convs, and every module with parameters that runs after the first of
+    them (in execution order, found by one forward of ``example``): the
+    BatchNorms between and after them and the classifier. The paper's code
+    uses the same rule in module order, which is execution order for every
+    model of :mod:`tensorcompress.models`.
+    """
+    order = execution_order(model, example)
+    missing = [c for c in convs if c not in order]
+    if missing:
+        raise ValueError(f"layers {missing} do not run in the model's forward")
+    first = min(order.index(c) for c in convs)
+    return order[first:]
+
+
+# ---------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------
+
+
+def _optimizer(
+    params: Sequence[nn.Parameter], lr: float, steps: int, weight_decay: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with Nesterov momentum, linear warm-up over 5 % of the steps, then cosine to 0."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class TrainLog:
+    """What a training run recorded.
+
+    Attributes
+    ----------
+    step_seconds : list of float
+        Wall time of every optimisation step (forward, backward, update).
+    losses : list of float
+        Training loss of every step (this process's shard).
+    """
+
+    step_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def median_step(self, skip: int = 1) -> float:
+        """Median step time, ignoring the first ``skip`` steps (warm-up, ASI's cold start)."""
+        times = self.step_seconds[skip:] or self.step_seconds
+        return float(torch.tensor(times).median()) if times else math.nan
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Fine-tuning hyper-parameters.
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the training split.
+    batch_size : int
+        Per process.
+    lr : float
+        Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).
+    weight_decay : float
+        L2 penalty on the trained parameters.
+    """
+
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 0.0
+
+
+class Stepper:
+    """One model's optimiser and a method to run a timed training step.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to train (possibly DDP-wrapped).
+    total_steps : int
+        Length of the learning-rate schedule.
+    config : FineTuneConfig
+        Hyper-parameters.
+    device : torch.device
+        Where the batches go.
+    """
+
+    def __init__(
+        self, model: nn.Module, total_steps: int, config: FineTuneConfig, device: torch.device
+    ) -> None:
+        self.model = model
+        self.device = device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        self.optimizer, self.scheduler = _optimizer(
+            params, config.lr, total_steps, config.weight_decay
+        )
+
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, schedule: bool = True
+    ) -> tuple[float, float]:
+        """One training step; returns ``(loss, seconds)``.
+
+        The clock covers moving the batch, forward, backward and the update
+        (with a device synchronisation on CUDA), not the data loading.
+        """
+        self.model.train()
+        _sync(self.device)
+        start = time.perf_counter()
+        x = D.to_input(images, self.device)
+        y = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        if schedule:
+            self.scheduler.step()
+        return float(loss.detach()), seconds
+
+
+def fine_tune(
+    model: nn.Module,
+    train: D.ImageData,
+    config: FineTuneConfig,
+    *,
+    seed: int,
+    env: DistEnv,
+    progress: str | None = None,
+) -> tuple[TrainLog, Stepper]:
+    """Train ``model`` (already frozen/converted, possibly DDP-wrapped) for ``config.epochs``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; its trainable parameters are those with ``requires_grad``.
+    train : ImageData
+        Training split (this process takes its shard of every epoch).
+    config : FineTuneConfig
+        Hyper-parameters.
+    seed : int
+        Seeds the sample order of every epoch.
+    env : DistEnv
+        Process placement.
+    progress : str, optional
+        Progress-bar label (no bar when None or not the main process).
+
+    Returns
+    -------
+    tuple
+        The :class:`TrainLog` and the :class:`Stepper` (its optimiser, to time
+        further steps).
+    """
+    epochs = [
+        D.batch_indices(
+            len(train), config.batch_size, seed=seed, epoch=e, rank=env.rank, world=env.world
+        )
+        for e in range(config.epochs)
+    ]
+    total = sum(len(e) for e in epochs)
+    if total == 0:
+        raise ValueError(
+            f"{len(train)} training samples make no full batch of {config.batch_size} "
+            f"per process ({env.world} processes); lower --batch-size"
+        )
+    stepper = Stepper(model, total, config, env.device)
+    log = TrainLog()
+    with tqdm(
+        total=total, desc=progress, disable=progress is None or not env.main, leave=False
+    ) as bar:
+        for index in epochs:
+            for images, labels in D.iterate(train, index):
+                loss, seconds = stepper.step(images, labels)
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"{progress or 'training'}: the loss became {loss}")
+                log.losses.append(loss)
+                log.step_seconds.append(seconds)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update()
+    return log, stepper
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: D.ImageData, env: DistEnv, batch_size: int = 256) -> float:
+    """Top-1 accuracy (in [0, 1]) on ``data``, each process scoring its shard."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    correct = 0
+    try:
+        shard = torch.arange(env.rank, len(data), env.world)
+        for start in range(0, len(shard), batch_size):
+            idx = shard[start : start + batch_size]
+            out = model(D.to_input(data.images[idx], env.device))
+            correct += int((out.argmax(dim=1).cpu() == data.labels[idx]).sum())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    right, total = env.sum([correct, len(shard)])
+    return right / total if total else math.nan
+
+
+# ---------------------------------------------------------------------------
+# Pretraining and its cache
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining on the procedural source task.
+
+    Attributes
+    ----------
+    steps : int
+        Optimisation steps (each on a fresh batch of the endless stream).
+    batch_size : int
+        Images per step.
+    lr : float
+        Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).
+    weight_decay : float
+        L2 penalty.
+    eval_samples : int
+        Held-out source samples scored at the end.
+    """
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 5e-5
+    eval_samples: int = 1000
+
+
+def pretrain(
+    model_name: str,
+    resolution: int,
+    seed: int,
+    config: PretrainConfig,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train ``model_name`` from scratch on the source task (one process).
+
+    The model's initialisation is seeded by ``seed`` through a forked global
+    RNG (the caller's RNG state is left as it was); the data stream by
+    ``seed`` too.
+
+    Parameters
+    ----------
+    model_name : str
+        A :data:`tensorcompress.models.MODEL_NAMES` name.
+    resolution : int
+        Input side in pixels.
+    seed : int
+        Seeds the initialisation and the data stream.
+    config : PretrainConfig
+        Steps, batch size, learning rate.
+    device : torch.device, optional
+        Where to train (CPU by default); the returned state is on the CPU.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    tuple
+        The trained ``state_dict`` (on the CPU) and an info dict
+        (``source_accuracy`` on held-out source samples, ``seconds``, the config).
+    """
+    device = torch.device("cpu") if device is None else device
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_model(model_name, num_classes=len(D.SHAPE_CLASSES)).to(device)
+    ft = FineTuneConfig(
+        epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay
+    )
+    stepper = Stepper(model, config.steps, ft, device)
+    desc = f"pretraining {model_name} {resolution}px on shapes"
+    with tqdm(total=config.steps, desc=desc, disable=not progress, leave=False) as bar:
+        for step in range(config.steps):
+            images, labels = D.shape_batch(config.batch_size, resolution, seed, step)
+            loss, _ = stepper.step(images, labels)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"pretraining diverged at step {step} (loss {loss})")
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update()
+    # A different stream (seed + 1_000_003) for the held-out score.
+    held_out = D.shapes(config.eval_samples, resolution, seed + 1_000_003)
+    accuracy = evaluate(model, held_out, DistEnv(device=device))
+    info = {
+        "source": f"procedural shapes and glyphs ({len(D.SHAPE_CLASSES)} classes)",
+        "source_accuracy": accuracy,
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+        "config": asdict(config),
+    }
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/tensorcompress``, else ``~/.cache/tensorcompress``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tensorcompress"
+
+
+def cache_key(
+    model_name: str, resolution: int, seed: int, config: PretrainConfig, device_type: str = "cpu"
+) -> str:
+    """File name of a pretrained checkpoint: readable prefix and a hash of everything.
+
+    The device type is part of the key: CPU and CUDA kernels round differently,
+    so a checkpoint is only the same one on the same kind of device.
+    """
+    spec = {
+        "model": model_name,
+        "resolution": resolution,
+        "seed": seed,
+        "config": asdict(config),
+        "device": device_type,
+        "version": _PRETRAIN_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model_name}-{resolution}px-seed{seed}-{digest}.pt"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def pretrained_state(
+    model_name: str,
+    resolution: int,
+    seed: int,
+    config: PretrainConfig,
+    cache_dir: Path | None,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The pretrained ``state_dict``, from the cache when present, else trained and cached.
+
+    Parameters
+    ----------
+    model_name, resolution, seed, config, device, progress
+        As in :func:`pretrain`.
+    cache_dir : Path or None
+        Where checkpoints live (``None``: no cache, always pretrain). A
+        corrupt or unreadable entry is pretrained again and overwritten.
+
+    Returns
+    -------
+    tuple
+        ``state_dict`` and info (with ``cached`` True when it came from disk,
+        and ``path``).
+
+    Raises
+    ------
+    OSError
+        If ``cache_dir`` cannot be created or written (checked before pretraining).
+    """
+    device = torch.device("cpu") if device is None else device
+    path = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / "pretrained"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"--cache-dir {str(cache_dir)!r} cannot be created: {err}") from err
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"--cache-dir {str(cache_dir)!r} is not writable")
+        path = folder / cache_key(model_name, resolution, seed, config, device.type)
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            state, info = saved["state_dict"], dict(saved["info"])
+            return state, {**info, "cached": True, "path": str(path)}
+        except Exception:  # a truncated or foreign file: pretrain again and overwrite it
+            pass
+    state, info = pretrain(model_name, resolution, seed, config, device=device, progress=progress)
+    if path is not None:
+        _atomic_save({"state_dict": state, "info": info}, path)
+    return state, {**info, "cached": False, "path": None if path is None else str(path)}
+
+
+def load_backbone(
+    model_name: str,
+    num_classes: int,
+    state: Mapping[str, torch.Tensor],
+    seed: int,
+) -> nn.Module:
+    """A fresh ``num_classes`` model carrying ``state`` everywhere but the classifier.
+
+    The classifier keeps its seeded random initialisation (a new task needs a
+    new head), whatever the number of classes ``state`` was trained for.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_model(model_name, num_classes=num_classes)
+    head = head_name(model)
+    body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    missing = [k for k in missing if not k.startswith(f"{head}.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match {model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+def user_weights(model_name: str, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` file for ``model_name``, checked by :func:`tensorcompress.models.get_model`.
+
+    The classifier's size is read from the file, so ImageNet (1000 classes)
+    or any other head loads; it is replaced for the target task anyway.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    ValueError
+        If it is not a state_dict or does not match the model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read a state_dict from {str(p)!r}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{str(p)!r} holds a {type(state).__name__}, expected a state_dict")
+    head = head_name(get_model(model_name, num_classes=1))
+    weight = state.get(f"{head}.weight")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(f"state_dict in {str(p)!r} has no {head}.weight: it is not a {model_name}")
+    # get_model validates the whole file (strict=True) and names it in its errors.
+    model = get_model(model_name, num_classes=int(weight.shape[0]), weights=p)
+    return model.state_dict()
+
+
+def step_iter(
+    data: D.ImageData, n: int, batch_size: int, seed: int, env: DistEnv
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` training batches of epoch 0 (this process's shard)."""
+    index = D.batch_indices(
+        len(data), batch_size, seed=seed, epoch=0, rank=env.rank, world=env.world
+    )
+    yield from D.iterate(data, index[:n])
