@@ -196,7 +196,6 @@ charged for what its arguments ask; note that under any Python dispatch mode
 charged as ``eigh`` and ``svd``, as they ran."""
 
 
-
 def _conv_backward_formula(
     grad_out: Sequence[int],
     x: Sequence[int],
