@@ -88,10 +88,12 @@ class RunConfig:
     pretrain : PretrainConfig
         Pretraining hyper-parameters (part of the cache key).
     seed : int
-        Base seed: pretraining, the train/test split, the first fine-tuning run.
+        Base seed: the train/test split and the first repeat.
     seeds : int
-        Fine-tuning repeats with seeds ``seed .. seed + seeds - 1`` (one
-        pretrained model, one split): the table shows mean and spread.
+        Repeats with seeds ``seed .. seed + seeds - 1``, each with its own
+        pretraining (cached per seed) and fine-tuning order, classifier
+        initialisation and ASI seed, on the base seed's split: the table
+        shows mean and spread.
     data : str or None
         Target data (image folder or .npz); None: scikit-learn's digits.
     weights : str or None
@@ -473,24 +475,23 @@ def run_experiment(config: RunConfig, env: T.DistEnv | None = None) -> Experimen
 
 
 def _backbone(
-    config: RunConfig, env: T.DistEnv, progress: bool
+    config: RunConfig, seed: int, env: T.DistEnv, progress: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if config.weights is not None:
-        return T.user_weights(config.model, config.weights), {"weights": config.weights}
+    """The pretrained state of ``seed`` (process 0 trains or loads it, the others receive it)."""
     cache = None if config.cache_dir is None else Path(config.cache_dir)
     shared = None
     if env.main:
         shared = T.pretrained_state(
             config.model,
             config.resolution,
-            config.seed,
+            seed,
             config.pretrain,
             cache,
             device=env.device,
             progress=progress,
         )
     state, info = env.broadcast(shared)
-    return state, info
+    return state, {**info, "seed": seed}
 
 
 def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Experiment:
@@ -500,7 +501,9 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         get_model(config.model, num_classes=2).eval()(
             torch.zeros(1, 3, config.resolution, config.resolution)
         )
-    state, pre_info = _backbone(config, env, progress)
+    user_state = None
+    if config.weights is not None:
+        user_state = T.user_weights(config.model, config.weights)
     # One fixed batch, the same on every process: memory, FLOPs and timing.
     first = D.batch_indices(len(train), config.finetune.batch_size, seed=config.seed, epoch=0)
     if not first:
@@ -514,7 +517,15 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
     has_flops = _flops_counter() is not None
     runs = config.rows()
     results: list[dict[str, Any]] = []
+    pre_info: list[dict[str, Any]] = []
     for seed in range(config.seed, config.seed + config.seeds):
+        # Each seed has its own pretrained backbone (cached per seed), so the
+        # spread over seeds covers pretraining as well as fine-tuning.
+        if user_state is None:
+            state, info = _backbone(config, seed, env, progress)
+        else:
+            state, info = user_state, {"weights": config.weights, "seed": seed}
+        pre_info.append(info)
         trained: list[_Trained] = []
         for k, (method, layers) in enumerate(runs):
             label = f"{_label(method, config, use_budget)}, {layers} layers"
@@ -581,7 +592,7 @@ def _notes(
     source: str,
     train: D.ImageData,
     test: D.ImageData,
-    pre: dict[str, Any],
+    pre: Sequence[dict[str, Any]],
     use_budget: bool,
     has_flops: bool,
     rows: Sequence[R.Row],
@@ -594,14 +605,16 @@ def _notes(
         + (f" ({torch.get_num_threads()} threads)" if env.device.type == "cpu" else ""),
         f"target: {source}: {len(train)} train / {len(test)} test, {train.num_classes} classes",
     ]
-    if "weights" in pre:
-        notes.append(f"backbone: {pre['weights']} (--weights)")
+    if config.weights is not None:
+        notes.append(f"backbone: {config.weights} (--weights)")
     else:
-        how = "cached" if pre.get("cached") else f"pretrained in {pre['seconds']:.0f} s"
-        notes.append(
-            f"backbone: {how} on procedural shapes and glyphs ({config.pretrain.steps} steps, seed "
-            f"{config.seed}), held-out source accuracy {100 * pre['source_accuracy']:.1f}%"
-        )
+        for p in pre:
+            how = "cached" if p.get("cached") else f"pretrained in {p['seconds']:.0f} s"
+            notes.append(
+                f"backbone: {how} on procedural shapes and glyphs ({config.pretrain.steps} "
+                f"steps, seed {p['seed']}), held-out source accuracy "
+                f"{100 * p['source_accuracy']:.1f}%"
+            )
     if "asi" in config.methods:
         notes.append(
             f"ASI ranks: budget allocation at HOSVD's memory (hosvd@{config.threshold}) on "
@@ -614,8 +627,9 @@ def _notes(
         notes.append("GFLOPs: n/a (tensorcompress.torch.flops not available)")
     if config.seeds > 1:
         notes.append(
-            f"seeds {config.seed}..{config.seed + config.seeds - 1}: fine-tuning order, "
-            "classifier init and ASI seeds vary; pretraining and split are those of the base seed"
+            f"seeds {config.seed}..{config.seed + config.seeds - 1}: each seed pretrains its own "
+            "backbone (unless --weights) and fine-tunes with its own order, classifier init and "
+            "ASI seed; the train/test split is the base seed's"
         )
     notes += _findings(rows)
     return notes
@@ -764,12 +778,13 @@ def main(args: argparse.Namespace) -> int:
             files = R.write_results(out, exp.rows, exp.meta, table)
             print(table)
             pre = exp.meta["pretraining"]
+            fresh = sum(p["seconds"] for p in pre if "weights" not in p and not p.get("cached"))
             how = (
                 "weights from --weights"
-                if "weights" in pre
+                if config.weights is not None
+                else f"of which pretraining {fresh:.1f} s"
+                if fresh
                 else "pretraining cached"
-                if pre.get("cached")
-                else f"of which pretraining {pre['seconds']:.1f} s"
             )
             print(
                 f"\n{len(exp.results)} fine-tuning runs, {exp.meta['wall_seconds']:.1f} s in all "

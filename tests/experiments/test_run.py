@@ -55,7 +55,7 @@ def test_quick_run_end_to_end_cached_and_reproducible(
     assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("method,label,layers,accuracy")
 
     doc = json.loads((first / "results.json").read_text())
-    assert doc["pretraining"]["cached"] is False
+    assert [p["cached"] for p in doc["pretraining"]] == [False]
     rows = _rows(first)
     assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in run_mod.METHODS}
     van = rows["vanilla", "2"]
@@ -75,13 +75,16 @@ def test_quick_run_end_to_end_cached_and_reproducible(
     asi = rows["asi", "2"]["seeds"][0]
     assert set(asi["ranks"]) == set(asi["layer_names"]) and len(asi["layer_names"]) == 2
 
-    # Second run: the pretrained model comes from the cache, and seed 0 gives
-    # exactly the same numbers (timing aside); --seeds 2 adds seed 1.
+    # Second run: seed 0's pretrained model comes from the cache, and seed 0
+    # gives exactly the same numbers (timing aside); --seeds 2 adds seed 1,
+    # with its own pretraining.
     code, stdout, _ = _run(
         capsys, *TINY, "--layers", "all", "2", "--seeds", "2", "--cache-dir", cache, "--out", second
     )
-    assert code == 0 and "pretraining cached" in stdout
-    assert json.loads((second / "results.json").read_text())["pretraining"]["cached"] is True
+    assert code == 0
+    pre = json.loads((second / "results.json").read_text())["pretraining"]
+    assert [(p["seed"], p["cached"]) for p in pre] == [(0, True), (1, False)]
+    assert len(list((cache / "pretrained").glob("*.pt"))) == 2
     again = _rows(second)
     for key, row in rows.items():
         seeds = {s["seed"]: s for s in again[key]["seeds"]}
@@ -118,7 +121,7 @@ def test_weights_replace_pretraining(tmp_path: Path, capsys: pytest.CaptureFixtu
     )  # fmt: skip
     assert code == 0
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert doc["pretraining"] == {"weights": str(weights)}
+    assert doc["pretraining"] == [{"weights": str(weights), "seed": 0}]
     assert not (tmp_path / "cache").exists()  # nothing was pretrained
 
 
