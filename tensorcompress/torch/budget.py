@@ -63,13 +63,12 @@ Results are frozen dataclasses that serialise to JSON (``to_json`` /
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import numbers
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +82,7 @@ from tensorcompress import tenalg
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch.convert import LastLayers
 from tensorcompress.torch.functions import ConvSpec, conv_weight_grad, linear_weight_grad
-from tensorcompress.torch.measure import MB, analytic_bytes
+from tensorcompress.torch.measure import MB, analytic_bytes, preserved_training_state
 from tensorcompress.torch.modules import CompressedModule
 
 __all__ = [
@@ -623,22 +622,6 @@ def _select_layers(
     return chosen
 
 
-@contextlib.contextmanager
-def _training_mode(model: nn.Module) -> Iterator[None]:
-    """Train mode; training flags and buffers (BatchNorm statistics) restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, flag in flags:
-            m.training = flag
-
-
 class _Capture:
     """Input and output gradient of one layer in one forward/backward."""
 
@@ -841,7 +824,7 @@ def measure_sensitivity(
     handles = [m.register_forward_hook(captures[n].forward_hook) for n, m in selected.items()]
     n_batches = 0
     try:
-        with _training_mode(model), torch.enable_grad():
+        with preserved_training_state(model), torch.enable_grad():
             for index, batch in enumerate(itertools.chain([first], it)):
                 inputs, targets = _split_batch(batch, index)
                 for cap in captures.values():

@@ -564,7 +564,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def _preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Train mode for the measurement; training flags and buffers restored after.
 
     The measuring forward is a real training forward, so BatchNorm would update
@@ -650,7 +650,7 @@ def activation_memory(
         handles.append(m.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
     try:
         with (
-            _preserved_state(model),
+            preserved_training_state(model),
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t),
         ):
