@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -391,7 +392,7 @@ def _interleaved_timing(
             if r > 0:
                 times[k].append(seconds)
     for t, ts in zip(trained, times):
-        t.result["step_seconds"] = float(torch.tensor(ts).median())
+        t.result["step_seconds"] = statistics.median(ts)
         t.result["step_seconds_all"] = ts
 
 
@@ -635,8 +636,22 @@ def _notes(
     return notes
 
 
+def _paired_gap(a: R.Row, b: R.Row) -> tuple[float, float, int]:
+    """Accuracy of ``a`` minus ``b`` in points, seed by seed: mean, sample std, seed count."""
+    acc_b = {s["seed"]: s["accuracy"] for s in b.seeds}
+    gaps = [100 * (s["accuracy"] - acc_b[s["seed"]]) for s in a.seeds if s["seed"] in acc_b]
+    if not gaps:
+        return a.accuracy - b.accuracy, math.nan, 0
+    mean = statistics.fmean(gaps)
+    return mean, statistics.stdev(gaps) if len(gaps) > 1 else 0.0, len(gaps)
+
+
 def _findings(rows: Sequence[R.Row]) -> list[str]:
-    """Plain statements comparing ASI with vanilla and HOSVD at each depth (no spin)."""
+    """Plain statements comparing ASI with vanilla and HOSVD at each depth (no spin).
+
+    Accuracy gaps are paired by seed (same backbone, same data order), so the
+    spread is that of the difference, not of either method.
+    """
     by = {(r.method, r.layers): r for r in rows}
     out = []
     for (method, layers), asi in by.items():
@@ -645,14 +660,23 @@ def _findings(rows: Sequence[R.Row]) -> list[str]:
         van, hos = by.get(("vanilla", layers)), by.get(("hosvd", layers))
         parts = []
         if van is not None and van.mem_mb > 0:
+            gap, spread, n = _paired_gap(asi, van)
             parts.append(
                 f"Mem {100 * asi.mem_mb / van.mem_mb:.1f}% of vanilla's, accuracy "
-                f"{asi.accuracy - van.accuracy:+.1f} points vs vanilla"
+                f"{gap:+.1f}" + (f"±{spread:.1f}" if n > 1 else "") + " points vs vanilla"
             )
         if hos is not None and hos.mem_mb > 0:
-            parts.append(f"Mem {asi.mem_mb / hos.mem_mb:.2f}x HOSVD's")
-            if not math.isnan(asi.gflops) and not math.isnan(hos.gflops) and hos.gflops > 0:
-                parts.append(f"GFLOPs {asi.gflops / hos.gflops:.2f}x HOSVD's")
+            gap, spread, n = _paired_gap(asi, hos)
+            parts.append(
+                f"Mem {asi.mem_mb / hos.mem_mb:.2f}x HOSVD's, accuracy {gap:+.1f}"
+                + (f"±{spread:.1f}" if n > 1 else "")
+                + " points vs HOSVD"
+            )
+            if hos.gflops > 0 and hos.decomp_gflops > 0:  # False when not counted (NaN)
+                parts.append(
+                    f"GFLOPs {asi.gflops / hos.gflops:.2f}x HOSVD's (decomposition "
+                    f"{asi.decomp_gflops / hos.decomp_gflops:.3f}x)"
+                )
         if parts:
             out.append(f"ASI, {layers} layers: " + "; ".join(parts))
     return out

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -266,7 +267,7 @@ class TrainLog:
     def median_step(self, skip: int = 1) -> float:
         """Median step time, ignoring the first ``skip`` steps (warm-up, ASI's cold start)."""
         times = self.step_seconds[skip:] or self.step_seconds
-        return float(torch.tensor(times).median()) if times else math.nan
+        return statistics.median(times) if times else math.nan
 
 
 @dataclass(frozen=True)
