@@ -66,11 +66,15 @@ from tensorcompress.torch.flops import (
     COUNTER_FLOPS,
     PaperFlops,
     StepFlops,
-    _training_state,
     paper_layer_flops,
     training_step_flops,
 )
-from tensorcompress.torch.measure import MB, activation_memory, analytic_bytes
+from tensorcompress.torch.measure import (
+    MB,
+    activation_memory,
+    analytic_bytes,
+    preserved_training_state,
+)
 
 __all__ = [
     "PAPER_TABLE",
@@ -715,7 +719,7 @@ class _Prefix:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
         try:
-            with _training_state(model), torch.no_grad(), counter:
+            with preserved_training_state(model), torch.no_grad(), counter:
                 model(x)
         finally:
             for h in handles:

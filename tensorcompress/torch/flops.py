@@ -42,9 +42,8 @@ which the counted figure shows.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tensorcompress.torch.measure import preserved_training_state
 from tensorcompress.torch.modules import CompressedModule
 
 __all__ = [
@@ -317,22 +317,6 @@ class StepFlops:
         }
 
 
-@contextlib.contextmanager
-def _training_state(model: nn.Module) -> Iterator[None]:
-    """Train mode for the step; modes and buffers (BatchNorm statistics) restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, flag in flags:
-            m.training = flag
-
-
 class _DecompositionTracker:
     """Counter totals around every compressed layer's forward.
 
@@ -440,7 +424,7 @@ def training_step_flops(
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     loss_fn = _default_loss if loss_fn is None else loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
-    with _training_state(model), torch.enable_grad():
+    with preserved_training_state(model), torch.enable_grad():
         fwd = FlopCounterMode(display=False, custom_mapping=COUNTER_FLOPS)
         tracker = _DecompositionTracker(fwd, model)
         try:
