@@ -197,6 +197,17 @@ class CompressedModule(nn.Module):
     _fixed_ranks: tuple[int | None, ...] | None
     _rng: np.random.Generator
 
+    def __init__(
+        self,
+        *args: Any,
+        compression: CompressionConfig | None = None,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        # The plain layer's arguments go on along the MRO (nn.Conv2d, nn.Linear, ...).
+        super().__init__(*args, **kwargs)
+        self._init_compression(compression, name)
+
     def _init_compression(self, config: CompressionConfig | None, name: str) -> None:
         config = CompressionConfig() if config is None else config
         if not isinstance(config, CompressionConfig):
@@ -390,31 +401,11 @@ class CompressedConv2d(_CompressedConv, nn.Conv2d):
 
     _plain_type = nn.Conv2d
 
-    def __init__(
-        self,
-        *args: Any,
-        compression: CompressionConfig | None = None,
-        name: str = "",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(compression, name)
-
 
 class CompressedConv1d(_CompressedConv, nn.Conv1d):
     """``nn.Conv1d`` that keeps a compressed input; see :class:`CompressedConv2d`."""
 
     _plain_type = nn.Conv1d
-
-    def __init__(
-        self,
-        *args: Any,
-        compression: CompressionConfig | None = None,
-        name: str = "",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(compression, name)
 
 
 class CompressedLinear(CompressedModule, nn.Linear):
@@ -426,16 +417,6 @@ class CompressedLinear(CompressedModule, nn.Linear):
     """
 
     _plain_type = nn.Linear
-
-    def __init__(
-        self,
-        *args: Any,
-        compression: CompressionConfig | None = None,
-        name: str = "",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(compression, name)
 
     def _init_compression(self, config: CompressionConfig | None, name: str) -> None:
         super()._init_compression(config, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,16 +22,8 @@ from tensorcompress.torch import (
     trainable_only,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread for these tiny tensors (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# One intra-op thread for these small tensors (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,16 +24,8 @@ from tensorcompress.torch.flops import (
     training_step_flops,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread for these tiny tensors (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# One intra-op thread for these small tensors (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def conv_macs(b: int, c_in: int, c_out: int, h: int, w: int, k: int, groups: int = 1) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,22 +177,8 @@ def realistic(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return realistic_activation(shape, seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run a module's tiny-tensor tests on one thread (restored afterwards).
-
-    Intra-op threads only cost synchronisation on tensors this small, and on a
-    busy machine they make each op wait for a free core.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 pytestmark = [
+    pytest.mark.usefixtures("single_thread"),  # tiny tensors: see tests/conftest.py
     # torch's own warning for the plain layer of the 'same'/even-kernel cases.
     pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),
 ]
