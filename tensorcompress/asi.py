@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorcompress import hosvd, tenalg
+from tensorcompress import _sweep, hosvd, tenalg
 from tensorcompress import rank as _rank
 from tensorcompress._array import (
     Array,
@@ -80,6 +80,23 @@ def _step_ranks(ranks: Sequence[_rank.ModeRank], warm: TuckerResult) -> tuple[in
     return tuple(r if isinstance(r, int) else warm.ranks[k] for k, r in enumerate(ranks))
 
 
+def _iterate_on_gram(xp: Any, g: Array, u: Array, n_iter: int) -> tuple[Array, float, float]:
+    """Subspace iteration on the Gram matrix ``g = A A^T``.
+
+    Returns the factor, ``||A||^2`` and ``||u^T A||^2`` (the energy the factor
+    keeps), both read off ``g``.
+    """
+    for _ in range(n_iter):
+        u = _orthonormal(xp, g @ u)
+    total = to_float(xp.linalg.trace(g))
+    kept = to_float(xp.linalg.trace(xp.matrix_transpose(u) @ g @ u))
+    return u, total, kept
+
+
+def _ratio(kept: float, total: float) -> float:
+    return kept / total if total > 0 else 1.0
+
+
 def _warm_step(
     xp: Any,
     x: Array,
@@ -91,27 +108,43 @@ def _warm_step(
     shape = tuple(int(n) for n in x.shape)
     factors: list[Any] = [None] * x.ndim
     explained = [1.0] * x.ndim
+
+    def start(k: int, like: Array) -> Array:
+        return fit_factor(xp, warm.factors[k], shape[k], ranks[k], like, rng)
+
+    def block_basis(k: int, g: Array) -> tuple[Array, float]:
+        u, total, kept = _iterate_on_gram(xp, g, start(k, g), n_iter)
+        return u, _ratio(kept, total)
+
     t = x
-    energy = to_float(xp.linalg.vector_norm(t)) ** 2
-    for k in hosvd.mode_order(shape, ranks, iterate=True):
+    energy: float | None = None  # ||t||^2, when known without a pass over t
+    for step in _sweep.plan(shape, ranks, iterate=True):
+        if len(step) > 1:
+            t, block, block_explained = _sweep.block_sweep(xp, t, step, ranks, block_basis)
+            for k in step:
+                factors[k], explained[k] = block[k], block_explained[k]
+            energy = None
+            continue
+        (k,) = step
         n, r = shape[k], ranks[k]
         if r == n:
             # A whole mode needs no subspace: the identity spans it.
             factors[k] = xp.eye(n, dtype=t.dtype, device=device(t))
             continue
-        u = fit_factor(xp, warm.factors[k], n, r, t, rng)
-        if hosvd.gram_is_cheaper(tuple(t.shape), k, r):
-            g = tenalg.gram(t, k, xp=xp)
-            for _ in range(n_iter):
-                u = _orthonormal(xp, g @ u)
+        u = start(k, t)
+        if _sweep.gram_is_cheaper(tuple(t.shape), k, r):
+            u, energy, kept = _iterate_on_gram(xp, tenalg.gram(t, k, xp=xp), u, n_iter)
         else:
             for _ in range(n_iter):
                 z = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
                 u = _orthonormal(xp, tenalg.cross_gram(t, z, k, xp=xp))
-        factors[k] = u
+            if energy is None:
+                energy = to_float(xp.linalg.vector_norm(t)) ** 2
+            kept = None
         t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-        kept = to_float(xp.linalg.vector_norm(t)) ** 2
-        explained[k] = kept / energy if energy > 0 else 1.0
+        if kept is None:
+            kept = to_float(xp.linalg.vector_norm(t)) ** 2
+        factors[k], explained[k] = u, _ratio(kept, energy)
         energy = kept
     return t, factors, explained
 

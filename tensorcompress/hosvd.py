@@ -12,15 +12,14 @@ of the tensor itself, so their modes are computed on it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from tensorcompress import _sweep, tenalg
 from tensorcompress import rank as _rank
-from tensorcompress import tenalg
 from tensorcompress._array import (
     Array,
     as_compute,
@@ -31,74 +30,7 @@ from tensorcompress._array import (
 )
 from tensorcompress.results import TuckerResult
 
-__all__ = ["decompose", "mode_order"]
-
-
-# A product narrower than this is bound by memory traffic, not arithmetic: one
-# pass over the tensor costs about as much as a product this wide.
-_MIN_WIDTH = 16
-
-
-def _pass(size: int, width: int, batched: bool) -> int:
-    # A middle mode runs as many small batched products, about half as fast
-    # as one large product on these shapes.
-    return size * max(width, _MIN_WIDTH) * (2 if batched else 1)
-
-
-def gram_is_cheaper(shape: Sequence[int], mode: int, rank: int) -> bool:
-    """Whether a subspace-iteration step should use the Gram matrix (one wide
-    pass over the tensor) rather than two thin products (two narrow passes)."""
-    n = int(shape[mode])
-    batched = math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
-    size = math.prod(shape)
-    return _pass(size, n, batched) <= 2 * _pass(size, rank, batched)
-
-
-def step_cost(shape: Sequence[int], mode: int, rank: int, iterate: bool) -> int:
-    """Estimated cost of one mode's step on a tensor of ``shape``.
-
-    An exact basis needs the Gram matrix (one pass of width ``dim``); a
-    subspace-iteration step the cheaper of that and two thin products (two
-    passes of width ``rank``). Both then project (a pass of width ``rank``).
-    Counted in multiply-adds, with narrow and batched products charged as
-    memory-bound (see ``_MIN_WIDTH``).
-    """
-    n, size = int(shape[mode]), math.prod(shape)
-    batched = math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
-    gram = _pass(size, n, batched)
-    basis = min(gram, 2 * _pass(size, rank, batched)) if iterate else gram
-    return basis + _pass(size, rank, batched)
-
-
-def mode_order(
-    shape: Sequence[int], ranks: Sequence[_rank.ModeRank], iterate: bool = False
-) -> list[int]:
-    """Order in which sequential algorithms visit the modes.
-
-    The order of least :func:`step_cost` (found by enumeration up to 6 modes,
-    greedily beyond), since each mode works on the tensor already truncated in
-    the modes before it. Modes chosen by a threshold, whose rank is not known
-    yet, come last, smallest first.
-    """
-    fixed = [k for k in range(len(shape)) if isinstance(ranks[k], int)]
-    rest = sorted((k for k in range(len(shape)) if k not in fixed), key=lambda k: shape[k])
-
-    def total(order: Sequence[int]) -> int:
-        current, cost = [int(n) for n in shape], 0
-        for k in order:
-            r = int(ranks[k])
-            cost += step_cost(current, k, r, iterate)
-            current[k] = r
-        return cost
-
-    if len(fixed) <= 6:
-        best = min(itertools.permutations(fixed), key=total)
-    else:
-        best, left = (), list(fixed)
-        while left:
-            k = min(left, key=lambda m: total((*best, m)))
-            best, left = (*best, k), [m for m in left if m != k]
-    return [*best, *rest]
+__all__ = ["decompose"]
 
 
 def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Array, float]:
@@ -124,27 +56,41 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     """
     n = int(t.shape[mode])
     q = math.prod(t.shape) // n
-    rtol = 4 * float(xp.finfo(t.dtype).eps)
     if n <= q:
         # Short and wide: the n x n Gram's eigenvectors are the left singular
         # vectors and its eigenvalues the squared singular values.
-        w, v = xp.linalg.eigh(tenalg.gram(t, mode, xp=xp))
-        sv2 = np.clip(to_numpy(w)[::-1], 0.0, None)
-        r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
-        return xp.flip(v[:, n - r :], axis=1), _explained(sv2, r)
+        return gram_basis(xp, tenalg.gram(t, mode, xp=xp), rank)
     # Tall: the q x q Gram of the other side is smaller (and the tensor small
     # enough that unfolding it is cheap); U_r = qr(A V_r). QR also completes
     # the basis when r exceeds the unfolding's rank q.
     a = tenalg.unfold(t, mode, xp=xp)
     w, v = xp.linalg.eigh(xp.matrix_transpose(a) @ a)
     sv2 = np.concatenate([np.clip(to_numpy(w)[::-1], 0.0, None), np.zeros(n - q)])
-    r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, rtol)
+    r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, _rtol(xp, t))
     m = min(r, q)
     y = a @ xp.flip(v[:, q - m :], axis=1)
     if r > m:
         y = xp.concat([y, xp.zeros((n, r - m), dtype=y.dtype, device=device(y))], axis=1)
     u, _ = xp.linalg.qr(y)
     return u, _explained(sv2, r)
+
+
+def gram_basis(xp: Any, g: Array, rank: _rank.ModeRank) -> tuple[Array, float]:
+    """Leading eigenvectors of the Gram matrix ``g = A A^T`` and their explained variance.
+
+    The eigenvectors are ``A``'s left singular vectors, the eigenvalues its
+    squared singular values; ``rank`` is a fixed rank or a threshold.
+    """
+    n = int(g.shape[0])
+    w, v = xp.linalg.eigh(g)
+    sv2 = np.clip(to_numpy(w)[::-1], 0.0, None)
+    r = rank if isinstance(rank, int) else _rank.rank_for_threshold(sv2, rank, _rtol(xp, g))
+    return xp.flip(v[:, n - r :], axis=1), _explained(sv2, r)
+
+
+def _rtol(xp: Any, a: Array) -> float:
+    # Singular values this far below the largest are rounding noise.
+    return 4 * float(xp.finfo(a.dtype).eps)
 
 
 def _explained(sv2: np.ndarray, r: int) -> float:
@@ -157,23 +103,43 @@ def _truncate(
     ndim = x.ndim
     factors: list[Any] = [None] * ndim
     explained = [1.0] * ndim
+    if not sequential:
+        for k in range(ndim):
+            factors[k], explained[k] = _basis(xp, x, k, ranks[k])
+        return tenalg.multi_mode_dot(x, factors, transpose=True, xp=xp), factors, explained
     t = x
-    for k in mode_order(tuple(x.shape), ranks):
-        n, r = int(x.shape[k]), ranks[k]
-        if r == n and isinstance(r, int):
-            # Keeping a mode whole needs no decomposition: the identity is a basis.
-            factors[k] = xp.eye(n, dtype=x.dtype, device=device(x))
+    for step in _sweep.plan(tuple(x.shape), ranks):
+        if len(step) > 1:
+            # Small trailing modes with fixed ranks, visited jointly.
+            t, block, block_explained = _sweep.block_sweep(
+                xp,
+                t,
+                step,
+                ranks,
+                lambda k, g: gram_basis(xp, g, ranks[k]),
+            )
+            for k in step:
+                factors[k], explained[k] = block[k], block_explained[k]
             continue
+        (k,) = step
         # A threshold is defined on x's own unfolding (the textbook rule), so
         # its rank and basis come from x; fixed ranks use the truncated tensor.
-        source = t if sequential and isinstance(r, int) else x
-        u, explained[k] = mode_basis(xp, source, k, r)
-        factors[k] = u
-        if sequential:
-            t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-    if not sequential:
-        t = tenalg.multi_mode_dot(x, factors, transpose=True, xp=xp)
+        source = t if isinstance(ranks[k], int) else x
+        factors[k], explained[k] = _basis(xp, source, k, ranks[k])
+        if not _whole(ranks[k], int(x.shape[k])):
+            t = tenalg.mode_dot(t, xp.matrix_transpose(factors[k]), k, xp=xp)
     return t, factors, explained
+
+
+def _whole(rank: _rank.ModeRank, dim: int) -> bool:
+    return isinstance(rank, int) and rank == dim
+
+
+def _basis(xp: Any, t: Array, k: int, rank: _rank.ModeRank) -> tuple[Array, float]:
+    if _whole(rank, int(t.shape[k])):
+        # Keeping a mode whole needs no decomposition: the identity is a basis.
+        return xp.eye(int(t.shape[k]), dtype=t.dtype, device=device(t)), 1.0
+    return mode_basis(xp, t, k, rank)
 
 
 def decompose(

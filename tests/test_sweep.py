@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from core_data import decaying_tensor, tol
+
+from tensorcompress import _sweep, asi, hosvd
+from tensorcompress._array import namespace
+
+# Small trailing modes that the plan visits jointly, and a 5-way variant
+# whose block sits after another step.
+BLOCK_CASES = [((30, 20, 4, 4), (5, 5, 2, 2)), ((20, 6, 5, 4, 3), (5, 4, 3, 2, 2))]
+
+
+def _unfold(a: np.ndarray, k: int) -> np.ndarray:
+    return np.moveaxis(a, k, 0).reshape(a.shape[k], -1)
+
+
+def _project(a: np.ndarray, u: np.ndarray, k: int) -> np.ndarray:
+    return np.moveaxis(np.tensordot(u.T, np.moveaxis(a, k, 0), axes=1), 0, k)
+
+
+def _reference_sweep(a: np.ndarray, order: list[int], basis) -> tuple[dict, dict]:
+    """Mode by mode in float64 on explicit unfoldings, each on the projected tensor."""
+    factors, explained = {}, {}
+    for k in order:
+        unfolding = _unfold(a, k)
+        u = basis(k, unfolding)
+        factors[k] = u
+        explained[k] = np.sum((u.T @ unfolding) ** 2) / np.sum(unfolding**2)
+        a = _project(a, u, k)
+    return factors, explained
+
+
+def _flat(steps: list[tuple[int, ...]]) -> list[int]:
+    return [k for step in steps for k in step]
+
+
+def _assert_same_subspaces(res, factors: dict, explained: dict, x) -> None:
+    for k, u in factors.items():
+        got = np.asarray(res.factors[k], dtype=np.float64)
+        np.testing.assert_allclose(got @ got.T, u @ u.T, atol=100 * tol(x))
+        assert res.explained_variance[k] == pytest.approx(explained[k], abs=10 * tol(x))
+
+
+def test_plan_merges_small_trailing_modes_only() -> None:
+    assert _sweep.plan((64, 512, 7, 7), (29, 91, 4, 4), iterate=True)[0] == (3, 2)
+    for shape, ranks in BLOCK_CASES:
+        assert any(len(step) > 1 for step in _sweep.plan(shape, ranks))
+    # Wide trailing modes: one Gram of the block would cost more than the modes.
+    assert all(len(s) == 1 for s in _sweep.plan((64, 256, 14, 14), (29, 58, 7, 6), iterate=True))
+    # Thresholds are never in a block: their ranks are not known in advance.
+    assert all(len(s) == 1 for s in _sweep.plan((64, 512, 7, 7), (29, 91, 0.8, 0.8)))
+    # Every mode is visited once.
+    assert sorted(_flat(_sweep.plan((20, 6, 5, 4, 3), (5, 4, 3, 2, 2)))) == list(range(5))
+
+
+@pytest.mark.parametrize(("shape", "ranks"), BLOCK_CASES)
+def test_hosvd_block_equals_mode_by_mode_st_hosvd(to_backend, shape, ranks) -> None:
+    a = decaying_tensor(shape, seed=7, decay=0.7)
+    x = to_backend(a)
+    res = hosvd.decompose(x, ranks)
+
+    def svd_basis(k: int, unfolding: np.ndarray) -> np.ndarray:
+        return np.linalg.svd(unfolding, full_matrices=False)[0][:, : ranks[k]]
+
+    factors, explained = _reference_sweep(a, _flat(_sweep.plan(shape, ranks)), svd_basis)
+    _assert_same_subspaces(res, factors, explained, x)
+    approx = a
+    for k, u in factors.items():
+        approx = _project(approx, u, k)
+    for k, u in factors.items():
+        approx = np.moveaxis(np.tensordot(u, np.moveaxis(approx, k, 0), axes=1), 0, k)
+    assert res.relative_error(x) == pytest.approx(
+        np.linalg.norm(approx - a) / np.linalg.norm(a), abs=10 * tol(x)
+    )
+
+
+@pytest.mark.parametrize(("shape", "ranks"), BLOCK_CASES)
+def test_asi_block_equals_mode_by_mode_iteration(to_backend, shape, ranks) -> None:
+    a = decaying_tensor(shape, seed=8, decay=0.7)
+    x = to_backend(a)
+    start = hosvd.decompose(to_backend(decaying_tensor(shape, seed=9, decay=0.7)), ranks)
+    res = asi.decompose(x, ranks, warm_start=start, n_iter=2)
+
+    def subspace_step(k: int, unfolding: np.ndarray) -> np.ndarray:
+        u = np.asarray(start.factors[k], dtype=np.float64)
+        for _ in range(2):
+            u = np.linalg.qr(unfolding @ (unfolding.T @ u))[0]
+        return u
+
+    order = _flat(_sweep.plan(shape, ranks, iterate=True))
+    factors, explained = _reference_sweep(a, order, subspace_step)
+    _assert_same_subspaces(res, factors, explained, x)
+
+
+def test_block_keeps_whole_modes_as_identity(to_backend) -> None:
+    a = decaying_tensor((12, 5, 4, 3), seed=10)
+    x = to_backend(a)
+    xp = namespace(x)
+    ranks = (12, 5, 4, 2)
+
+    def basis(k: int, g):
+        return hosvd.gram_basis(xp, g, ranks[k])
+
+    core, factors, explained = _sweep.block_sweep(xp, x, (3, 2), ranks, basis)
+    assert tuple(core.shape) == (12, 5, 4, 2)
+    np.testing.assert_array_equal(np.asarray(factors[2]), np.eye(4))
+    assert explained[2] == 1.0
+    u = np.asarray(factors[3], dtype=np.float64)
+    expected = np.linalg.svd(_unfold(a, 3), full_matrices=False)[0][:, :2]
+    np.testing.assert_allclose(u @ u.T, expected @ expected.T, atol=100 * tol(x))
+    np.testing.assert_allclose(
+        np.asarray(core, dtype=np.float64), _project(a, u, 3), atol=100 * tol(x)
+    )
