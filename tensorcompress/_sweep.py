@@ -13,6 +13,7 @@ wide ones.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -65,18 +66,22 @@ def step_cost(shape: Sequence[int], mode: int, rank: int, iterate: bool) -> int:
 
 
 def _best_order(
-    shape: Sequence[int], ranks: Sequence[int], iterate: Sequence[bool]
+    shape: Sequence[int],
+    ranks: Sequence[_rank.ModeRank],
+    modes: Sequence[int],
+    iterate: bool,
+    gram_only: int | None = None,
 ) -> tuple[tuple[int, ...], int]:
     # Least total cost, by enumeration up to 6 modes and greedily beyond.
     def total(order: Sequence[int]) -> int:
         current, cost = [int(n) for n in shape], 0
         for k in order:
-            cost += step_cost(current, k, ranks[k], iterate[k])
-            current[k] = ranks[k]
+            r = int(ranks[k])
+            cost += step_cost(current, k, r, iterate and k != gram_only)
+            current[k] = r
         return cost
 
-    modes = range(len(shape))
-    if len(shape) <= 6:
+    if len(modes) <= 6:
         best = min(itertools.permutations(modes), key=total)
     else:
         best, left = (), list(modes)
@@ -86,53 +91,52 @@ def _best_order(
     return best, total(best)
 
 
+@functools.lru_cache(maxsize=256)
 def plan(
-    shape: Sequence[int], ranks: Sequence[_rank.ModeRank], iterate: bool = False
-) -> list[Step]:
+    shape: tuple[int, ...], ranks: tuple[_rank.ModeRank, ...], iterate: bool = False
+) -> tuple[Step, ...]:
     """Steps of a sequential sweep, in the order of least estimated cost.
 
     Parameters
     ----------
-    shape : sequence of int
+    shape : tuple of int
         Shape of the tensor.
-    ranks : sequence of int or float
+    ranks : tuple of int or float
         Per-mode ranks; floats are thresholds whose rank is not known yet.
     iterate : bool, default False
         Steps are subspace iterations (ASI) rather than exact bases (HOSVD).
 
     Returns
     -------
-    list of tuple of int
+    tuple of tuple of int
         Each step is one mode, or a block of trailing modes with fixed ranks
         visited jointly through their joint Gram matrix (see
-        :func:`block_sweep`), its modes listed in the order they are visited.
-        Modes with fixed ranks come first, in the order of least
-        :func:`step_cost`; threshold modes last, smallest first.
+        :func:`block_sweep`), its modes in the order they are visited. Modes
+        with fixed ranks come first, in the order of least :func:`step_cost`;
+        threshold modes last, smallest first.
     """
     ndim = len(shape)
     fixed = [k for k in range(ndim) if isinstance(ranks[k], int)]
     rest = sorted((k for k in range(ndim) if k not in fixed), key=lambda k: shape[k])
-    sub_shape = [int(shape[k]) for k in fixed]
-    sub_ranks = [int(ranks[k]) for k in fixed]
-    order, cost = _best_order(sub_shape, sub_ranks, [iterate] * len(fixed))
-    steps: list[Step] = [(fixed[i],) for i in order]
-    # Merge the last b fixed modes (when they trail the tensor) into one mode
-    # that always uses its Gram matrix; keep the cheapest plan.
-    for b in range(2, len(fixed) + 1):
-        block = fixed[-b:]
-        if block != list(range(ndim - b, ndim)):
+    order, cost = _best_order(shape, ranks, fixed, iterate)
+    steps: list[Step] = [(k,) for k in order]
+    # Merge the modes from `head` on into one mode that always uses its Gram
+    # matrix, while they all have fixed ranks; keep the cheapest plan.
+    for head in range(ndim - 2, 0, -1):
+        if not all(isinstance(r, int) for r in ranks[head:]):
             break
-        head = len(fixed) - b
         merged, merged_cost = _best_order(
-            [*sub_shape[:head], math.prod(sub_shape[head:])],
-            [*sub_ranks[:head], math.prod(sub_ranks[head:])],
-            [iterate] * head + [False],
+            (*shape[:head], math.prod(shape[head:])),
+            (*ranks[:head], math.prod(int(r) for r in ranks[head:])),
+            [k for k in fixed if k <= head],
+            iterate,
+            gram_only=head,
         )
         if merged_cost < cost:
-            inner = tuple(fixed[i] for i in order if i >= head)
-            steps = [inner if i == head else (fixed[i],) for i in merged]
+            block = tuple(k for k in order if k >= head)
+            steps = [block if k == head else (k,) for k in merged]
             cost = merged_cost
-    return [*steps, *((k,) for k in rest)]
+    return (*steps, *((k,) for k in rest))
 
 
 def _partial_trace(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:
