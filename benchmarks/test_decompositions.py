@@ -3,7 +3,9 @@
 Run ``pytest benchmarks/test_decompositions.py --benchmark-only`` for the
 pytest-benchmark tables, or ``python benchmarks/test_decompositions.py`` for
 the ratio table of the README: interleaved repeats, medians, and the relative
-error of each method on the same batch.
+error of each method on the same batch. ``(flops)`` is the reference's counted
+floating-point operations over warm ASI's, the speed-up that equal arithmetic
+efficiency would give.
 
 Warm ASI is timed as in training: two different batches through the same
 layers, alternating, each step warm-started from the previous step's result.
@@ -21,6 +23,7 @@ import pytest
 import tensorly as tl
 import torch
 from tensorly.decomposition import tucker
+from torch.utils.flop_counter import FlopCounterMode
 
 from tensorcompress import asi, hosvd, tenalg
 from tensorcompress.experiments.activations import realistic_activation
@@ -142,7 +145,16 @@ def ratio_table(repeats: int = 7) -> Iterator[dict[str, Any]]:
                 times[name].append(time.perf_counter() - t0)
                 errors[name] = error(x, result)
         med = {name: statistics.median(t) for name, t in times.items()}
-        yield {"shape": shape, "ranks": c.ranks, "median_s": med, "error": errors}
+        flops = {name: counted_flops(methods[name]) for name in ("asi_warm", "asi_reference")}
+        yield {"shape": shape, "ranks": c.ranks, "median_s": med, "error": errors, "flops": flops}
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call, as torch's counter scores them
+    (matrix products; QR and eigh, a small share here, count as zero)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def main() -> None:
@@ -154,16 +166,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()}  ranks from explained variance {THRESHOLD}")
     header = (
-        f"{'shape':>16} {'ranks':>18} {'asi warm ms':>11} {'ref/asi':>8} "
+        f"{'shape':>16} {'ranks':>18} {'asi warm ms':>11} {'ref/asi':>8} {'(flops)':>8} "
         f"{'err asi':>8} {'err ref':>8} {'hosvd ms':>9} {'tl/hosvd':>9} {'err hosvd':>9} "
         f"{'err tl':>7} {'lowrank ms':>10}"
     )
     print(header)
     for row in ratio_table(args.repeats):
-        m, e = row["median_s"], row["error"]
+        m, e, f = row["median_s"], row["error"], row["flops"]
         print(
             f"{'x'.join(map(str, row['shape'])):>16} {','.join(map(str, row['ranks'])):>18} "
             f"{1e3 * m['asi_warm']:11.2f} {m['asi_reference'] / m['asi_warm']:8.2f} "
+            f"{f['asi_reference'] / f['asi_warm']:8.2f} "
             f"{e['asi_warm']:8.4f} {e['asi_reference']:8.4f} {1e3 * m['hosvd']:9.2f} "
             f"{m['tensorly_tucker'] / m['hosvd']:9.1f} {e['hosvd']:9.4f} "
             f"{e['tensorly_tucker']:7.4f} {1e3 * m['torch_svd_lowrank']:10.2f}"
