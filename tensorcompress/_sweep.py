@@ -149,11 +149,6 @@ def _partial_trace(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:
     return xp.sum(xp.linalg.diagonal(pairs), axis=-1)
 
 
-def _kron(xp: Any, a: Array, b: Array) -> Array:
-    n, r = int(a.shape[0]) * int(b.shape[0]), int(a.shape[1]) * int(b.shape[1])
-    return xp.reshape(a[:, None, :, None] * b[None, :, None, :], (n, r))
-
-
 def block_sweep(
     xp: Any,
     t: Array,
@@ -203,7 +198,7 @@ def block_sweep(
         ut = xp.matrix_transpose(factors[k])
         g = tenalg.mode_dot(tenalg.mode_dot(g, ut, i, xp=xp), ut, b + i, xp=xp)
         dims[i] = int(ranks[k])
-    kron = factors[first]
+    op = factors[first]
     for k in range(first + 1, first + b):
-        kron = _kron(xp, kron, factors[k])
-    return xp.reshape(flat @ kron, (*lead, *dims)), factors, explained
+        op = tenalg.kron(op, factors[k], xp=xp)
+    return xp.reshape(flat @ op, (*lead, *dims)), factors, explained

@@ -20,10 +20,17 @@ def test_unfold_matches_tensorly_and_fold_inverts(backend: str, mode: int) -> No
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
-def test_mode_dot_gram_cross_gram_match_unfolded_products(backend: str, mode: int) -> None:
+# The shapes and output widths reach every product form: narrow outputs
+# widened by grouped rows, short trailing blocks folded into one product,
+# batched products and mode-first copies.
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (8, 6, 3, 2), (5, 7, 4, 9), (2, 30, 5, 1)])
+@pytest.mark.parametrize("rows", [2, 13])
+def test_mode_dot_gram_cross_gram_match_unfolded_products(
+    backend: str, mode: int, shape: tuple[int, ...], rows: int
+) -> None:
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((3, 4, 5, 6))
-    m = rng.standard_normal((2, a.shape[mode]))
+    a = rng.standard_normal(shape)
+    m = rng.standard_normal((rows, a.shape[mode]))
     conv = make(backend, "float64")
     x = conv(a)
     np.testing.assert_allclose(
@@ -38,6 +45,12 @@ def test_mode_dot_gram_cross_gram_match_unfolded_products(backend: str, mode: in
         tl.unfold(a, mode) @ tl.unfold(b, mode).T,
         atol=1e-12,
     )
+
+
+def test_kron_matches_numpy() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((3, 2)), rng.standard_normal((4, 5))
+    np.testing.assert_allclose(tenalg.kron(a, b), np.kron(a, b))
 
 
 def test_tucker_to_tensor_matches_tensorly() -> None:
