@@ -7,10 +7,13 @@ starts from the previous factors and runs ``n_iter`` steps of subspace
 iteration per mode, ``U <- qr(X_(k) X_(k)^T U)``, then projects onto them.
 
 Modes are visited in turn on the tensor already projected onto the earlier
-modes' new factors (sequential truncation), in the order that costs the fewest
-multiply-adds, so after the first mode every product runs on a smaller tensor.
-A mode whose Gram matrix is cheaper than two thin products (one wide pass over
-the tensor instead of two narrow ones) iterates on its Gram matrix. No product
+modes' new factors (sequential truncation), in the order of least estimated
+cost, so after the first mode every product runs on a smaller tensor. A mode
+whose Gram matrix is cheaper than two thin products (one wide pass over the
+tensor instead of two narrow ones) iterates on its Gram matrix; small trailing
+modes (a 7 x 7 spatial pair) share one Gram matrix of their joint unfolding.
+The energies behind ``explained_variance`` are read off the Gram matrices
+where there are some, so no extra pass over the input is made. No product
 builds a permuted copy of the tensor (see :mod:`tensorcompress.tenalg`).
 """
 
@@ -134,15 +137,14 @@ def _warm_step(
         u = start(k, t)
         if _sweep.gram_is_cheaper(tuple(t.shape), k, r):
             u, energy, kept = _iterate_on_gram(xp, tenalg.gram(t, k, xp=xp), u, n_iter)
+            t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
         else:
             for _ in range(n_iter):
                 z = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
                 u = _orthonormal(xp, tenalg.cross_gram(t, z, k, xp=xp))
             if energy is None:
                 energy = to_float(xp.linalg.vector_norm(t)) ** 2
-            kept = None
-        t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-        if kept is None:
+            t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
             kept = to_float(xp.linalg.vector_norm(t)) ** 2
         factors[k], explained[k] = u, _ratio(kept, energy)
         energy = kept

@@ -6,8 +6,10 @@ usual activation case), ``A^T A`` followed by ``qr(A V_r)`` when it is tall.
 Both give the SVD's subspaces and spectrum at a fraction of its cost.
 With ``sequential=True`` and fixed ranks each mode works on the tensor already
 truncated in the earlier modes, which is much cheaper and never worse than the
-HOSVD error bound. Explained-variance thresholds are defined on the unfoldings
-of the tensor itself, so their modes are computed on it.
+HOSVD error bound; the order and the small trailing modes visited jointly
+(one Gram matrix for a 7 x 7 spatial pair) follow the plan of
+``tensorcompress._sweep``. Explained-variance thresholds are defined on the
+unfoldings of the tensor itself, so their modes are computed on it.
 """
 
 from __future__ import annotations

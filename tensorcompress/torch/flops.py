@@ -26,6 +26,10 @@ conv's weight gradient as a dense one (``groups`` times too much, 576x on a
 
 Training cost = forward (network ops) + decomposition (counted inside the
 compressed layers' forward, minus the layer's own conv/linear) + backward.
+What is counted is what executes: where the core trades multiply-adds for
+well-shaped products (one Gram matrix of the small spatial modes together,
+products widened by an identity Kronecker factor; see
+:mod:`tensorcompress.tenalg`), the count includes them.
 
 **Paper convention** (:func:`paper_layer_flops`): the formulas behind the
 GFLOPs column of the ICML 2025 paper (from the authors' code): per fine-tuned
