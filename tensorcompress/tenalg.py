@@ -34,12 +34,17 @@ __all__ = [
 ]
 
 
-# An output narrower than this is widened (last mode); a trailing block of at
-# most _SHORT_PRODUCT (product) or _SHORT_GRAM (Gram matrix) entries is folded
-# into one product. Measured on torch's CPU BLAS (MKL).
+# Measured on torch's CPU BLAS (MKL). An output narrower than _NARROW is
+# widened (last mode). A middle mode followed by a trailing block of at most
+# _SHORT_PRODUCT entries is not run as p tiny products: a small mode is folded
+# into one product (kron with I_q, at most _FOLDED wide, q times the
+# multiply-adds), a large one contracted on a mode-first copy. The Gram matrix
+# of a mode followed by at most _SHORT_GRAM entries is folded the same way.
 _NARROW = 12
 _SHORT_PRODUCT = 6
 _SHORT_GRAM = 4
+_FOLDED = 512
+_FOLDED_GRAM = 128
 
 
 def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
@@ -111,10 +116,12 @@ def mode_dot(x: Array, matrix: Array, mode: int, *, xp: Any = None) -> Array:
         out = xp.reshape(x, (p // m, m * n)) @ op
     elif p == 1:
         out = matrix @ xp.reshape(x, (n, q))
-    elif q <= _SHORT_PRODUCT:
-        # One product with kron(matrix^T, I_q), not p tiny ones.
+    elif q <= _SHORT_PRODUCT and n * q <= _FOLDED:
         op = xp.matrix_transpose(matrix)
         out = xp.reshape(x, (p, n * q)) @ kron(op, _eye(xp, q, op), xp=xp)
+    elif q <= _SHORT_PRODUCT:
+        first = xp.reshape(xp.moveaxis(xp.reshape(x, (p, n, q)), 1, 0), (n, p * q))
+        out = xp.moveaxis(xp.reshape(matrix @ first, (r, p, q)), 0, 1)
     else:
         out = matrix @ xp.reshape(x, (p, n, q))
     return xp.reshape(out, (*shape[:mode], r, *shape[mode + 1 :]))
@@ -173,7 +180,7 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
         )
     if p == 1:
         return xp.reshape(x, (n, q)) @ xp.matrix_transpose(xp.reshape(y, (m, q)))
-    if q <= _SHORT_GRAM:
+    if q <= _SHORT_GRAM and max(n, m) * q <= _FOLDED_GRAM:
         # One product over (p, n q) x (p, m q), then the trace over the q pairs.
         xf, yf = xp.reshape(x, (p, n * q)), xp.reshape(y, (p, m * q))
         if x is y:

@@ -23,7 +23,9 @@ def test_unfold_matches_tensorly_and_fold_inverts(backend: str, mode: int) -> No
 # The shapes and output widths reach every product form: narrow outputs
 # widened by grouped rows, short trailing blocks folded into one product,
 # batched products and mode-first copies.
-@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (8, 6, 3, 2), (5, 7, 4, 9), (2, 30, 5, 1)])
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 5, 6), (8, 6, 3, 2), (5, 7, 4, 9), (2, 30, 5, 1), (2, 300, 2, 1)]
+)
 @pytest.mark.parametrize("rows", [2, 13])
 def test_mode_dot_gram_cross_gram_match_unfolded_products(
     backend: str, mode: int, shape: tuple[int, ...], rows: int
