@@ -139,14 +139,13 @@ def plan(
     return (*steps, *((k,) for k in rest))
 
 
-def _partial_trace(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:
-    # g has shape (*dims, *dims): sum its diagonal over every index pair but i's.
+def _mode_gram(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:
+    # g has shape (*dims, *dims); trace out every index pair but i's.
     b = len(dims)
     others = [j for j in range(b) if j != i]
     rest = math.prod(dims[j] for j in others)
-    moved = xp.permute_dims(g, (i, b + i, *others, *(b + j for j in others)))
-    pairs = xp.reshape(moved, (dims[i], dims[i], rest, rest))
-    return xp.sum(xp.linalg.diagonal(pairs), axis=-1)
+    moved = xp.permute_dims(g, (i, *others, b + i, *(b + j for j in others)))
+    return tenalg.partial_trace(xp.reshape(moved, (dims[i], rest, dims[i], rest)), xp=xp)
 
 
 def block_sweep(
@@ -194,7 +193,7 @@ def block_sweep(
             factors[k] = xp.eye(dims[i], dtype=t.dtype, device=device(t))
             explained[k] = 1.0
             continue
-        factors[k], explained[k] = basis(k, _partial_trace(xp, g, dims, i))
+        factors[k], explained[k] = basis(k, _mode_gram(xp, g, dims, i))
         ut = xp.matrix_transpose(factors[k])
         g = tenalg.mode_dot(tenalg.mode_dot(g, ut, i, xp=xp), ut, b + i, xp=xp)
         dims[i] = int(ranks[k])

@@ -28,6 +28,7 @@ __all__ = [
     "kron",
     "mode_dot",
     "multi_mode_dot",
+    "partial_trace",
     "relative_error",
     "tucker_to_tensor",
     "unfold",
@@ -187,8 +188,7 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
             full = xp.matrix_transpose(xf) @ xf
         else:  # (y^T x)^T, as for the last mode below
             full = xp.matrix_transpose(xp.matrix_transpose(yf) @ xf)
-        pairs = xp.permute_dims(xp.reshape(full, (n, q, m, q)), (0, 2, 1, 3))
-        return xp.sum(xp.linalg.diagonal(pairs), axis=-1)
+        return partial_trace(xp.reshape(full, (n, q, m, q)), xp=xp)
     x3 = xp.reshape(x, (p, n, q))
     y3 = xp.reshape(y, (p, m, q))
     if n * m <= q * (n + (0 if x is y else m)):
@@ -202,6 +202,15 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
         return xf @ xp.matrix_transpose(xf)
     yf = xp.reshape(xp.moveaxis(y3, 1, 0), (m, p * q))
     return xf @ xp.matrix_transpose(yf)
+
+
+def partial_trace(g: Array, *, xp: Any = None) -> Array:
+    """Sum ``g[:, j, :, j]`` over ``j``, for ``g`` of shape ``(a, s, b, s)``.
+
+    The Gram matrix of one mode out of the Gram matrix of a block of modes.
+    """
+    xp = xp or namespace(g)
+    return xp.sum(xp.linalg.diagonal(xp.permute_dims(g, (0, 2, 1, 3))), axis=-1)
 
 
 def gram(x: Array, mode: int, *, xp: Any = None) -> Array:

@@ -49,6 +49,13 @@ def test_mode_dot_gram_cross_gram_match_unfolded_products(
     )
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_partial_trace_matches_einsum(backend: str) -> None:
+    g = np.random.default_rng(4).standard_normal((3, 4, 5, 4))
+    got = tenalg.partial_trace(make(backend, "float64")(g))
+    np.testing.assert_allclose(np.asarray(got), np.einsum("ajbj->ab", g))
+
+
 def test_kron_matches_numpy() -> None:
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((3, 2)), rng.standard_normal((4, 5))
