@@ -6,11 +6,12 @@ view the tensor as ``(P, n_k, Q)`` (a free reshape of a contiguous array) and
 use (batched) matrix products on it, so no permuted copy of a large tensor is
 made.
 
-Products with a tiny side (a 6-wide output, a trailing block of 4) run many
-times below the BLAS's speed on CPU, so such products are widened with a
-Kronecker factor of an identity: a few times more multiply-adds in one
-well-shaped product is faster than many narrow ones (measured 2-7x on MKL,
-see ``benchmarks/test_decompositions.py``).
+Products with a tiny side (a 6-wide output, a trailing block of 4) run far
+below the BLAS's speed on CPU, so such products are widened with a Kronecker
+factor of an identity: a few times more multiply-adds in one well-shaped
+product take less time than many narrow ones (``python
+benchmarks/test_decompositions.py`` prints the trade: its ``(flops)`` column
+against its speed-ups).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
 
 def _widening(p: int, n: int, r: int) -> int:
     # Rows grouped by m turn a (p, n) @ (n, r) product into
-    # (p/m, m n) @ (m n, m r): the smallest divisor m of p that makes it wide.
+    # (p/m, m n) @ (m n, m r): the smallest divisor m of p that makes the
+    # output wide while the contracted side stays at most 64 wide.
     if r >= _NARROW:
         return 1
     for m in range(2, 9):
