@@ -3,9 +3,12 @@
 Run ``pytest benchmarks/test_decompositions.py --benchmark-only`` for the
 pytest-benchmark tables, or ``python benchmarks/test_decompositions.py`` for
 the ratio table of the README: interleaved repeats, medians, and the relative
-error of each method on the same batch. ``(flops)`` is the reference's counted
-floating-point operations over warm ASI's, the speed-up that equal arithmetic
-efficiency would give.
+error of each method on the same batch. ``ref/asi`` is the ratio of the
+medians; ``(rounds)`` the quartiles of the ratios taken round by round (each
+round times both in turn, so a busy machine slows both), which shows how far
+one run can be trusted. ``(flops)`` is the reference's counted floating-point
+operations over warm ASI's, the speed-up that equal arithmetic efficiency
+would give.
 
 Warm ASI is timed as in training: two different batches through the same
 layers, alternating, each step warm-started from the previous step's result.
@@ -145,8 +148,22 @@ def ratio_table(repeats: int = 7) -> Iterator[dict[str, Any]]:
                 times[name].append(time.perf_counter() - t0)
                 errors[name] = error(x, result)
         med = {name: statistics.median(t) for name, t in times.items()}
+        rounds = [r / a for r, a in zip(times["asi_reference"], times["asi_warm"], strict=True)]
         flops = {name: counted_flops(methods[name]) for name in ("asi_warm", "asi_reference")}
-        yield {"shape": shape, "ranks": c.ranks, "median_s": med, "error": errors, "flops": flops}
+        yield {
+            "shape": shape,
+            "ranks": c.ranks,
+            "median_s": med,
+            "round_quartiles": quartiles(rounds),
+            "error": errors,
+            "flops": flops,
+        }
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles (the ends of the middle half of ``values``)."""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
 
 
 def counted_flops(fn: Callable[[], Any]) -> int:
@@ -166,16 +183,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()}  ranks from explained variance {THRESHOLD}")
     header = (
-        f"{'shape':>16} {'ranks':>18} {'asi warm ms':>11} {'ref/asi':>8} {'(flops)':>8} "
+        f"{'shape':>16} {'ranks':>18} {'asi warm ms':>11} {'ref/asi':>8} {'(rounds)':>10} "
+        f"{'(flops)':>8} "
         f"{'err asi':>8} {'err ref':>8} {'hosvd ms':>9} {'tl/hosvd':>9} {'err hosvd':>9} "
         f"{'err tl':>7} {'lowrank ms':>10}"
     )
     print(header)
     for row in ratio_table(args.repeats):
-        m, e, f = row["median_s"], row["error"], row["flops"]
+        m, e, f, (q1, q3) = row["median_s"], row["error"], row["flops"], row["round_quartiles"]
         print(
             f"{'x'.join(map(str, row['shape'])):>16} {','.join(map(str, row['ranks'])):>18} "
             f"{1e3 * m['asi_warm']:11.2f} {m['asi_reference'] / m['asi_warm']:8.2f} "
+            f"{f'{q1:.2f}-{q3:.2f}':>10} "
             f"{f['asi_reference'] / f['asi_warm']:8.2f} "
             f"{e['asi_warm']:8.4f} {e['asi_reference']:8.4f} {1e3 * m['hosvd']:9.2f} "
             f"{m['tensorly_tucker'] / m['hosvd']:9.1f} {e['hosvd']:9.4f} "
