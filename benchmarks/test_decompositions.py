@@ -162,6 +162,8 @@ def ratio_table(repeats: int = 7) -> Iterator[dict[str, Any]]:
 
 def quartiles(values: list[float]) -> tuple[float, float]:
     """First and third quartiles (the ends of the middle half of ``values``)."""
+    if len(values) < 2:  # one round has no spread
+        return values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4)
     return q1, q3
 
