@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,14 +28,7 @@ from tensorcompress.torch.measure import (
 F32 = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Small ops: intra-op threads only spin, and on a loaded machine make the
-    # tests several times slower. The measured bytes do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def nbytes(*shape: int, itemsize: int = F32) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,14 +23,7 @@ RSS_TOLERANCE = 8 * 2**20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Hundreds of tiny ops: intra-op threads only add spin-waiting (and on a
-    # loaded machine make each step tens of times slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def rss_bytes() -> int:
