@@ -8,7 +8,9 @@ medians; ``(rounds)`` the quartiles of the ratios taken round by round (each
 round times both in turn, so a busy machine slows both), which shows how far
 one run can be trusted. ``(flops)`` is the reference's counted floating-point
 operations over warm ASI's, the speed-up that equal arithmetic efficiency
-would give.
+would give. ``--breakdown`` prints, for warm ASI and the reference, the time
+of one call spent in each product (and QR, copy, ...) by operand shapes, and
+the products' speed in GFLOP/s, from torch's profiler: where the time goes.
 
 Warm ASI is timed as in training: two different batches through the same
 layers, alternating, each step warm-started from the previous step's result.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -131,10 +133,31 @@ def test_decomposition(benchmark: Any, shape: tuple[int, ...], method: str) -> N
     assert error(x, result) < 1.0
 
 
-def ratio_table(repeats: int = 7) -> Iterator[dict[str, Any]]:
+def test_breakdown_sees_every_product() -> None:
+    """The breakdown lists the products torch's flop counter counts, once per call."""
+    a, b, c = torch.randn(64, 32), torch.randn(32, 48), torch.randn(8, 16, 24)
+
+    def fn() -> None:
+        a @ b
+        c @ c.mT
+        torch.linalg.qr(b)
+
+    rows = breakdown(fn, calls=3, share=1.0)
+    products = {(r["op"], tuple(r["shapes"])): r for r in rows if r["gflops"] is not None}
+    assert set(products) == {("mm", ((64, 32), (32, 48))), ("bmm", ((8, 16, 24), (8, 24, 16)))}
+    assert all(r["count"] == 1 and r["gflops"] > 0 for r in products.values())
+    flops = sum(_product_flops(op, list(shapes)) for op, shapes in products)
+    assert flops == counted_flops(fn)
+    assert any(r["op"] == "linalg_qr" for r in rows)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+
+
+def ratio_table(
+    repeats: int = 7, shapes: Sequence[tuple[int, ...]] = tuple(SHAPES)
+) -> Iterator[dict[str, Any]]:
     """Interleaved timings: for each shape, medians over ``repeats`` rounds."""
     torch.manual_seed(0)
-    for shape in SHAPES:
+    for shape in shapes:
         c = case(shape)
         methods = c.methods()
         for fn in methods.values():  # warm-up (and a settled ASI stream)
@@ -176,10 +199,110 @@ def counted_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def breakdown(fn: Callable[[], Any], calls: int = 5, share: float = 0.95) -> list[dict[str, Any]]:
+    """Where one call of ``fn`` spends its time, by operation and operand shapes.
+
+    Parameters
+    ----------
+    fn : callable
+        The timed call (one warm ASI step, say).
+    calls : int, default 5
+        Calls profiled; times are per call.
+    share : float, default 0.95
+        Rows are listed, slowest first, until they cover this share of the
+        profiled time; the rest is one ``other`` row.
+
+    Returns
+    -------
+    list of dict
+        ``op`` (aten name), ``shapes`` (operand shapes), ``count`` (runs
+        per call), ``ms`` per call, ``share`` of the call's profiled time and
+        ``gflops`` (GFLOP/s, for matrix products; ``None`` otherwise).
+    """
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows: list[dict[str, Any]] = []
+    covered = 0.0
+    for e in events:
+        if covered >= share * total:
+            rest = total - covered
+            rows.append(
+                {
+                    "op": "other",
+                    "shapes": [],
+                    "count": 0.0,
+                    "ms": rest / calls / 1e3,
+                    "share": rest / total,
+                    "gflops": None,
+                }
+            )
+            break
+        covered += e.self_cpu_time_total
+        rows.append(
+            {
+                "op": e.key.removeprefix("aten::"),
+                "shapes": [tuple(s) for s in e.input_shapes if s],
+                "count": e.count / calls,
+                "ms": e.self_cpu_time_total / calls / 1e3,
+                "share": e.self_cpu_time_total / total,
+                "gflops": None,
+            }
+        )
+        flops = _product_flops(rows[-1]["op"], rows[-1]["shapes"])
+        if flops:
+            rows[-1]["gflops"] = flops * e.count / (e.self_cpu_time_total * 1e-6) / 1e9
+    return rows
+
+
+def _product_flops(op: str, shapes: list[tuple[int, ...]]) -> int:
+    # Multiply-adds of one matrix product, counted as two operations.
+    if op == "mm" and len(shapes) == 2:
+        (m, k), (_, n) = shapes
+        return 2 * m * k * n
+    if op == "bmm" and len(shapes) == 2:
+        (b, m, k), (_, _, n) = shapes
+        return 2 * b * m * k * n
+    return 0
+
+
+def print_breakdown(shape: tuple[int, ...]) -> None:
+    """Print :func:`breakdown` of warm ASI and the reference on ``shape``."""
+    methods = case(shape).methods()
+    for name in ("asi_warm", "asi_reference"):
+        fn = methods[name]
+        fn()  # warm-up
+        rows = breakdown(fn)
+        total = sum(r["ms"] for r in rows)
+        print(f"\n{name} on {'x'.join(map(str, shape))}: {total:.2f} ms per call (profiled)")
+        print(f"{'op':>18} {'operand shapes':>34} {'ms':>7} {'share':>6} {'GFLOP/s':>8}")
+        for r in rows:
+            joint = " @ " if r["gflops"] is not None else ", "
+            shapes = joint.join("x".join(map(str, s)) for s in r["shapes"])
+            speed = "" if r["gflops"] is None else f"{r['gflops']:.1f}"
+            print(
+                f"{r['op'][:18]:>18} {shapes[:34]:>34} {r['ms']:7.3f} "
+                f"{100 * r['share']:5.1f}% {speed:>8}"
+            )
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split("x"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Print the decomposition ratio table.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    parser.add_argument(
+        "--shapes", nargs="+", type=_shape, default=SHAPES, metavar="AxBxC", help="activations"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also print where ASI and the reference spend time"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +314,7 @@ def main() -> None:
         f"{'err tl':>7} {'lowrank ms':>10}"
     )
     print(header)
-    for row in ratio_table(args.repeats):
+    for row in ratio_table(args.repeats, args.shapes):
         m, e, f, (q1, q3) = row["median_s"], row["error"], row["flops"], row["round_quartiles"]
         print(
             f"{'x'.join(map(str, row['shape'])):>16} {','.join(map(str, row['ranks'])):>18} "
@@ -202,6 +325,9 @@ def main() -> None:
             f"{m['tensorly_tucker'] / m['hosvd']:9.1f} {e['hosvd']:9.4f} "
             f"{e['tensorly_tucker']:7.4f} {1e3 * m['torch_svd_lowrank']:10.2f}"
         )
+    if args.breakdown:
+        for shape in args.shapes:
+            print_breakdown(shape)
 
 
 if __name__ == "__main__":
