@@ -16,6 +16,16 @@ from tensorcompress import TuckerResult, asi, hosvd
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def readme_quick_start() -> list[str]:
+    """The README's quick-start commands, parsed by the script CI uses."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        from readme_commands import quick_start_commands
+    finally:
+        sys.path.pop(0)
+    return quick_start_commands((ROOT / "README.md").read_text())
+
+
 def test_import_does_not_import_torch() -> None:
     code = (
         "import sys, numpy as np, tensorcompress as tc\n"
@@ -39,12 +49,7 @@ def test_results_are_frozen_unpackable_and_convert_to_tensorly() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    sys.path.insert(0, str(ROOT / ".ci"))
-    try:
-        from readme_commands import quick_start_commands
-    finally:
-        sys.path.pop(0)
-    commands = quick_start_commands((ROOT / "README.md").read_text())
+    commands = readme_quick_start()
     assert len(commands) == 2, "the README quick start shows exactly two commands"
     assert commands[1].startswith("pip install -c constraints.txt")
     ci = (ROOT / ".ci" / "run").read_text()
@@ -57,12 +62,7 @@ def test_torch_is_pinned() -> None:
 
 
 def test_docs_show_the_readme_quick_start() -> None:
-    sys.path.insert(0, str(ROOT / ".ci"))
-    try:
-        from readme_commands import quick_start_commands
-    finally:
-        sys.path.pop(0)
-    readme = quick_start_commands((ROOT / "README.md").read_text())
+    readme = readme_quick_start()
     docs = (ROOT / "docs" / "index.md").read_text()
     for command in readme:
         assert f"```bash\n{command}\n```" in docs
