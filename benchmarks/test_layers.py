@@ -85,7 +85,7 @@ class Step:
         torch.manual_seed(seed)
         module = build()
         if method != "vanilla":
-            module = convert(module, method, THRESHOLD)
+            module = convert(module, method=method, rank=THRESHOLD)
         batches = [activation(shape, s).detach().requires_grad_() for s in (0, 1)]
         with torch.no_grad():
             out_shape = module.eval()(batches[0]).shape

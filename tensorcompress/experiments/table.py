@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch.convert import convert, trainable_only
+from tensorcompress.torch import convert, trainable_only
 from tensorcompress.torch.flops import (
     COUNTER_FLOPS,
     PaperFlops,

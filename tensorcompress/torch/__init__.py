@@ -6,14 +6,7 @@
 Importing this package imports torch; ``import tensorcompress`` does not.
 """
 
-from tensorcompress.torch.convert import (
-    LastLayers,
-    compressed_layers,
-    convert,
-    last_layers,
-    restore,
-    trainable_only,
-)
+from tensorcompress.torch.convert import compressed_layers, convert, restore
 from tensorcompress.torch.functions import ConvSpec
 from tensorcompress.torch.gradient_filter import PatchAverage
 from tensorcompress.torch.modules import (
@@ -23,6 +16,13 @@ from tensorcompress.torch.modules import (
     CompressedLinear,
     CompressedModule,
     CompressionConfig,
+)
+from tensorcompress.torch.selection import (
+    LastLayers,
+    fine_tuned_modules,
+    last_layers,
+    select_layers,
+    trainable_only,
 )
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
     "PatchAverage",
     "compressed_layers",
     "convert",
+    "fine_tuned_modules",
     "last_layers",
     "restore",
+    "select_layers",
     "trainable_only",
 ]

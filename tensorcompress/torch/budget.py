@@ -80,10 +80,11 @@ from torch import nn
 from tensorcompress import rank as _rank
 from tensorcompress import tenalg
 from tensorcompress.results import TuckerResult
-from tensorcompress.torch.convert import LastLayers
 from tensorcompress.torch.functions import ConvSpec, conv_weight_grad, linear_weight_grad
-from tensorcompress.torch.measure import MB, analytic_bytes, preserved_training_state
+from tensorcompress.torch.measure import MB, analytic_bytes
 from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.selection import SUPPORTED_LAYERS, LayerSelection, select_layers
+from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -101,9 +102,6 @@ DEFAULT_CANDIDATES: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The paper's candidate explained-variance thresholds."""
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-LayerSelection = LastLayers | Callable[[nn.Module, str], bool] | Iterable[str] | None
-
-_SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 # ---------------------------------------------------------------------------
@@ -588,29 +586,10 @@ def _select_layers(
 ) -> dict[str, nn.Module]:
     """The selected layers, by name, in selection order (as ``convert`` selects)."""
     named = dict(model.named_modules())
-    if layers is None:
-        names = [n for n, m in named.items() if isinstance(m, _SUPPORTED)]
-    elif isinstance(layers, LastLayers):
-        names = layers.select(model, example_input)
-    elif callable(layers):
-        names = [n for n, m in named.items() if isinstance(m, _SUPPORTED) and layers(m, n)]
-    elif isinstance(layers, str):
-        raise TypeError("layers must be a list of names, not a single string; wrap it in a list")
-    else:
-        names = list(layers)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"layers names {unknown}, which are not modules of the model")
-    if not names:
+    chosen = {n: named[n] for n in select_layers(model, layers, example_input, subclasses=True)}
+    if not chosen:
         raise ValueError("layers selects no Conv1d, Conv2d or Linear module")
-    if len(set(names)) != len(names):
-        raise ValueError(f"layers names a module more than once: {names}")
-    chosen = {n: named[n] for n in names}
     for n, m in chosen.items():
-        if not isinstance(m, _SUPPORTED):
-            raise TypeError(
-                f"layer {n!r} is a {type(m).__name__}; only Conv1d, Conv2d and Linear are measured"
-            )
         if isinstance(m, CompressedModule) and m.compression.method != "vanilla":
             raise ValueError(
                 f"layer {n!r} is compressed (method={m.compression.method!r}), so its weight "
@@ -620,6 +599,10 @@ def _select_layers(
         if not (isinstance(weight, torch.Tensor) and weight.requires_grad):
             raise ValueError(f"layer {n!r} has a frozen weight; sensitivity needs its gradient")
     return chosen
+
+
+def _kind_name(module: nn.Module) -> str:
+    return next(kind.__name__ for kind in SUPPORTED_LAYERS if isinstance(module, kind))
 
 
 class _Capture:
@@ -816,10 +799,7 @@ def measure_sensitivity(
         raise ValueError("batches is empty; give at least one (inputs, targets) pair") from None
     selected = _select_layers(model, layers, _split_batch(first, 0)[0])
     captures = {n: _Capture(m) for n, m in selected.items()}
-    states = {
-        n: _LayerState(n, next(b.__name__ for b in _SUPPORTED if isinstance(m, b)))
-        for n, m in selected.items()
-    }
+    states = {n: _LayerState(n, _kind_name(m)) for n, m in selected.items()}
     weights = [m.weight for m in selected.values()]
     handles = [m.register_forward_hook(captures[n].forward_hook) for n, m in selected.items()]
     n_batches = 0

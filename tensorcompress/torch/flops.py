@@ -47,7 +47,7 @@ which the counted figure shows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +55,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tensorcompress.torch.measure import preserved_training_state
 from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.selection import call_model
+from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
     "COUNTER_FLOPS",
@@ -385,7 +386,7 @@ def _default_loss(out: Any) -> torch.Tensor:
 
 def training_step_flops(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[Any, ...],
+    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> StepFlops:
@@ -405,8 +406,9 @@ def training_step_flops(
     model : nn.Module
         Converted (:func:`tensorcompress.torch.convert`) or plain. Freeze what
         should not train (``requires_grad_(False)``) beforehand.
-    example_input : Tensor or tuple
-        The batch (a tuple is passed as positional arguments).
+    example_input : Tensor, tuple or dict
+        The batch (a tuple is passed as positional arguments, a dict as
+        keyword arguments).
     loss_fn : callable, optional
         ``loss_fn(output) -> scalar``; defaults to the output's sum (its own
         ops are elementwise and count 0 either way).
@@ -425,7 +427,6 @@ def training_step_flops(
     >>> (step.forward, step.backward) == (2 * macs, 2 * macs)  # no input gradient needed
     True
     """
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     loss_fn = _default_loss if loss_fn is None else loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
     with preserved_training_state(model), torch.enable_grad():
@@ -433,7 +434,7 @@ def training_step_flops(
         tracker = _DecompositionTracker(fwd, model)
         try:
             with fwd:
-                out = model(*args)
+                out = call_model(model, example_input)
         finally:
             tracker.remove()
         loss = loss_fn(out)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,10 +49,11 @@ import torch
 from torch import nn
 
 from tensorcompress.results import SVDResult, TuckerResult
-from tensorcompress.torch.convert import LastLayers
 from tensorcompress.torch.functions import autocast_dtype
 from tensorcompress.torch.gradient_filter import PatchAverage
 from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.selection import LayerSelection, select_layers, split_example
+from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
     "MB",
@@ -66,10 +67,6 @@ __all__ = [
 
 MB = 2**20
 """Bytes in one MB (the paper's convention: MiB)."""
-
-LayerSelection = LastLayers | Callable[[nn.Module, str], bool] | Iterable[str] | None
-
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 StorageKey = tuple[str, int]
 
@@ -524,32 +521,7 @@ def _unhooked(call: _Call, max_nodes: int = 256) -> list[torch.Tensor]:
 
 def _select(model: nn.Module, layers: LayerSelection, example: Any) -> dict[str, nn.Module]:
     named = dict(model.named_modules())
-    if layers is None:
-        chosen: dict[str, nn.Module] = {
-            n: m for n, m in named.items() if isinstance(m, CompressedModule)
-        }
-    elif isinstance(layers, LastLayers):
-        chosen = {n: named[n] for n in layers.select(model, example)}
-    elif callable(layers):
-        chosen = {n: m for n, m in named.items() if layers(m, n)}
-    elif isinstance(layers, str):
-        raise TypeError(f"layers must be a filter_fn or a sequence of names, got str {layers!r}")
-    else:
-        wanted = list(layers)
-        missing = [n for n in wanted if n not in named]
-        if missing:
-            raise ValueError(f"layers names {missing} are not modules of the model")
-        chosen = {n: named[n] for n in wanted}
-    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not _is_layer(m)]
-    if wrong:
-        raise ValueError(
-            f"layers must select Conv1d, Conv2d or Linear modules (compressed or not), got {wrong}"
-        )
-    return chosen
-
-
-def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, _LAYER_TYPES)
+    return {n: named[n] for n in select_layers(model, layers, example, subclasses=True)}
 
 
 def _kind(module: nn.Module) -> str:
@@ -561,28 +533,6 @@ def _kind(module: nn.Module) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-@contextlib.contextmanager
-def preserved_training_state(model: nn.Module) -> Iterator[None]:
-    """Train mode for the measurement; training flags and buffers restored after.
-
-    The measuring forward is a real training forward, so BatchNorm would update
-    its running statistics; they are put back so measuring has no side effect
-    on the model's buffers. (A compressed layer's own warm-start state does
-    advance, as it would on any training step.)
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, flag in flags:
-            m.training = flag
 
 
 def activation_memory(
@@ -610,9 +560,10 @@ def activation_memory(
         Layers to report: :func:`~tensorcompress.torch.last_layers` ``(n)``
         (resolved in execution order on ``example_input``), a
         ``filter_fn(module, name) -> bool``, qualified names, or ``None`` for
-        every compressed layer. Plain ``Conv1d``, ``Conv2d`` and ``Linear``
-        modules may be selected too and are reported as ``method="vanilla"``,
-        as is a compressed layer that did not compress (its weight frozen).
+        every ``Conv1d``, ``Conv2d`` and ``Linear`` (as everywhere, see
+        :mod:`tensorcompress.torch.selection`). Plain layers are reported as
+        ``method="vanilla"``, as is a compressed layer that did not compress
+        (its weight frozen).
         Selected modules that never run are skipped.
 
     Returns
@@ -637,10 +588,7 @@ def activation_memory(
     >>> report["2"].measured_bytes == 2 * 8 * 8 * 8 * 4
     True
     """
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    kwargs: Mapping[str, Any] = {}
-    if isinstance(example_input, Mapping):
-        args, kwargs = (), example_input
+    args, kwargs = split_example(example_input)
     selected = _select(model, layers, example_input)
     names = {id(m): n for n, m in model.named_modules()}
     rec = _Recorder(selected=selected, state_keys=_state_keys(model), names=names)

@@ -15,6 +15,7 @@ from tensorcompress.torch import (
     CompressedConv2d,
     CompressedLinear,
     CompressedModule,
+    CompressionConfig,
     compressed_layers,
     convert,
     last_layers,
@@ -68,7 +69,9 @@ def test_tracing_changes_no_state() -> None:
     model = OutOfOrder().train()
     model.b[1].eval()  # a mixed-mode model keeps its modes
     before = copy.deepcopy(model.state_dict())
-    convert(model, "asi", 0.8, last_layers(2), example_input=torch.randn(2, 3, 8, 8))
+    convert(
+        model, method="asi", rank=0.8, layers=last_layers(2), example_input=torch.randn(2, 3, 8, 8)
+    )
     assert model.training and not model.b[1].training and model.a.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -87,7 +90,7 @@ def test_convert_restore_round_trip() -> None:
     reference = copy.deepcopy(model)
     params = {name: p for name, p in model.named_parameters()}
     x = torch.randn(2, 3, 32, 32)
-    out = convert(model, "asi", 0.8, last_layers(4), example_input=x)
+    out = convert(model, method="asi", rank=0.8, layers=last_layers(4), example_input=x)
     assert out is model
     layers = compressed_layers(model)
     assert list(layers) == last_layers(4).select(reference)
@@ -107,7 +110,7 @@ def test_convert_restore_round_trip() -> None:
 
 def test_state_dict_loads_both_ways() -> None:
     plain = _small_resnet()
-    converted = convert(copy.deepcopy(plain), "hosvd", 0.8)
+    converted = convert(copy.deepcopy(plain), method="hosvd", rank=0.8)
     assert list(converted.state_dict()) == list(plain.state_dict())
     torch.manual_seed(1)
     other = resnet18(num_classes=10)
@@ -125,7 +128,9 @@ def test_training_step_matches_vanilla_at_full_rank() -> None:
     model = _small_resnet().double()
     reference = copy.deepcopy(model)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    convert(model, "hosvd", 1.0, last_layers(3, include_linear=True), example_input=x)
+    convert(
+        model, method="hosvd", rank=1.0, layers=last_layers(3, include_linear=True), example_input=x
+    )
     for net in (model, reference):
         net.train()
         trainable_only(net, ["layer4.1", "fc"])
@@ -141,7 +146,9 @@ def test_mobilenet_fine_tuning_runs(method: str) -> None:
     torch.manual_seed(0)
     model = mobilenet_v2(num_classes=10)
     x = torch.randn(4, 3, 32, 32)
-    convert(model, method, 0.8, last_layers(5), example_input=x, freeze_others=True)
+    convert(
+        model, method=method, rank=0.8, layers=last_layers(5), example_input=x, freeze_others=True
+    )
     kinds = {type(m).__name__ for m in compressed_layers(model).values()}
     assert kinds == {"CompressedConv2d"}
     groups = {m.groups for m in compressed_layers(model).values()}  # type: ignore[attr-defined]
@@ -161,12 +168,14 @@ def test_mobilenet_fine_tuning_runs(method: str) -> None:
 
 def test_selection_by_filter_names_and_rank_dict() -> None:
     model = OutOfOrder()
-    convert(model, "svd", {"a": 2, "fc": 0.9}, lambda m, name: name in ("a", "fc"))
+    convert(
+        model, method="svd", rank={"a": 2, "fc": 0.9}, layers=lambda m, name: name in ("a", "fc")
+    )
     assert set(compressed_layers(model)) == {"a", "fc"}
     assert model.a.compression.rank == 2  # type: ignore[union-attr]
     assert model.fc.compression.rank == 0.9  # type: ignore[union-attr]
     # Converting again reconfigures (and resets) the same layers.
-    convert(model, "asi", 0.5, ["a", "b.0"], n_iter=2, seed=7)
+    convert(model, method="asi", rank=0.5, layers=["a", "b.0"], n_iter=2, seed=7)
     assert model.a.compression.method == "asi"  # type: ignore[union-attr]
     assert model.a.compression.n_iter == 2  # type: ignore[union-attr]
     assert model.b[0].compression.seed == 7  # type: ignore[union-attr]
@@ -176,7 +185,7 @@ def test_selection_by_filter_names_and_rank_dict() -> None:
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"layers": ["nope"]}, ValueError, "not a module"),
+        ({"layers": ["nope"]}, ValueError, "not modules of the model"),
         ({"layers": ["b.1"]}, TypeError, "BatchNorm2d"),
         ({"layers": "a"}, TypeError, "list of names"),
         ({"layers": ["a"], "rank": {"c": 0.8}}, ValueError, "missing"),
@@ -197,7 +206,7 @@ def test_shared_layer_is_replaced_everywhere_and_hooks_survive() -> None:
     model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared))
     calls: list[int] = []
     shared.register_forward_hook(lambda m, i, o: calls.append(1))
-    convert(model, "hosvd", 0.8)
+    convert(model, method="hosvd", rank=0.8)
     assert model[0] is model[2][0] and isinstance(model[0], CompressedConv2d)
     model(torch.randn(2, 3, 4, 4))
     assert len(calls) == 2
@@ -206,7 +215,7 @@ def test_shared_layer_is_replaced_everywhere_and_hooks_survive() -> None:
 
 
 def test_single_layer_model_and_subclasses() -> None:
-    layer = convert(nn.Conv2d(3, 4, 3), "asi", 0.8)
+    layer = convert(nn.Conv2d(3, 4, 3), method="asi", rank=0.8)
     assert isinstance(layer, CompressedModule)
     assert type(restore(layer)) is nn.Conv2d
 
@@ -215,10 +224,10 @@ def test_single_layer_model_and_subclasses() -> None:
 
     # Subclasses may override forward: not candidates, and refused by name.
     model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
-    convert(model, "asi", 0.8)
+    convert(model, method="asi", rank=0.8)
     assert type(model[0]) is MyConv and isinstance(model[1], CompressedConv2d)
     with pytest.raises(TypeError, match="MyConv"):
-        convert(model, "asi", 0.8, ["0"])
+        convert(model, method="asi", rank=0.8, layers=["0"])
 
 
 def test_trainable_only() -> None:
@@ -228,3 +237,26 @@ def test_trainable_only() -> None:
     assert trainable == {"a.weight", "a.bias", "fc.weight", "fc.bias"}
     with pytest.raises(ValueError, match="not a module"):
         trainable_only(model, ["zz"])
+
+
+def test_config_object_and_keyword_form_agree() -> None:
+    config = CompressionConfig(method="hosvd", rank=0.9, n_iter=2, seed=3)
+    by_config = convert(OutOfOrder(), config, ["a", "fc"])
+    by_keywords = convert(OutOfOrder(), method="hosvd", rank=0.9, n_iter=2, seed=3, layers=["a"])
+    assert by_config.a.compression == by_keywords.a.compression == config  # type: ignore[union-attr]
+    # Keywords next to a config replace its fields.
+    model = convert(OutOfOrder(), config, ["a"], rank=0.5)
+    assert model.a.compression == CompressionConfig("hosvd", 0.5, n_iter=2, seed=3)  # type: ignore[union-attr]
+    with pytest.raises(TypeError, match="config must be a CompressionConfig"):
+        convert(OutOfOrder(), "asi", ["a"])  # type: ignore[arg-type]
+
+
+def test_restore_undoes_freeze_others() -> None:
+    model = OutOfOrder()
+    model.b[1].weight.requires_grad_(False)  # the user's own choice survives
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    convert(model, method="asi", rank=0.8, layers=["a"], freeze_others=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"a.weight", "a.bias"}
+    restore(model)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert not compressed_layers(model)
