@@ -1,6 +1,6 @@
 """MCUNet ``mcunet-in1`` (``mcunet-5fps_imagenet``) without the mcunet package.
 
-Architecture and module names follow /work/shared/specs/mcunet-in1.md, i.e. the
+Architecture and module names follow the docs page "MCUNet-in1 layers", i.e. the
 mit-han-lab TinyNAS ``ProxylessNASNets`` layout: ``first_conv.{conv,bn,act}`` and
 ``blocks.I.mobile_inverted_conv.{inverted_bottleneck,depth_conv,point_linear}.{conv,bn,act}``.
 The head is the one used by the ASI / ICML2025 code: global average pool and a plain
