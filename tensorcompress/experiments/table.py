@@ -73,8 +73,8 @@ from tensorcompress.torch.measure import (
     MB,
     activation_memory,
     analytic_bytes,
-    preserved_training_state,
 )
+from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
     "PAPER_TABLE",
