@@ -4,7 +4,8 @@ ASI tracks the Tucker subspaces of a stream of similar tensors (a layer's
 activations over training steps). The first call runs an exact ST-HOSVD,
 which also fixes the ranks when ``rank`` is a threshold. Each later call
 starts from the previous factors and runs ``n_iter`` steps of subspace
-iteration per mode, ``U <- qr(X_(k) X_(k)^T U)``, then projects onto them.
+iteration per mode, ``U <- qr(X_(k) X_(k)^T U)``, then projects onto them;
+``n_iter`` and ``seed`` belong to these warm calls only.
 
 Modes are visited in turn on the tensor already projected onto the earlier
 modes' new factors (sequential truncation), in the order of least estimated
@@ -37,9 +38,10 @@ from tensorcompress._array import (
 )
 from tensorcompress.results import TuckerResult
 
-__all__ = ["decompose"]
+__all__ = ["Seed", "decompose"]
 
 Seed = int | np.random.Generator | None
+"""A seed for the generator that pads subspaces: an int, a numpy Generator or None."""
 
 
 def _rng(seed: Seed) -> np.random.Generator:
@@ -51,7 +53,7 @@ def _orthonormal(xp: Any, a: Array) -> Array:
     return q
 
 
-def fit_factor(
+def _fit_factor(
     xp: Any, factor: Array, dim: int, rank: int, like: Array, rng: np.random.Generator
 ) -> Array:
     """Adapt a previous factor to a mode of size ``dim`` and ``rank`` columns.
@@ -113,7 +115,7 @@ def _warm_step(
     explained = [1.0] * x.ndim
 
     def start(k: int, like: Array) -> Array:
-        return fit_factor(xp, warm.factors[k], shape[k], ranks[k], like, rng)
+        return _fit_factor(xp, warm.factors[k], shape[k], ranks[k], like, rng)
 
     def block_basis(k: int, g: Array) -> tuple[Array, float]:
         u, total, kept = _iterate_on_gram(xp, g, start(k, g), n_iter)
@@ -156,7 +158,7 @@ def decompose(
     rank: _rank.RankLike,
     *,
     warm_start: TuckerResult | None = None,
-    n_iter: int = 1,
+    n_iter: int | None = None,
     seed: Seed = None,
     check_finite: bool = True,
 ) -> TuckerResult:
@@ -174,26 +176,36 @@ def decompose(
         A previous result (typically the previous training step's); its factors
         are the starting subspaces. Modes may have changed size (a smaller last
         batch): rows are then cut or padded and re-orthonormalised. ``None``
-        runs the exact ST-HOSVD cold start.
-    n_iter : int, default 1
-        Subspace-iteration steps per mode.
+        runs the cold start: the exact ST-HOSVD, deterministic and without
+        iterations (``n_iter`` of the result is 0).
+    n_iter : int, optional
+        Subspace-iteration steps per mode of a warm step (1 when not given).
+        Only with ``warm_start``: the cold start is exact, so an ``n_iter``
+        there could not change it and is refused rather than ignored.
     seed : int, numpy Generator or None
-        Only used to pad subspaces (rank or size changes). Never touches the
-        global RNG.
+        Seeds the Gaussian rows or columns that pad a warm start's subspaces
+        (rank or size changes). Only with ``warm_start``, like ``n_iter``.
+        Never touches the global RNG.
     check_finite : bool, default True
         Refuse NaN/Inf input (costs one pass over ``x``).
 
     Returns
     -------
     TuckerResult
-        ``explained_variance[k]`` is, for a warm step, the fraction of the
-        energy of the tensor mode k saw (already projected in the earlier
-        modes) that the new factor keeps; for the cold start, as in HOSVD.
+        ``explained_variance`` has one float per mode: for a warm step, the
+        fraction of the energy of the tensor mode k saw (already projected in
+        the earlier modes) that the new factor keeps, read off the Gram
+        matrices or the norms the step computes anyway (so the fractions
+        multiply to the share of ``x``'s energy the core keeps); for the cold
+        start, as in HOSVD. A mode kept whole reports 1.0.
 
     Raises
     ------
     TypeError, ValueError
-        On a bad tensor, rank, ``n_iter`` or warm start, naming the argument.
+        On a bad tensor, rank, ``n_iter`` or warm start, naming the argument;
+        ``ValueError`` for ``n_iter`` or ``seed`` given without ``warm_start``.
+        In a loop, start with ``decompose(x, rank)`` and pass ``n_iter`` and
+        ``seed`` from the second call on.
 
     Examples
     --------
@@ -206,10 +218,19 @@ def decompose(
     True
     """
     xp = check_tensor(x, "x", check_finite=check_finite)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+    if n_iter is not None and (
+        isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0
+    ):
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
     ranks = _rank.resolve(rank, tuple(x.shape))
     if warm_start is None:
+        for name, value in (("n_iter", n_iter), ("seed", seed)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} has no effect without a warm_start: the cold start is "
+                    "the exact ST-HOSVD (no iterations, nothing random); pass it only with "
+                    "warm_start"
+                )
         return hosvd.decompose(x, ranks, check_finite=False)
     if not isinstance(warm_start, TuckerResult):
         raise TypeError(
@@ -232,12 +253,13 @@ def decompose(
                 f"warm_start rank {r} of mode {k} is larger than the mode's dimension {n}; "
                 "pass an int rank or a new cold start"
             )
+    steps = 1 if n_iter is None else n_iter
     core, factors, explained = _warm_step(
-        xp, as_compute(xp, x), warm_start, step_ranks, n_iter, _rng(seed)
+        xp, as_compute(xp, x), warm_start, step_ranks, steps, _rng(seed)
     )
     return TuckerResult(
         core=cast(xp, core, x.dtype),
         factors=tuple(cast(xp, u, x.dtype) for u in factors),
         explained_variance=tuple(explained),
-        n_iter=n_iter,
+        n_iter=steps,
     )

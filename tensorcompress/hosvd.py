@@ -35,7 +35,7 @@ from tensorcompress.results import TuckerResult
 __all__ = ["decompose"]
 
 
-def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Array, float]:
+def _mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Array, float]:
     """Leading left singular vectors of ``unfold(t, mode)`` and their explained variance.
 
     Parameters
@@ -61,7 +61,7 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     if n <= q:
         # Short and wide: the n x n Gram's eigenvectors are the left singular
         # vectors and its eigenvalues the squared singular values.
-        return gram_basis(xp, tenalg.gram(t, mode, xp=xp), rank)
+        return _gram_basis(xp, tenalg.gram(t, mode, xp=xp), rank)
     # Tall: the q x q Gram of the other side is smaller (and the tensor small
     # enough that unfolding it is cheap); U_r = qr(A V_r). QR also completes
     # the basis when r exceeds the unfolding's rank q.
@@ -77,7 +77,7 @@ def mode_basis(xp: Any, t: Array, mode: int, rank: _rank.ModeRank) -> tuple[Arra
     return u, _explained(sv2, r)
 
 
-def gram_basis(xp: Any, g: Array, rank: _rank.ModeRank) -> tuple[Array, float]:
+def _gram_basis(xp: Any, g: Array, rank: _rank.ModeRank) -> tuple[Array, float]:
     """Leading eigenvectors of the Gram matrix ``g = A A^T`` and their explained variance.
 
     The eigenvectors are ``A``'s left singular vectors, the eigenvalues its
@@ -118,7 +118,7 @@ def _truncate(
                 t,
                 step,
                 ranks,
-                lambda k, g: gram_basis(xp, g, ranks[k]),
+                lambda k, g: _gram_basis(xp, g, ranks[k]),
             )
             for k in step:
                 factors[k], explained[k] = block[k], block_explained[k]
@@ -141,7 +141,7 @@ def _basis(xp: Any, t: Array, k: int, rank: _rank.ModeRank) -> tuple[Array, floa
     if _whole(rank, int(t.shape[k])):
         # Keeping a mode whole needs no decomposition: the identity is a basis.
         return xp.eye(int(t.shape[k]), dtype=t.dtype, device=device(t)), 1.0
-    return mode_basis(xp, t, k, rank)
+    return _mode_basis(xp, t, k, rank)
 
 
 def decompose(
@@ -172,10 +172,10 @@ def decompose(
     -------
     TuckerResult
         Core and factors in ``x``'s backend, device and dtype;
-        ``explained_variance[k]`` is the fraction of the squared singular
-        values kept, of ``x``'s mode-k unfolding (thresholds, or
-        ``sequential=False``) or of the partially truncated tensor's (fixed
-        ranks with ``sequential=True``).
+        ``explained_variance`` has one float per mode: the fraction of the
+        squared singular values kept, of ``x``'s mode-k unfolding (thresholds,
+        or ``sequential=False``) or of the partially truncated tensor's (fixed
+        ranks with ``sequential=True``); 1.0 for a mode kept whole.
 
     Raises
     ------

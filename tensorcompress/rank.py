@@ -12,7 +12,19 @@ Every decomposition accepts the same ``rank`` argument:
 
 The explained variance of rank ``r`` on mode ``k`` is the sum of the ``r``
 largest squared singular values of the mode-k unfolding over the sum of all
-of them. A rank larger than its mode's dimension is an error, not clipped.
+of them.
+
+An ``int`` rank larger than the dimension of the mode it applies to is a
+``ValueError`` (naming the argument, the value, the mode and its size), never
+silently clipped: ``rank=16`` on a mode of 8 asks for more than the mode has.
+Write ``None`` for a mode to keep whole, or a threshold, when a mode's size
+varies (a smaller last batch). The torch adapter applies the same rule.
+
+TensorLy users: there a float ``rank`` (``tucker(x, rank=0.5)``) is the
+fraction of the tensor's *parameters* the decomposition keeps. Here a float is
+an explained-variance threshold per mode: ``rank=0.5`` keeps, in every mode,
+the fewest singular vectors that hold half of that mode's energy, which
+usually keeps far fewer parameters than half.
 """
 
 from __future__ import annotations
@@ -51,7 +63,8 @@ class RankPolicy(Protocol):
 RankLike = int | float | Sequence[int | float | None] | RankPolicy
 
 
-def _check_entry(value: Any, dim: int, where: str) -> ModeRank:
+def _check_entry(value: Any, where: str, mode: int, shape: tuple[int, ...]) -> ModeRank:
+    dim = shape[mode]
     if isinstance(value, bool):
         raise TypeError(f"{where} must be an int, a float in (0, 1] or None, got bool {value}")
     if isinstance(value, numbers.Integral):
@@ -59,7 +72,11 @@ def _check_entry(value: Any, dim: int, where: str) -> ModeRank:
         if r < 1:
             raise ValueError(f"{where} must be a positive int, got {r}")
         if r > dim:
-            raise ValueError(f"{where}={r} is larger than the mode's dimension {dim}")
+            raise ValueError(
+                f"{where}={r} is larger than the mode's dimension {dim} "
+                f"(mode {mode} of shape {shape}); an int rank is never clipped: "
+                "give None to keep a mode whole, or a threshold"
+            )
         return r
     if isinstance(value, numbers.Real):
         eps = float(value)
@@ -98,10 +115,27 @@ class ExplainedVariance:
 def resolve(rank: RankLike, shape: Sequence[int], name: str = "rank") -> tuple[ModeRank, ...]:
     """Normalise a ``rank`` argument to one int rank or float threshold per mode.
 
+    Parameters
+    ----------
+    rank : int, float, sequence or policy
+        The ``rank`` argument of a decomposition (see the module docs).
+    shape : sequence of int
+        Shape of the tensor it applies to.
+    name : str, default "rank"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    tuple of int or float
+        Per mode, an int rank in ``[1, shape[k]]`` (``None`` entries become
+        ``shape[k]``) or a float threshold in (0, 1].
+
     Raises
     ------
     ValueError, TypeError
-        Naming the argument, the value and what was expected.
+        Naming the argument, the value and what was expected: a rank below 1
+        or larger than its mode's dimension (which also names the mode and the
+        shape), a float outside (0, 1], a wrong number of entries.
     """
     shape = tuple(int(n) for n in shape)
     if isinstance(rank, RankPolicy) and not isinstance(rank, (str, bytes)):
@@ -110,9 +144,7 @@ def resolve(rank: RankLike, shape: Sequence[int], name: str = "rank") -> tuple[M
             raise ValueError(
                 f"{name} policy {rank!r} gave {len(entries)} entries for {len(shape)} modes"
             )
-        return tuple(
-            _check_entry(e, n, f"{name}[{k}]") for k, (e, n) in enumerate(zip(entries, shape))
-        )
+        return tuple(_check_entry(e, f"{name}[{k}]", k, shape) for k, e in enumerate(entries))
     if isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
         if len(rank) != len(shape):
             raise ValueError(
@@ -120,11 +152,11 @@ def resolve(rank: RankLike, shape: Sequence[int], name: str = "rank") -> tuple[M
                 f"(shape {shape}); give one entry per mode"
             )
         return tuple(
-            n if r is None else _check_entry(r, n, f"{name}[{k}]")
+            n if r is None else _check_entry(r, f"{name}[{k}]", k, shape)
             for k, (r, n) in enumerate(zip(rank, shape))
         )
     if isinstance(rank, numbers.Real):
-        return tuple(_check_entry(rank, n, name) for n in shape)
+        return tuple(_check_entry(rank, name, k, shape) for k in range(len(shape)))
     raise TypeError(
         f"{name} must be an int, a float in (0, 1], a per-mode sequence or a rank policy, "
         f"got {type(rank).__name__}"

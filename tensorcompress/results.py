@@ -29,18 +29,38 @@ class TuckerResult:
         One factor per mode, ``U_k`` of shape ``(shape[k], ranks[k])`` with
         orthonormal columns.
     explained_variance : tuple of float or None
-        Per mode, the fraction of the mode-k energy the factor keeps, where the
-        algorithm knows it (see each algorithm's docs), else ``None``.
+        Always one entry per mode: the fraction of the mode-k energy the
+        factor keeps (a mode kept whole keeps 1.0). Every decomposition fills
+        it (see each algorithm's docs for which tensor's energy); a result
+        built from arrays without it gets ``None`` per mode (not known).
     n_iter : int
         Subspace-iteration steps run per mode (0 for exact decompositions).
 
     Unpacks as ``core, factors = result``.
+
+    Raises
+    ------
+    ValueError
+        If ``explained_variance`` is given with a number of entries other
+        than the number of factors.
     """
 
     core: Array
     factors: tuple[Array, ...]
     explained_variance: tuple[float | None, ...] = field(default=())
     n_iter: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.factors)
+        explained = tuple(self.explained_variance)
+        if not explained:
+            explained = (None,) * n  # built from arrays: nothing measured it
+        elif len(explained) != n:
+            raise ValueError(
+                f"explained_variance has {len(explained)} entries but there are {n} factors; "
+                "give one per mode, or none"
+            )
+        object.__setattr__(self, "explained_variance", explained)
 
     @property
     def ranks(self) -> tuple[int, ...]:

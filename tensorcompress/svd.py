@@ -23,7 +23,10 @@ from tensorcompress.results import SVDResult
 __all__ = ["decompose"]
 
 
-def _check_rank(rank: Any, max_rank: int) -> int | float:
+def _check_rank(rank: Any, mode: int, shape: tuple[int, ...]) -> int | float:
+    rows = shape[mode]
+    cols = math.prod(shape) // rows
+    max_rank = min(rows, cols)
     if isinstance(rank, (_rank.Fixed, _rank.ExplainedVariance)):
         rank = rank.rank if isinstance(rank, _rank.Fixed) else rank.threshold
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
@@ -34,7 +37,11 @@ def _check_rank(rank: Any, max_rank: int) -> int | float:
     if isinstance(rank, numbers.Integral):
         r = int(rank)
         if r < 1 or r > max_rank:
-            raise ValueError(f"rank must be an int in [1, {max_rank}] for this unfolding, got {r}")
+            # Never clipped: a rank above the unfolding's smaller side is a mistake.
+            raise ValueError(
+                f"rank must be an int in [1, {max_rank}] for this unfolding, got {r} "
+                f"(mode {mode} of shape {shape}, unfolding {rows} x {cols})"
+            )
         return r
     if not 0.0 < float(rank) <= 1.0:
         raise ValueError(f"rank as a float must be in (0, 1], got {rank}")
@@ -81,9 +88,10 @@ def decompose(
     x : array
         numpy array or torch tensor with ``ndim >= 2``, real floating dtype.
     rank : int or float
-        Number of singular triplets kept, or an explained-variance threshold in
-        (0, 1] (exact method only: the randomized one never sees the whole
-        spectrum).
+        Number of singular triplets kept, at most the unfolding's smaller
+        dimension (a larger one is a ``ValueError``, not clipped), or an
+        explained-variance threshold in (0, 1] (exact method only: the
+        randomized one never sees the whole spectrum).
     mode : int, default 0
         Mode whose unfolding ``(x.shape[mode], -1)`` is decomposed.
     method : {"exact", "randomized"}
@@ -101,6 +109,13 @@ def decompose(
         ``U (n, r)``, ``S (r,)``, ``Vh (r, prod(other dims))`` in ``x``'s
         backend, device and dtype; ``reconstruct()`` gives ``x``'s shape.
 
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad tensor, rank, mode or method, naming the argument; an int
+        rank above the unfolding's smaller dimension also names the mode and
+        the shape.
+
     Examples
     --------
     >>> import numpy as np
@@ -115,9 +130,7 @@ def decompose(
         raise ValueError(f"mode must be an int in [{-ndim}, {ndim - 1}], got {mode!r}")
     mode = int(mode) % ndim
     shape = tuple(int(n) for n in x.shape)
-    rows = shape[mode]
-    cols = math.prod(shape) // rows
-    r = _check_rank(rank, min(rows, cols))
+    r = _check_rank(rank, mode, shape)
     if method not in ("exact", "randomized"):
         raise ValueError(f"method must be 'exact' or 'randomized', got {method!r}")
     a = tenalg.unfold(as_compute(xp, x), mode, xp=xp)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,63 @@ def test_property_warm_step_is_an_orthogonal_projection(
     )
     # Projecting onto orthonormal bases never increases the norm of the residual.
     assert res.relative_error(x) <= 1.0 + 1e-12
+
+
+def _kept_share(res: object, x: object) -> float:
+    """``||core||^2 / ||x||^2``: the energy the whole decomposition keeps."""
+    core = np.asarray(res.core, dtype=np.float64)  # type: ignore[attr-defined]
+    return float(np.sum(core**2) / np.sum(np.asarray(x, dtype=np.float64) ** 2))
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [
+        ((30, 20, 4, 4), (5, 5, 2, 2)),  # trailing modes visited jointly
+        ((12, 10, 9, 8), (4, 10, 3, 8)),  # two modes kept whole
+        ((9, 8, 7), (3, None, 2)),  # None keeps a mode whole
+    ],
+)
+@pytest.mark.parametrize("n_iter", [0, 1, 2])
+def test_warm_explained_variance_one_per_mode_and_chained(
+    to_backend, shape: tuple[int, ...], ranks: tuple[int | None, ...], n_iter: int
+) -> None:
+    x = to_backend(decaying_tensor(shape, seed=11, decay=0.7))
+    start = asi.decompose(to_backend(decaying_tensor(shape, seed=12, decay=0.7)), ranks)
+    res = asi.decompose(x, ranks, warm_start=start, n_iter=n_iter)
+    ev = res.explained_variance
+    assert len(ev) == len(shape) and all(isinstance(e, float) for e in ev)
+    for e, r, n in zip(ev, res.ranks, shape):
+        if r == n:
+            assert e == 1.0  # a whole mode keeps everything
+        else:
+            assert 0.0 < e < 1.0
+    # Each mode's share is of the tensor the earlier modes left, so the shares
+    # multiply to the share of the energy the core keeps.
+    assert math.prod(ev) == pytest.approx(_kept_share(res, x), rel=50 * tol(x))
+
+
+@pytest.mark.parametrize("rank", [(4, 3, 3, 2), 0.8, (None, 0.9, 3, None)])
+def test_cold_explained_variance_is_hosvd_s(to_backend, rank: object) -> None:
+    x = to_backend(decaying_tensor((10, 8, 6, 6), seed=13))
+    cold, ref = asi.decompose(x, rank), hosvd.decompose(x, rank)
+    assert len(cold.explained_variance) == 4
+    assert cold.explained_variance == pytest.approx(ref.explained_variance)
+
+
+def test_cold_start_refuses_warm_step_arguments() -> None:
+    x = decaying_tensor((8, 6, 5), seed=14)
+    with pytest.raises(ValueError, match="n_iter=2 has no effect without a warm_start"):
+        asi.decompose(x, 3, n_iter=2)
+    with pytest.raises(ValueError, match="n_iter=1 has no effect without a warm_start"):
+        asi.decompose(x, 3, n_iter=1)
+    with pytest.raises(ValueError, match="seed=0 has no effect without a warm_start"):
+        asi.decompose(x, 3, seed=0)
+    with pytest.raises(ValueError, match=r"seed=Generator.* has no effect"):
+        asi.decompose(x, 3, seed=np.random.default_rng(0))
+    # The loop form: a cold start, then warm steps that take both.
+    res = asi.decompose(x, 3)
+    assert res.n_iter == 0
+    for n_iter in (2, 0):
+        res = asi.decompose(x, 3, warm_start=res, n_iter=n_iter, seed=0)
+        assert res.n_iter == n_iter
+    assert asi.decompose(x, 3, warm_start=res).n_iter == 1  # the default warm step

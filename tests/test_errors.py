@@ -66,3 +66,46 @@ def test_bad_warm_starts() -> None:
         asi.decompose(np.ones((6, 5, 2)), 0.8, warm_start=small)
     with pytest.raises(ValueError, match="n_iter must be a non-negative int, got -1"):
         asi.decompose(x, 2, warm_start=cold, n_iter=-1)
+
+
+@pytest.mark.parametrize("name", ["hosvd", "asi"])
+@pytest.mark.parametrize(
+    ("rank", "match"),
+    [
+        (5, r"rank=5 is larger than the mode's dimension 4 \(mode 2 of shape \(6, 5, 4\)\)"),
+        ((2, 6, 2), r"rank\[1\]=6 is larger than the mode's dimension 5 \(mode 1 of shape"),
+        ((7, None, 0.5), r"rank\[0\]=7 is larger than the mode's dimension 6 \(mode 0 of shape"),
+    ],
+)
+def test_rank_above_a_mode_names_the_mode_and_is_never_clipped(
+    name: str, rank: object, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        DECOMPOSE[name](np.ones((6, 5, 4)), rank)
+    # A rank equal to every mode's size is allowed: it keeps the tensor whole.
+    assert DECOMPOSE[name](np.ones((6, 5, 4)), (6, 5, 4)).ranks == (6, 5, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode", "rank", "match"),
+    [
+        ((4, 6), 0, 5, r"\[1, 4\] .*got 5 \(mode 0 of shape \(4, 6\), unfolding 4 x 6\)"),
+        ((3, 2, 2), 1, 3, r"\[1, 2\] .*got 3 \(mode 1 of shape \(3, 2, 2\), unfolding 2 x 6\)"),
+        ((8, 2), 0, 3, r"\[1, 2\] .*got 3 \(mode 0 of shape \(8, 2\), unfolding 8 x 2\)"),
+    ],
+)
+def test_svd_rank_above_the_unfolding_names_mode_and_shape(
+    shape: tuple[int, ...], mode: int, rank: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        svd.decompose(np.ones(shape), rank, mode=mode)
+
+
+def test_warm_step_arguments_without_warm_start() -> None:
+    x = np.random.default_rng(0).standard_normal((6, 5, 4))
+    with pytest.raises(ValueError, match="n_iter=3 has no effect without a warm_start"):
+        asi.decompose(x, 2, n_iter=3)
+    with pytest.raises(ValueError, match="seed=7 has no effect without a warm_start"):
+        asi.decompose(x, 2, seed=7)
+    with pytest.raises(ValueError, match="n_iter must be a non-negative int, got -1"):
+        asi.decompose(x, 2, n_iter=-1)  # a bad value is named first

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorly as tl
@@ -127,3 +129,46 @@ def test_property_random_shapes_and_ranks(shape: list[int], data, sequential: bo
     err2 = float(np.sum((res.reconstruct() - a) ** 2))
     assert err2 <= _discarded_bound(a, ranks) * (1 + 1e-6) + 1e-9
     assert res.nbytes == 8 * (int(np.prod(ranks)) + sum(n * r for n, r in zip(shape, ranks)))
+
+
+def _textbook_explained(a: np.ndarray, k: int, r: int) -> float:
+    s = np.linalg.svd(tl.unfold(a, k), compute_uv=False)
+    return float(np.sum(s[:r] ** 2) / np.sum(s**2))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("rank", [0.8, (0.9, None, 0.6, 0.7), (None, 0.95, None, None)])
+def test_threshold_explained_variance_is_the_textbook_one(
+    to_backend, sequential: bool, rank: object
+) -> None:
+    # Thresholds are applied to x's own unfoldings in both variants, and so
+    # is what they report; a whole mode keeps 1.0.
+    a = decaying_tensor((12, 30, 5, 4), seed=11)
+    res = hosvd.decompose(to_backend(a), rank, sequential=sequential)
+    assert len(res.explained_variance) == a.ndim
+    for k, (e, r) in enumerate(zip(res.explained_variance, res.ranks)):
+        expected = 1.0 if r == a.shape[k] else _textbook_explained(a, k, r)
+        assert e == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [((30, 20, 4, 4), (5, 5, 2, 2)), ((20, 2, 2), (3, 2, 1)), ((8, 7, 6, 5), (8, 3, 6, 2))],
+)
+def test_fixed_rank_explained_variance_one_per_mode(
+    to_backend, shape: tuple[int, ...], ranks: tuple[int, ...]
+) -> None:
+    # Covers the joint trailing block, the tall unfolding and whole modes.
+    a = decaying_tensor(shape, seed=12, decay=0.7)
+    x = to_backend(a)
+    textbook = hosvd.decompose(x, ranks, sequential=False)
+    for k, e in enumerate(textbook.explained_variance):
+        assert e == pytest.approx(_textbook_explained(a, k, ranks[k]), abs=1e-5)
+    res = hosvd.decompose(x, ranks)
+    ev = res.explained_variance
+    assert len(ev) == len(shape) and all(isinstance(e, float) for e in ev)
+    assert all(e == 1.0 for e, r, n in zip(ev, ranks, shape) if r == n)
+    # ST-HOSVD: each share is of the tensor the earlier modes left, so they
+    # multiply to the share of x's energy the core keeps.
+    core = np.asarray(res.core, dtype=np.float64)
+    assert math.prod(ev) == pytest.approx(float(np.sum(core**2) / np.sum(a**2)), rel=1e-3)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorly as tl
 
-from tensorcompress import TuckerResult, asi, hosvd
+from tensorcompress import TuckerResult, _array, asi, hosvd, rank, results, svd, tenalg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +68,29 @@ def test_docs_show_the_readme_quick_start() -> None:
     docs = (ROOT / "docs" / "index.md").read_text()
     for command in readme:
         assert f"```bash\n{command}\n```" in docs
+
+
+def test_tucker_result_has_one_explained_variance_per_mode() -> None:
+    x = np.random.default_rng(1).standard_normal((5, 4, 3))
+    res = hosvd.decompose(x, (2, 4, 1))
+    assert len(res.explained_variance) == 3
+    # Built from arrays, nothing measured it: one None per mode, never ().
+    built = TuckerResult(res.core, res.factors)
+    assert built.explained_variance == (None, None, None)
+    assert dataclasses.replace(res, n_iter=3).explained_variance == res.explained_variance
+    with pytest.raises(ValueError, match="explained_variance has 2 entries but there are 3"):
+        TuckerResult(res.core, res.factors, explained_variance=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("module", [asi, hosvd, svd, rank, tenalg, results, _array])
+def test_public_names_are_exported(module: types.ModuleType) -> None:
+    # A function without an underscore is public: exported (and so documented).
+    defined = {
+        name
+        for name, f in inspect.getmembers(module, inspect.isfunction)
+        if f.__module__ == module.__name__ and not name.startswith("_")
+    }
+    assert defined <= set(module.__all__), defined - set(module.__all__)
+    own = [getattr(module, name) for name in module.__all__]
+    own = [o for o in own if inspect.isroutine(o) or inspect.isclass(o)]
+    assert all(o.__doc__ for o in own if o.__module__ == module.__name__)

@@ -25,6 +25,13 @@ def test_resolve_forms() -> None:
         (0, ValueError, "positive int, got 0"),
         (-2, ValueError, "positive int, got -2"),
         (9, ValueError, "rank=9 is larger than the mode's dimension 8"),
+        (
+            7,
+            ValueError,
+            r"rank=7 is larger than the mode's dimension 6 \(mode 1 of shape \(8, 6, 4\)\)",
+        ),
+        (rank.Fixed(5), ValueError, r"rank=5 is larger than the mode's dimension 4 \(mode 2 of"),
+        (rank.Fixed((1, None, 5)), ValueError, r"rank\[2\]=5 is larger than .* \(mode 2 of"),
         (0.0, ValueError, r"float must be in \(0, 1\], got 0.0"),
         (1.5, ValueError, r"float must be in \(0, 1\], got 1.5"),
         ((1, 2), ValueError, "rank has 2 entries but the tensor has 3 modes"),
