@@ -24,8 +24,9 @@ Methods (:class:`CompressionConfig.method`):
   :mod:`tensorcompress.torch.gradient_filter`.
 - ``"vanilla"``: the plain layer.
 
-Integer ranks larger than a mode (a smaller last batch) are capped at the
-mode's size.
+An int rank larger than the mode it applies to is a ``ValueError`` naming the
+layer, as in the core (:mod:`tensorcompress.rank`); it is never capped. Only
+the ranks ASI fixed itself at its cold start follow a later, smaller batch.
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ class CompressionConfig:
     rank : int, float, sequence or rank policy
         As in :mod:`tensorcompress.rank`: an int per mode, an explained-variance
         threshold in (0, 1], one entry per mode of the input, or a policy.
-        ``"svd"`` takes an int or a float. Ignored by ``gradient_filter`` and
-        ``vanilla``.
+        ``"svd"`` takes an int or a float. An int larger than the mode it
+        applies to (for ``"svd"``, than the unfolding's smaller side) makes the
+        forward raise a ``ValueError`` naming the layer: write ``None`` for a
+        mode whose size varies, such as the batch mode when the last batch is
+        smaller. ASI's own ranks, fixed at its cold start (from a threshold or
+        from this rank), follow a smaller batch and come back after it.
+        Ignored by ``gradient_filter`` and ``vanilla``.
     n_iter : int, default 1
         ASI subspace-iteration steps per mode and training step.
     patch : int, default 2
@@ -126,25 +132,16 @@ def _check_rank_arg(rank: Any) -> None:
         _rank.resolve((r,), (2**62,), name=where)
 
 
-def _mode_ranks(rank: Any, shape: Sequence[int]) -> tuple[_rank.ModeRank, ...]:
-    """Per-mode int ranks (capped at the mode's size) or float thresholds."""
-    shape = tuple(int(n) for n in shape)
-    if isinstance(rank, _rank.RankPolicy):
-        return _rank.resolve(rank, shape)
-    if isinstance(rank, tuple):
-        if len(rank) != len(shape):
-            raise ValueError(
-                f"rank has {len(rank)} entries but the layer's input has {len(shape)} modes "
-                f"(shape {shape}); give one entry per mode"
-            )
-        entries = rank
-    else:
-        entries = (rank,) * len(shape)
-    capped = [
-        n if r is None else (min(int(r), n) if isinstance(r, numbers.Integral) else r)
-        for r, n in zip(entries, shape)
-    ]
-    return _rank.resolve(capped, shape)
+def _mode_ranks(rank: Any, shape: Sequence[int], layer: str) -> tuple[_rank.ModeRank, ...]:
+    """Per-mode int ranks or float thresholds for the input of ``layer``.
+
+    The core's rule, with the layer named: an int rank larger than its mode
+    is an error, not capped (the user asked for more than the input has).
+    """
+    try:
+        return _rank.resolve(rank, tuple(int(n) for n in shape))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"layer {layer!r}: {err}") from None
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -157,11 +154,10 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 def _permute_tucker(res: TuckerResult, perm: Sequence[int]) -> TuckerResult:
     """The decomposition of ``x.permute(perm)`` from that of ``x``."""
-    ev = res.explained_variance
     return TuckerResult(
         core=res.core.permute(*perm),
         factors=tuple(res.factors[p] for p in perm),
-        explained_variance=tuple(ev[p] for p in perm) if len(ev) == len(perm) else ev,
+        explained_variance=tuple(res.explained_variance[p] for p in perm),
         n_iter=res.n_iter,
     )
 
@@ -310,9 +306,15 @@ class CompressedModule(nn.Module):
         if use_warm:
             assert isinstance(warm, TuckerResult) and self._fixed_ranks is not None
             if warm.core.device != x.device:
-                warm = TuckerResult(
-                    warm.core.to(x.device), tuple(u.to(x.device) for u in warm.factors)
+                warm = replace(
+                    warm,
+                    core=warm.core.to(x.device),
+                    factors=tuple(u.to(x.device) for u in warm.factors),
                 )
+            # The one place the layer caps a rank: these were fixed by ASI's
+            # own cold start (from a threshold, or from the user's rank on the
+            # first batch), so a later, smaller batch (the last of an epoch)
+            # caps them, and they come back with the next full batch.
             ranks = tuple(n if r is None else min(r, n) for r, n in zip(self._fixed_ranks, shape))
             res = asi.decompose(
                 xs,
@@ -323,14 +325,16 @@ class CompressedModule(nn.Module):
                 check_finite=False,
             )
         else:
-            entries = _mode_ranks(cfg.rank, shape)
+            entries = _mode_ranks(cfg.rank, shape, self.layer_name or "<unnamed>")
             res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
             if cfg.method == "asi":
-                # Thresholds are resolved once, by the cold start (as in the paper);
-                # a mode the threshold kept whole (None) stays whole if it grows.
+                # Thresholds are resolved once, by the cold start (as in the paper).
+                # A mode kept whole (None) stays whole if it grows: the user's None,
+                # or a threshold that kept the whole mode.
+                given = cfg.rank if isinstance(cfg.rank, tuple) else (cfg.rank,) * x.ndim
                 self._fixed_ranks = tuple(
-                    int(e) if isinstance(e, numbers.Integral) else (None if r == n else r)
-                    for e, r, n in zip(entries, (res.ranks[i] for i in inv), shape)
+                    None if g is None or (not isinstance(e, numbers.Integral) and r == n) else r
+                    for g, e, r, n in zip(given, entries, (res.ranks[i] for i in inv), shape)
                 )
         res = _permute_tucker(res, inv)
         return replace(
@@ -338,11 +342,11 @@ class CompressedModule(nn.Module):
         )
 
     def _svd(self, x: torch.Tensor, mode: int) -> SVDResult:
-        rank = self.compression.rank
-        if isinstance(rank, numbers.Integral):
-            rows = int(x.shape[mode])
-            rank = min(int(rank), rows, x.numel() // rows)
-        res = svd.decompose(x, rank, mode=mode, check_finite=False)
+        try:
+            # An int rank above the unfolding's smaller side is an error, not capped.
+            res = svd.decompose(x, self.compression.rank, mode=mode, check_finite=False)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layer {self.layer_name or '<unnamed>'!r}: {err}") from None
         return replace(res, U=_compact(res.U), S=_compact(res.S), Vh=_compact(res.Vh))
 
     def _compress_input(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> Compressed:
