@@ -6,6 +6,8 @@ import copy
 import itertools
 import json
 import math
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -143,6 +145,47 @@ def test_allocate_is_deterministic_with_ties() -> None:
     for _ in range(3):
         assert allocate(sens, 50) == first
         assert allocate(Sensitivity.from_json(sens.to_json()), 50) == first
+
+
+NO_TORCH_KNAPSACK = """
+import importlib.abc, sys, types
+import tensorcompress
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+# Empty stand-ins for the parent packages, whose __init__ imports torch by design.
+path = tensorcompress.__path__
+for name in ("tensorcompress.torch", "tensorcompress.torch.budget"):
+    path = [p + "/" + name.rsplit(".", 1)[1] for p in path]
+    pkg = types.ModuleType(name)
+    pkg.__path__ = path
+    sys.modules[name] = pkg
+
+from tensorcompress.torch.budget.knapsack import (
+    Allocation, Choice, LayerSensitivity, Sensitivity, allocate, budget_from_spec,
+)
+layer = LayerSensitivity("a", (Choice(0.5, (1,), 10, 0.3), Choice(0.9, (2,), 20, 0.1)))
+sens = Sensitivity.from_json(Sensitivity((layer,)).to_json())
+alloc = allocate(sens, budget_from_spec("hosvd@0.9", sens))
+assert Allocation.from_json(alloc.to_json()) == alloc and alloc.total_bytes == 20
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch imported"
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise AssertionError("the finder did not block torch")
+"""
+
+
+def test_knapsack_imports_without_torch() -> None:
+    """The knapsack and what it imports run with torch blocked (it is pure Python)."""
+    subprocess.run([sys.executable, "-c", NO_TORCH_KNAPSACK], check=True)
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Measured and analytic activation memory of compressed (and vanilla) layers.
+"""Saved-tensor accounting: the activation memory a training forward keeps for backward.
 
+Measured and analytic activation memory of compressed (and vanilla) layers.
 Two numbers per layer, both in bytes, reported side by side:
 
 - **measured**: the storages of the tensors autograd actually saved while the
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,8 @@ __all__ = [
     "MB",
     "LayerMemory",
     "MemoryReport",
-    "PeakMemory",
     "activation_memory",
     "analytic_bytes",
-    "peak_forward_memory",
 ]
 
 MB = 2**20
@@ -735,158 +734,3 @@ def _result_analytic(method: str, res: Any, call: _Call, itemsize: int) -> int:
             patch=res.patch,
         )
     raise TypeError(f"layer {call.name!r} kept an unknown {type(res).__name__}")
-
-
-# ---------------------------------------------------------------------------
-# Peak memory of one forward
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    """Memory allocated during one training forward of a single layer.
-
-    All figures are net of what was allocated before the forward started.
-
-    Attributes
-    ----------
-    peak_bytes : int
-        Highest net allocation reached during the forward: output, kept
-        tensors and every transient (unfoldings, Gram matrices, workspaces).
-    retained_bytes : int
-        Net allocation once the forward returned: the output plus what the
-        layer keeps for backward (and any state it updated).
-    input_bytes : int
-        Bytes of the input activation.
-    output_bytes : int
-        Bytes of the output.
-    device : str
-        Where it was measured (``"cpu"`` uses the profiler's allocation
-        events, CUDA the caching allocator's peak statistics).
-    """
-
-    peak_bytes: int
-    retained_bytes: int
-    input_bytes: int
-    output_bytes: int
-    device: str
-
-    @property
-    def factor(self) -> float:
-        """``peak_bytes / input_bytes``: the transient cost in units of the activation."""
-        return self.peak_bytes / self.input_bytes
-
-    @property
-    def transient_bytes(self) -> int:
-        """``peak_bytes - retained_bytes``: memory needed only while computing."""
-        return self.peak_bytes - self.retained_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (``factor`` included)."""
-        return {
-            "peak_bytes": self.peak_bytes,
-            "retained_bytes": self.retained_bytes,
-            "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes,
-            "device": self.device,
-            "factor": self.factor,
-        }
-
-
-def _cpu_peak(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    # Raw allocation events (signed sizes) in time order; the FunctionEvent view
-    # folds them into ops and loses the order that a running peak needs.
-    events = sorted(
-        (e.start_ns(), int(e.nbytes()))
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return out, peak, current
-
-
-def _cuda_peak(fn: Callable[[], torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, int, int]:
-    torch.cuda.synchronize(dev)
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    out = fn()
-    torch.cuda.synchronize(dev)
-    peak = torch.cuda.max_memory_allocated(dev) - base
-    return out, peak, torch.cuda.memory_allocated(dev) - base
-
-
-def _warm_up(layer: nn.Module, x: torch.Tensor, steps: int) -> None:
-    # A function of its own, so the warm-up graphs are freed when it returns.
-    params = [p for p in layer.parameters() if p.requires_grad]
-    for _ in range(steps):
-        out = layer(x)
-        if params and out.requires_grad:
-            torch.autograd.grad(out.sum(), params)
-
-
-def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -> PeakMemory:
-    """Peak memory of one training forward of ``layer`` on ``x``.
-
-    Parameters
-    ----------
-    layer : nn.Module
-        A single layer (compressed or not); put in training mode.
-    x : Tensor
-        Its input (CPU or CUDA).
-    warmup : int, default 1
-        Full training steps (forward + backward, gradients discarded) run
-        first, so the measured forward is a steady-state one: for ASI a warm
-        subspace-iteration step, not the cold-start HOSVD.
-
-    Returns
-    -------
-    PeakMemory
-        ``factor = peak_bytes / input_bytes``. A vanilla conv with as many
-        output as input elements already reaches about 1 (its output) plus
-        the convolution's workspace.
-
-    Notes
-    -----
-    On CPU the peak is rebuilt from the profiler's allocation events
-    (``torch.profiler.profile(profile_memory=True)``), which see every
-    allocation of the CPU allocator, including oneDNN workspaces. The profiler
-    does not report frees of blocks allocated before it started (the previous
-    step's ASI state, released when the new one replaces it), so on CPU
-    ``retained_bytes`` and ``peak_bytes`` are upper bounds. On CUDA it is
-    ``torch.cuda.max_memory_allocated`` over the forward.
-
-    Measured for a 3x3 conv, 64 channels, input 64x64x14x14 float32, rank 0.8
-    on Gaussian input (the worst case: ranks (50, 50, 12, 12)), one warm-up
-    step: vanilla 2.05 (CPU, torch 2.13) / 3.08 (H200, torch 2.11); ASI and
-    HOSVD 2.59 / 4.06; channel-unfolding SVD 4.01 / 10.2; gradient filter
-    2.05 / 3.08. On CUDA the Tucker transient is the batched Gram product of a
-    spatial mode (``tenalg.cross_gram``, 3x the input), the SVD's
-    ``torch.linalg.svd`` of the 64 x 12544 unfolding (9.1x).
-    """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
-    layer.train()
-    with torch.enable_grad():
-        _warm_up(layer, x, warmup)
-
-        def forward() -> torch.Tensor:
-            return layer(x)
-
-        if x.device.type == "cuda":
-            result, peak, retained = _cuda_peak(forward, x.device)
-        else:
-            result, peak, retained = _cpu_peak(forward)
-    return PeakMemory(
-        peak_bytes=peak,
-        retained_bytes=retained,
-        input_bytes=x.nelement() * x.element_size(),
-        output_bytes=result.nelement() * result.element_size(),
-        device=str(x.device),
-    )
