@@ -278,8 +278,13 @@ def expected_bytes(method: str, layer: Any, shape: tuple[int, ...], out: tuple[i
     return nbytes(shape[0], shape[1], *cells)
 
 
+def case_rank(kind: str, rank: Any) -> Any:
+    # One sample is a (1, C) matrix: an int rank above 1 is refused there, by design.
+    return 1 if kind == "linear-1d" and isinstance(rank, int) else rank
+
+
 CASES = [
-    pytest.param(kind, method, rank, id=f"{kind}-{method}-{rank}")
+    pytest.param(kind, method, case_rank(kind, rank), id=f"{kind}-{method}-{case_rank(kind, rank)}")
     for kind in LAYERS
     for method, rank in METHOD_RANKS
     if not (method == "gradient_filter" and kind.startswith("linear"))  # convs only
