@@ -53,7 +53,12 @@ from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch.functions import autocast_dtype
 from tensorcompress.torch.gradient_filter import PatchAverage
 from tensorcompress.torch.modules import CompressedModule
-from tensorcompress.torch.selection import LayerSelection, select_layers, split_example
+from tensorcompress.torch.selection import (
+    SUPPORTED_LAYERS,
+    LayerSelection,
+    select_layers,
+    split_example,
+)
 from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
@@ -524,7 +529,7 @@ def _select(model: nn.Module, layers: LayerSelection, example: Any) -> dict[str,
 
 
 def _kind(module: nn.Module) -> str:
-    for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
+    for cls in SUPPORTED_LAYERS:
         if isinstance(module, cls):
             return cls.__name__
     return type(module).__name__
