@@ -28,7 +28,6 @@ Tucker compresses vanish), and an integer upscale (x6) of the 8x8 digits.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import platform
@@ -49,20 +48,18 @@ from tensorcompress.experiments import data as D
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch import convert, last_layers, trainable_only
+from tensorcompress.torch import METHODS, convert
+from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
 
 __all__ = [
-    "METHODS",
     "RunConfig",
     "add_arguments",
     "config_from_args",
     "main",
+    "prepare",
     "run_experiment",
 ]
-
-METHODS: tuple[str, ...] = ("vanilla", "gradient_filter", "hosvd", "svd", "asi")
-"""Methods of the experiment, in table order."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,8 @@ class RunConfig:
         ``"all"`` (vanilla only: the full fine-tuning reference) and numbers
         of fine-tuned last convs, as strings (``("all", "2", "4")``).
     methods : tuple of str
-        Among :data:`METHODS`.
+        Among :data:`tensorcompress.torch.METHODS` (all of them, in that order,
+        by default).
     threshold : float
         Explained variance of HOSVD and SVD, and the budget ``hosvd@threshold`` of ASI.
     patch : int
@@ -206,28 +204,8 @@ LABELS = {
 }
 
 
-def _label(method: str, config: RunConfig, budget: bool) -> str:
-    if method == "asi" and not budget:
-        return "ASI (HOSVD ranks)"
+def _label(method: str, config: RunConfig) -> str:
     return LABELS[method].format(patch=config.patch, eps=config.threshold)
-
-
-def budget_available() -> bool:
-    """Whether :mod:`tensorcompress.torch.budget` (rank allocation) can be imported."""
-    try:
-        from tensorcompress.torch.budget import plan_ranks  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _flops_counter() -> Any:
-    """:func:`tensorcompress.torch.flops.training_step_flops`, or None if it is missing."""
-    try:
-        from tensorcompress.torch.flops import training_step_flops
-    except ImportError:
-        return None
-    return training_step_flops
 
 
 # ---------------------------------------------------------------------------
@@ -245,49 +223,88 @@ class _Trained:
     result: dict[str, Any]
 
 
-def _convs(model: nn.Module, layers: str, example: torch.Tensor) -> list[str]:
-    if layers == "all":
-        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-    return last_layers(int(layers)).select(model, example)
-
-
 def _asi_ranks(
     model: nn.Module,
     names: list[str],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     threshold: float,
-    use_budget: bool,
     env: T.DistEnv,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-    """ASI's per-layer ranks, decided on process 0 and shared with the others.
+    """ASI's per-layer ranks under HOSVD's memory, decided on process 0 and shared.
 
-    With :mod:`~tensorcompress.torch.budget`: the allocation of
-    ``plan_ranks(..., budget="hosvd@threshold")`` on the first training
-    batches. Without it: HOSVD's ranks at ``threshold`` on the first batch.
+    The allocation of ``plan_ranks(..., budget="hosvd@threshold")`` on the
+    first training batches (:func:`~tensorcompress.experiments.train.asi_budget_ranks`).
     """
-    info: dict[str, Any]
+    shared = None
     if env.main:
-        if use_budget:
-            from tensorcompress.torch.budget import plan_ranks
-
-            alloc = plan_ranks(model, batches, layers=names, budget=f"hosvd@{threshold!r}")
-            ranks = {n: tuple(int(r) for r in alloc.ranks[n]) for n in names}
-            info = {
-                "source": f"budget.plan_ranks(budget='hosvd@{threshold}')",
-                "budget_bytes": alloc.budget_bytes,
-                "allocated_bytes": alloc.total_bytes,
-                "thresholds": alloc.thresholds,
-            }
-        else:
-            probe = convert(copy.deepcopy(model), method="hosvd", rank=threshold, layers=names)
-            report = activation_memory(probe, batches[0][0], layers=names)
-            ranks = {layer.name: tuple(layer.ranks or ()) for layer in report.layers}
-            info = {"source": f"HOSVD's ranks at {threshold} on the first batch (no budget.py)"}
+        alloc = T.asi_budget_ranks(model, batches, names, [threshold])[threshold]
+        ranks = {n: tuple(int(r) for r in alloc.ranks[n]) for n in names}
+        info = {
+            "source": f"budget.plan_ranks(budget='hosvd@{threshold}')",
+            "budget_bytes": alloc.budget_bytes,
+            "allocated_bytes": alloc.total_bytes,
+            "thresholds": alloc.thresholds,
+        }
         shared = (ranks, info)
-    else:
-        shared = None
     ranks, info = env.broadcast(shared)
     return ranks, info
+
+
+def prepare(
+    method: str,
+    layers: str,
+    seed: int,
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    train: D.ImageData,
+    example: torch.Tensor,
+    env: T.DistEnv,
+) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    """The model of one configuration, ready to fine-tune.
+
+    The backbone with a fresh classifier (seeded by ``seed``), frozen by
+    :func:`~tensorcompress.experiments.train.freeze_for` (the rule
+    ``tensorcompress table`` uses too) and converted for ``method``.
+
+    Parameters
+    ----------
+    method, layers : str
+        The configuration (``layers``: ``"all"`` or a number of last convs).
+    seed : int
+        Seeds the classifier, the ASI budget batches and the layers.
+    config : RunConfig
+        The experiment.
+    state : dict
+        The pretrained backbone.
+    train : ImageData
+        Training split (ASI measures its budget on its first batches).
+    example : Tensor
+        One batch on the device, to find execution order.
+    env : DistEnv
+        Process placement.
+
+    Returns
+    -------
+    tuple
+        The model, the fine-tuned convs and extra result fields (ASI's ranks).
+    """
+    device = env.device
+    model = T.load_backbone(config.model, train.num_classes, state, seed).to(device)
+    names = T.freeze_for(model, layers, example)
+    extra: dict[str, Any] = {}
+    rank: Any = config.threshold
+    if method == "asi":
+        batches = [
+            (D.to_input(images, device), labels.to(device))
+            for images, labels in T.step_iter(
+                train, config.budget_batches, config.finetune.batch_size, seed, env
+            )
+        ]
+        ranks, extra["asi_ranks"] = _asi_ranks(model, names, batches, config.threshold, env)
+        rank = {n: ranks[n] for n in names}
+    if method != "vanilla":
+        convert(model, method=method, rank=rank, layers=names, patch=config.patch, seed=seed)
+    return model, names, extra
 
 
 def _run_one(
@@ -301,29 +318,11 @@ def _run_one(
     measure: tuple[torch.Tensor, torch.Tensor],
     env: T.DistEnv,
     progress: str | None,
-    use_budget: bool,
 ) -> _Trained:
     device = env.device
-    model = T.load_backbone(config.model, train.num_classes, state, seed).to(device)
     x_measure = D.to_input(measure[0], device)
     y_measure = measure[1].to(device)
-    names = _convs(model, layers, x_measure)
-    trainable_only(model, T.trainable_modules(model, names, x_measure) if layers != "all" else [""])
-    extra: dict[str, Any] = {}
-    rank: Any = config.threshold
-    if method == "asi":
-        batches = [
-            (D.to_input(images, device), labels.to(device))
-            for images, labels in T.step_iter(
-                train, config.budget_batches, config.finetune.batch_size, seed, env
-            )
-        ]
-        rank, extra["asi_ranks"] = _asi_ranks(
-            model, names, batches, config.threshold, use_budget, env
-        )
-        rank = {n: rank[n] for n in names}
-    if method != "vanilla":
-        convert(model, method=method, rank=rank, layers=names, patch=config.patch, seed=seed)
+    model, names, extra = prepare(method, layers, seed, config, state, train, x_measure, env)
     net: nn.Module = model
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -337,20 +336,12 @@ def _run_one(
     # Measured after training: ASI is in its steady state (warm start), and
     # HOSVD's ranks are those of the trained weights.
     memory = activation_memory(model, x_measure, layers=names)
-    counter = _flops_counter()
-    gflops = decomp_gflops = math.nan
-    flops_detail = None
-    if counter is not None:
-        step = counter(model, x_measure, loss_fn=lambda out: F.cross_entropy(out, y_measure))
-        gflops, decomp_gflops = step.gflops, step.decomposition / 1e9
-        flops_detail = {
-            "forward": step.forward / 1e9,
-            "decomposition": step.decomposition / 1e9,
-            "backward": step.backward / 1e9,
-        }
+    step = training_step_flops(
+        model, x_measure, loss_fn=lambda out: F.cross_entropy(out, y_measure)
+    )
     result = {
         "method": method,
-        "label": _label(method, config, use_budget),
+        "label": _label(method, config),
         "layers": layers,
         "seed": seed,
         "accuracy": accuracy,
@@ -358,9 +349,13 @@ def _run_one(
         "mem_analytic_bytes": memory.analytic_bytes,
         "mem_vanilla_bytes": memory.vanilla_bytes,
         "mem_full_bytes": memory.total_bytes,
-        "gflops": gflops,
-        "decomp_gflops": decomp_gflops,
-        "gflops_detail": flops_detail,
+        "gflops": step.gflops,
+        "decomp_gflops": step.decomposition / 1e9,
+        "gflops_detail": {
+            "forward": step.forward / 1e9,
+            "decomposition": step.decomposition / 1e9,
+            "backward": step.backward / 1e9,
+        },
         "train_seconds": train_seconds,
         "train_step_seconds": log.median_step(),
         "final_loss": sum(log.losses[-5:]) / len(log.losses[-5:]),
@@ -514,8 +509,6 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         )
     measure = (train.images[first[0]], train.labels[first[0]])
 
-    use_budget = budget_available()
-    has_flops = _flops_counter() is not None
     runs = config.rows()
     results: list[dict[str, Any]] = []
     pre_info: list[dict[str, Any]] = []
@@ -529,7 +522,7 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         pre_info.append(info)
         trained: list[_Trained] = []
         for k, (method, layers) in enumerate(runs):
-            label = f"{_label(method, config, use_budget)}, {layers} layers"
+            label = f"{_label(method, config)}, {layers} layers"
             desc = f"[{k + 1}/{len(runs)}] {label}" + (
                 f" (seed {seed})" if config.seeds > 1 else ""
             )
@@ -544,7 +537,6 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
                 measure,
                 env,
                 desc if progress else None,
-                use_budget,
             )
             trained.append(t)
             if progress:
@@ -559,7 +551,7 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         del trained
 
     rows = R.summarise(results)
-    notes = _notes(config, env, source, train, test, pre_info, use_budget, has_flops, rows)
+    notes = _notes(config, env, source, train, test, pre_info, rows)
     meta = {
         "config": {
             **asdict(config),
@@ -594,8 +586,6 @@ def _notes(
     train: D.ImageData,
     test: D.ImageData,
     pre: Sequence[dict[str, Any]],
-    use_budget: bool,
-    has_flops: bool,
     rows: Sequence[R.Row],
 ) -> list[str]:
     ft = config.finetune
@@ -620,12 +610,7 @@ def _notes(
         notes.append(
             f"ASI ranks: budget allocation at HOSVD's memory (hosvd@{config.threshold}) on "
             f"{config.budget_batches} training batches"
-            if use_budget
-            else "ASI ranks: FALLBACK, HOSVD's ranks at "
-            f"{config.threshold} on the first batch (tensorcompress.torch.budget not available)"
         )
-    if not has_flops:
-        notes.append("GFLOPs: n/a (tensorcompress.torch.flops not available)")
     if config.seeds > 1:
         notes.append(
             f"seeds {config.seed}..{config.seed + config.seeds - 1}: each seed pretrains its own "

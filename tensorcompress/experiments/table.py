@@ -14,14 +14,16 @@ One row per (method, number of fine-tuned convs N):
 - **GFLOPs**: one training step counted by
   :func:`tensorcompress.torch.flops.training_step_flops` (forward of the whole
   network + decomposition + the backward autograd runs; 2 flops per MAC), and
-  the paper's own estimate (:func:`tensorcompress.torch.flops.paper_layer_flops`:
+  the paper's own estimate (:func:`tensorcompress.experiments.paper.paper_flops`:
   MACs of the fine-tuned convs only, groups and stride ignored).
 
 What trains (the paper's setup, as in the authors' ``freeze_layers``): the last
-N ``Conv2d`` in execution order and every parameter registered after the first
-of them (the BatchNorms between them and the classifier); everything before
-is frozen. So "saved" is what autograd keeps for exactly that step, and the
-frozen layers below the first fine-tuned conv run no backward at all.
+N convs in execution order and every module with parameters that runs after
+the first of them (the BatchNorms between them and the classifier), by the
+adapter's one freeze rule (:func:`tensorcompress.experiments.train.freeze_for`,
+which ``tensorcompress run`` uses too); everything before is frozen. So
+"saved" is what autograd keeps for exactly that step, and the frozen layers
+below the first fine-tuned conv run no backward at all.
 
 Ranks: HOSVD uses the explained-variance threshold ``--rank`` on the batch
 the command generates (crops of scikit-learn's sample images, or uniform
@@ -29,12 +31,12 @@ noise with ``--input random``) through the model's weights (seeded random
 initialisation unless ``--weights`` gives a state_dict), so its ranks, Mem and
 GFLOPs illustrate the formulas rather than reproduce the paper's ImageNet
 figures. ASI's ranks are chosen, as in the paper, to fit HOSVD's memory at the
-same threshold (:func:`tensorcompress.torch.budget.plan_ranks` with budget
-``"hosvd@EPS"``, measured on the same batch); without that module, ASI uses
-HOSVD's ranks and the output says so.
+same threshold (budget ``"hosvd@EPS"`` of
+:func:`tensorcompress.torch.budget.plan_ranks`, measured on the same batch).
 
 The vanilla and gradient-filter Mem and paper-convention GFLOPs depend on the
-architecture alone and reproduce the paper's table (:data:`PAPER_TABLE`).
+architecture alone and reproduce the paper's table
+(:data:`tensorcompress.experiments.paper.PAPER_TABLE`).
 
 Cost: each row is one measuring forward and one counted forward + backward,
 but only from the first trainable module on. The frozen layers below it are
@@ -60,144 +62,32 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch import convert, trainable_only
-from tensorcompress.torch.flops import (
-    COUNTER_FLOPS,
+from tensorcompress.experiments import train as T
+from tensorcompress.experiments.paper import (
+    PAPER_METHODS,
+    PATCH,
+    PaperFigure,
     PaperFlops,
-    StepFlops,
-    paper_layer_flops,
-    training_step_flops,
+    paper_figure,
+    paper_flops,
+    paper_mem_bytes,
 )
-from tensorcompress.torch.measure import (
-    MB,
-    activation_memory,
-    analytic_bytes,
-)
+from tensorcompress.models import MODEL_NAMES, get_model
+from tensorcompress.torch import convert, fine_tuned_modules
+from tensorcompress.torch.flops import COUNTER_FLOPS, StepFlops, training_step_flops
+from tensorcompress.torch.measure import MB, activation_memory
 from tensorcompress.torch.state import preserved_training_state
 
 __all__ = [
-    "PAPER_TABLE",
-    "TABLE_METHODS",
     "ConvCall",
-    "PaperFigure",
     "TableResult",
     "TableRow",
     "add_arguments",
-    "fine_tuned_modules",
     "main",
     "make_batch",
-    "paper_figure",
-    "paper_flops",
-    "paper_mem_bytes",
     "probe_convs",
     "run_table",
 ]
-
-TABLE_METHODS: tuple[str, ...] = ("vanilla", "gradient_filter", "hosvd", "asi")
-"""The methods of the paper's table, in its order."""
-
-PATCH = 2
-"""Gradient-filter patch size of the paper's table (R2)."""
-
-
-# ---------------------------------------------------------------------------
-# The paper's figures (specs/paper-table.md)
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PaperFigure:
-    """One row of the paper's ImageNet table (batch 64, 224x224, float32).
-
-    Attributes
-    ----------
-    model : str
-        A :data:`tensorcompress.models.MODEL_NAMES` name.
-    method : str
-        One of :data:`TABLE_METHODS` (HOSVD at explained variance 0.8,
-        gradient filter with R = 2).
-    layers : int or None
-        Number of fine-tuned convs; ``None`` for "all".
-    accuracy : float
-        Top-1 ImageNet accuracy (%).
-    mem_mb : float
-        Activation memory in MB (2**20 bytes).
-    gflops : float
-        The paper's training-cost estimate (its own formulas, in GMACs).
-    """
-
-    model: str
-    method: str
-    layers: int | None
-    accuracy: float
-    mem_mb: float
-    gflops: float
-
-
-def _rows(model: str, *rows: tuple[str, int | None, float, float, float]) -> list[PaperFigure]:
-    return [PaperFigure(model, *row) for row in rows]
-
-
-PAPER_TABLE: tuple[PaperFigure, ...] = tuple(
-    _rows(
-        "resnet18",
-        ("vanilla", None, 72.8, 532.88, 291.79),
-        ("vanilla", 2, 69.9, 12.25, 29.60),
-        ("gradient_filter", 2, 68.7, 4.00, 29.60),
-        ("gradient_filter", 4, 69.3, 7.00, 47.70),
-        ("hosvd", 2, 69.2, 0.97, 1581.42),
-        ("hosvd", 4, 70.5, 2.89, 4048.56),
-        ("asi", 2, 68.9, 0.93, 19.04),
-        ("asi", 4, 70.6, 2.63, 33.14),
-    )
-    + _rows(
-        "resnet34",
-        # Mem 839.04 for "all" is the only figure of the table the architecture
-        # does not give: its 36 conv inputs hold 839.125 MB.
-        ("vanilla", None, 75.6, 839.04, 528.55),
-        ("vanilla", 2, 69.6, 12.25, 29.60),
-        ("vanilla", 4, 72.2, 24.50, 59.19),
-        ("gradient_filter", 2, 68.8, 4.00, 29.60),
-        ("gradient_filter", 4, 70.9, 8.00, 59.21),
-        ("hosvd", 2, 68.7, 0.30, 1579.64),
-        ("hosvd", 4, 71.1, 1.11, 3160.46),
-        ("asi", 2, 68.3, 0.25, 16.44),
-        ("asi", 4, 71.1, 1.09, 35.31),
-    )
-    + _rows(
-        "mobilenet_v2",
-        ("vanilla", None, 74.0, 1651.84, 830.82),
-        ("vanilla", 2, 62.6, 15.31, 4.50),
-        ("gradient_filter", 2, 62.6, 5.00, 4.50),
-        ("gradient_filter", 4, 65.2, 9.38, 57.50),
-        ("hosvd", 2, 61.1, 0.15, 3049.71),
-        ("hosvd", 4, 63.9, 0.73, 5895.31),
-        ("asi", 2, 60.3, 0.13, 2.81),
-        ("asi", 4, 64.0, 0.71, 31.54),
-    )
-    + _rows(
-        "mcunet_in1",
-        ("vanilla", None, 67.4, 632.98, 248.84),
-        ("vanilla", 2, 62.1, 13.78, 19.31),
-        ("vanilla", 4, 64.7, 19.52, 19.88),
-        ("gradient_filter", 2, 61.8, 4.50, 19.31),
-        ("gradient_filter", 4, 64.4, 6.38, 19.89),
-        ("hosvd", 2, 61.7, 0.48, 1988.05),
-        ("hosvd", 4, 63.9, 0.88, 2457.59),
-        ("asi", 2, 61.7, 0.38, 11.01),
-        ("asi", 4, 63.5, 0.83, 11.93),
-    )
-)
-"""Every row of the paper's ImageNet table (``layers=None`` is "all")."""
-
-
-def paper_figure(model: str, method: str, layers: int | None) -> PaperFigure | None:
-    """The paper's row for ``(model, method, layers)``, or ``None`` if it has none."""
-    for fig in PAPER_TABLE:
-        if (fig.model, fig.method, fig.layers) == (model, method, layers):
-            return fig
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -265,11 +155,9 @@ def probe_convs(model: nn.Module, resolution: int) -> list[ConvCall]:
                 groups=int(module.groups),
             )
 
-    flags = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
-        model.eval()
-        with torch.no_grad():
+        with T.eval_mode(model), torch.no_grad():
             model(torch.zeros(1, 3, resolution, resolution))
     except (RuntimeError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -277,8 +165,6 @@ def probe_convs(model: nn.Module, resolution: int) -> list[ConvCall]:
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     for call in calls.values():
         small = [(n, s) for n, s in zip(call.input_shape[2:], call.stride) if s > 1 and n < s]
         if small:
@@ -288,103 +174,6 @@ def probe_convs(model: nn.Module, resolution: int) -> list[ConvCall]:
                 "input, smaller than its stride"
             )
     return list(calls.values())
-
-
-def paper_mem_bytes(
-    convs: Sequence[ConvCall],
-    method: str,
-    batch: int,
-    *,
-    ranks: Sequence[Sequence[int]] | None = None,
-    patch: int = PATCH,
-    itemsize: int = 4,
-) -> int:
-    """Analytic Mem of the given convs (the paper's convention) at batch ``batch``.
-
-    Parameters
-    ----------
-    convs : sequence of ConvCall
-        The fine-tuned convs (e.g. ``probe_convs(model, 224)[-n:]``).
-    method : {"vanilla", "gradient_filter", "hosvd", "asi"}
-        Compression method.
-    batch : int
-        Batch size.
-    ranks : sequence of sequence of int, optional
-        Tucker ranks per conv (``hosvd``, ``asi``).
-    patch : int, default 2
-        Gradient filter patch ``R``.
-    itemsize : int, default 4
-        Bytes per element (float32).
-
-    Returns
-    -------
-    int
-        Bytes, by :func:`tensorcompress.torch.measure.analytic_bytes`.
-    """
-    if method in ("hosvd", "asi") and (ranks is None or len(ranks) != len(convs)):
-        raise ValueError(f"method={method!r} needs one rank tuple per conv, got {ranks!r}")
-    total = 0
-    for k, call in enumerate(convs):
-        total += analytic_bytes(
-            method,
-            call.input_at(batch),
-            itemsize=itemsize,
-            ranks=None if ranks is None else ranks[k],
-            output_shape=call.output_at(batch),
-            patch=patch,
-        )
-    return total
-
-
-def paper_flops(
-    convs: Sequence[ConvCall],
-    method: str,
-    batch: int,
-    *,
-    ranks: Sequence[Sequence[int]] | None = None,
-    patch: int = PATCH,
-) -> PaperFlops:
-    """The paper's training-cost estimate (MACs) of fine-tuning ``convs`` at batch ``batch``.
-
-    The sum of :func:`tensorcompress.torch.flops.paper_layer_flops` over the
-    convs: the figure the paper prints as GFLOPs is ``.gflops``.
-    """
-    if method in ("hosvd", "asi") and (ranks is None or len(ranks) != len(convs)):
-        raise ValueError(f"method={method!r} needs one rank tuple per conv, got {ranks!r}")
-    total = PaperFlops(0.0, 0.0)
-    for k, call in enumerate(convs):
-        total = total + paper_layer_flops(
-            method,
-            call.input_at(batch),
-            call.output_at(batch),
-            call.kernel_size,
-            ranks=None if ranks is None else ranks[k],
-            patch=patch,
-        )
-    return total
-
-
-def fine_tuned_modules(model: nn.Module, convs: Sequence[str]) -> list[str]:
-    """Names of the modules that train when the last convs ``convs`` are fine-tuned.
-
-    As in the paper's code: the convs themselves, and every non-conv leaf
-    module registered after the first of them (the BatchNorms in between, the
-    classifier). Pass the result to
-    :func:`tensorcompress.torch.convert.trainable_only`.
-    """
-    wanted = set(convs)
-    named = list(model.named_modules())
-    positions = [i for i, (n, _) in enumerate(named) if n in wanted]
-    if len(positions) != len(wanted):
-        raise ValueError(f"{sorted(wanted - {n for n, _ in named})} are not modules of the model")
-    first = min(positions)
-    keep = []
-    for i, (name, module) in enumerate(named):
-        if any(True for _ in module.children()):
-            continue  # containers: their leaves decide
-        if name in wanted or (i > first and not isinstance(module, nn.Conv2d)):
-            keep.append(name)
-    return keep
 
 
 # ---------------------------------------------------------------------------
@@ -588,11 +377,10 @@ def _model_key(name: str) -> str:
 def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     if isinstance(methods, str):
         methods = [methods]
-    unknown = [m for m in methods if m not in TABLE_METHODS]
+    unknown = [m for m in methods if m not in PAPER_METHODS]
     if unknown or not methods:
         raise ValueError(
-            f"unknown method(s) {unknown or list(methods)}; valid methods are: "
-            f"{', '.join(TABLE_METHODS)}"
+            f"unknown method(s) {unknown or list(methods)}; the paper's table has {PAPER_METHODS}"
         )
     return tuple(dict.fromkeys(methods))  # drop repeats, keep order
 
@@ -635,16 +423,12 @@ def _module_events(
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with T.eval_mode(model), torch.no_grad():
             model(torch.zeros(1, 3, resolution, resolution))
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return events, calls
 
 
@@ -791,43 +575,34 @@ class _Runner:
         self.model = model
         self.name = name
         self.x = x
-        self.convs = convs
+        self.example = x[:1]  # execution order needs one image
+        self.convs = {c.name: c for c in convs}
         self.batch = int(x.shape[0])
         self.resolution = int(x.shape[-1])
         self.prefix: _Prefix | None = None
         if reuse_prefix:
             events, calls = _module_events(model, self.resolution)
-            plans = {
-                n: _prefix_modules(
-                    model, events, calls, fine_tuned_modules(model, [c.name for c in convs[-n:]])
-                )
-                for n in counts
-            }
+            plans = {}
+            for n in counts:
+                tuned = T.tuned_convs(model, n, self.example)
+                trainable = fine_tuned_modules(model, tuned, self.example)
+                plans[n] = _prefix_modules(model, events, calls, trainable)
             self.prefix = _Prefix(model, x, plans)
 
     def prepared(self, layers: int, method: str, rank: Any = None) -> tuple[nn.Module, list[str]]:
         """A copy of the model fine-tuning the last ``layers`` convs with ``method``."""
-        names = [c.name for c in self.convs[-layers:]]
         model = copy.deepcopy(self.model)
-        trainable_only(model, fine_tuned_modules(model, names))
+        names = T.freeze_for(model, layers, self.example)
         if self.prefix is not None:
             self.prefix.install(model, layers)
         if method != "vanilla":
             convert(model, method=method, rank=rank, layers=names, patch=PATCH)
         return model, names
 
-    def hosvd_ranks(self, layers: int, threshold: float) -> dict[str, tuple[int, ...]]:
-        model, names = self.prepared(layers, "hosvd", threshold)
-        report = activation_memory(model, self.x, layers=names)
-        return {layer.name: tuple(layer.ranks or ()) for layer in report.layers}
-
     def asi_ranks(self, layers: int, threshold: float) -> dict[str, tuple[int, ...]]:
-        from tensorcompress.torch.budget import plan_ranks
-
         model, names = self.prepared(layers, "vanilla")
         targets = torch.zeros(self.batch, dtype=torch.long)
-        alloc = plan_ranks(model, [(self.x, targets)], layers=names, budget=f"hosvd@{threshold!r}")
-        return alloc.ranks
+        return T.asi_budget_ranks(model, [(self.x, targets)], names, [threshold])[threshold].ranks
 
     def row(self, layers: int, method: str, rank: Any) -> TableRow:
         start = time.perf_counter()
@@ -847,7 +622,7 @@ class _Runner:
             (n, tuple(by_name[n].ranks or ())) for n in names if by_name[n].ranks is not None
         )
         rank_list = [r for _, r in ranks] if method in ("hosvd", "asi") else None
-        convs = self.convs[-layers:]
+        convs = [self.convs[n] for n in names]
         return TableRow(
             model=self.name,
             method=method,
@@ -866,21 +641,13 @@ class _Runner:
         )
 
 
-def _budget_available() -> bool:
-    try:
-        from tensorcompress.torch.budget import plan_ranks  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_table(
     model: str = "resnet18",
     *,
     batch: int = 64,
     resolution: int = 224,
     layers: Sequence[int] = (2, 4),
-    methods: Sequence[str] = TABLE_METHODS,
+    methods: Sequence[str] = PAPER_METHODS,
     rank: float = 0.8,
     weights: str | None = None,
     num_classes: int = 1000,
@@ -899,7 +666,8 @@ def run_table(
     layers : sequence of int
         Numbers of fine-tuned convs (each between 1 and the model's conv count).
     methods : sequence of str
-        Among :data:`TABLE_METHODS`; rows come method by method, as in the paper.
+        Among :data:`~tensorcompress.experiments.paper.PAPER_METHODS`; rows come
+        method by method, as in the paper.
     rank : float, default 0.8
         HOSVD's explained-variance threshold (ASI's budget is HOSVD's memory at it).
     weights : str, optional
@@ -962,40 +730,27 @@ def run_table(
         )
         + ", ImageNet-normalised",
     ]
-    use_budget = "asi" in methods and _budget_available()
     if "hosvd" in methods or "asi" in methods:
         notes.append(f"HOSVD ranks: explained variance {threshold} on this batch")
     if "asi" in methods:
         notes.append(
             f"ASI ranks: fit HOSVD's memory at {threshold} (budget.plan_ranks on this batch)"
-            if use_budget
-            else "ASI ranks: HOSVD's (tensorcompress.torch.budget is not available)"
         )
 
     rows: list[TableRow] = []
-    hosvd_ranks: dict[int, dict[str, tuple[int, ...]]] = {}
     for method in methods:
         for n in counts:
-            if method == "hosvd":
-                row = runner.row(n, method, threshold)
-                hosvd_ranks[n] = dict(row.ranks)
-            elif method == "asi":
-                if use_budget:
-                    asi_rank = runner.asi_ranks(n, threshold)
-                else:
-                    if n not in hosvd_ranks:
-                        hosvd_ranks[n] = runner.hosvd_ranks(n, threshold)
-                    asi_rank = hosvd_ranks[n]
-                row = runner.row(n, method, asi_rank)
+            if method == "asi":
+                rank_arg: Any = runner.asi_ranks(n, threshold)
             else:
-                row = runner.row(n, method, None)
-            rows.append(row)
+                rank_arg = threshold if method == "hosvd" else None
+            rows.append(runner.row(n, method, rank_arg))
     settings = (
         ("input", source),
         ("seed", seed),
         ("weights", weights),
         ("rank", threshold),
-        ("asi_ranks", None if "asi" not in methods else "budget" if use_budget else "hosvd"),
+        ("asi_ranks", "budget" if "asi" in methods else None),
     )
     return TableResult(rows=tuple(rows), notes=tuple(notes), settings=settings)
 
@@ -1059,8 +814,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(TABLE_METHODS),
-        help=f"among {', '.join(TABLE_METHODS)}",
+        default=list(PAPER_METHODS),
+        help=f"among {', '.join(PAPER_METHODS)}",
     )
     parser.add_argument(
         "--rank", type=float, default=0.8, help="HOSVD explained-variance threshold"

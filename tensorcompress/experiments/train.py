@@ -7,10 +7,12 @@
 - :func:`fine_tune` trains a prepared model on the target task for a number
   of epochs and records every step's wall time; :func:`evaluate` gives top-1
   accuracy.
-- :func:`trainable_modules` decides what trains when the last N convs are
-  fine-tuned: the convs themselves and every parameterised module that runs
-  after the first of them (BatchNorms in between, the classifier); everything
-  that runs before is frozen.
+- :func:`freeze_for` decides what trains when the last N convs are
+  fine-tuned, with the adapter's one selector and one freeze rule
+  (:func:`tensorcompress.torch.fine_tuned_modules`): the convs themselves and
+  every parameterised module that runs after the first of them (BatchNorms in
+  between, the classifier); everything that runs before is frozen.
+  :func:`asi_budget_ranks` gives ASI its ranks under HOSVD's memory.
 - :class:`DistEnv` is the process's place in a ``torchrun`` job: data are
   sharded by rank, gradients averaged by DistributedDataParallel (gloo on
   CPU, nccl on CUDA), accuracy summed over processes. Each process keeps its
@@ -32,7 +34,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,21 +46,34 @@ from tqdm.auto import tqdm
 
 from tensorcompress.experiments import data as D
 from tensorcompress.models import get_model
+from tensorcompress.torch import fine_tuned_modules, last_layers, select_layers, trainable_only
+from tensorcompress.torch.budget import (
+    DEFAULT_CANDIDATES,
+    Allocation,
+    Sensitivity,
+    allocate,
+    budget_from_spec,
+    measure_sensitivity,
+)
+from tensorcompress.torch.selection import plain_type
 
 __all__ = [
     "DistEnv",
     "FineTuneConfig",
     "PretrainConfig",
     "TrainLog",
+    "asi_budget_ranks",
     "default_cache_dir",
+    "eval_mode",
     "evaluate",
     "fine_tune",
+    "freeze_for",
     "head_name",
     "init_distributed",
     "load_backbone",
     "pretrain",
     "pretrained_state",
-    "trainable_modules",
+    "tuned_convs",
 ]
 
 # Bump when the source task or the pretraining loop changes: old cache
@@ -181,52 +196,112 @@ def head_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the modules that own parameters, in the order a forward first runs them."""
-    owners = {
-        name: m
-        for name, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False))
-    }
-    order: list[str] = []
-    names = {id(m): n for n, m in owners.items()}
-
-    def hook(module: nn.Module, args: Any) -> None:
-        name = names[id(module)]
-        if name not in seen:
-            seen.add(name)
-            order.append(name)
-
-    seen: set[str] = set()
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(hook) for m in owners.values()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    return order
+def _is_conv(module: nn.Module, name: str) -> bool:
+    return plain_type(module) in (nn.Conv1d, nn.Conv2d)
 
 
-def trainable_modules(model: nn.Module, convs: Sequence[str], example: torch.Tensor) -> list[str]:
-    """Modules that train when ``convs`` (the last N convs) are fine-tuned.
+def tuned_convs(model: nn.Module, layers: int | str, example_input: Any) -> list[str]:
+    """The convs fine-tuned for ``layers``: every conv (``"all"``) or the last N.
 
-    The convs, and every module with parameters that runs after the first of
-    them (in execution order, found by one forward of ``example``): the
-    BatchNorms between and after them and the classifier. The paper's code
-    uses the same rule in module order, which is execution order for every
-    model of :mod:`tensorcompress.models`.
+    The last N are counted in execution order on ``example_input``
+    (:func:`tensorcompress.torch.select_layers` with
+    :func:`~tensorcompress.torch.last_layers`, the adapter's one selector).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    layers : int or str
+        ``"all"``, or a positive number of last convs (an int or its digits).
+    example_input : Tensor
+        One batch (a single image is enough).
+
+    Returns
+    -------
+    list of str
+        Qualified names of the convs.
     """
-    order = execution_order(model, example)
-    missing = [c for c in convs if c not in order]
-    if missing:
-        raise ValueError(f"layers {missing} do not run in the model's forward")
-    first = min(order.index(c) for c in convs)
-    return order[first:]
+    if str(layers) == "all":
+        return select_layers(model, _is_conv)
+    return select_layers(model, last_layers(int(layers)), example_input)
+
+
+def freeze_for(model: nn.Module, layers: int | str, example_input: Any) -> list[str]:
+    """Prepare ``model`` to fine-tune ``layers``; return the fine-tuned convs.
+
+    The convs are :func:`tuned_convs`; what trains is the adapter's one freeze
+    rule, :func:`tensorcompress.torch.fine_tuned_modules` (every module with
+    parameters that runs at or after the first of them, in execution order:
+    the BatchNorms between and after them and the classifier); every other
+    parameter is frozen. ``tensorcompress run`` and ``tensorcompress table``
+    both prepare their models with it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, changed in place (``requires_grad``).
+    layers : int or str
+        ``"all"`` or a number of last convs.
+    example_input : Tensor
+        One batch, to find execution order.
+
+    Returns
+    -------
+    list of str
+        The fine-tuned convs, in execution order for the last N.
+    """
+    convs = tuned_convs(model, layers, example_input)
+    trainable_only(model, fine_tuned_modules(model, convs, example_input))
+    return convs
+
+
+def asi_budget_ranks(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    convs: Sequence[str],
+    thresholds: Sequence[float],
+) -> dict[float, Allocation]:
+    """ASI's per-layer ranks under HOSVD's memory, for each threshold (the paper's protocol).
+
+    For each ``t``: the allocation :func:`tensorcompress.torch.budget.plan_ranks`
+    gives with budget ``"hosvd@t"`` (the bytes HOSVD at explained variance
+    ``t`` keeps in these convs) on ``batches``. The sensitivity is measured
+    once, with every threshold among the candidates; each budget is then
+    allocated among the candidates ``plan_ranks`` would have measured for it
+    (the paper's, plus ``t``), so the result is that of one ``plan_ranks``
+    call per threshold at the cost of one measurement.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, prepared (frozen) but not converted.
+    batches : sequence of (inputs, targets)
+        Training batches to measure on.
+    convs : sequence of str
+        The fine-tuned convs.
+    thresholds : sequence of float
+        Explained-variance thresholds in (0, 1].
+
+    Returns
+    -------
+    dict
+        Threshold to :class:`~tensorcompress.torch.budget.Allocation`
+        (``.ranks``, ``.budget_bytes``, ``.total_bytes``, ``.thresholds``).
+    """
+    wanted = [float(t) for t in thresholds]
+    sens = measure_sensitivity(model, batches, list(convs), sorted({*DEFAULT_CANDIDATES, *wanted}))
+    out = {}
+    for t in wanted:
+        keep = {*DEFAULT_CANDIDATES, t}
+        own = Sensitivity(
+            tuple(
+                replace(layer, choices=tuple(c for c in layer.choices if c.threshold in keep))
+                for layer in sens.layers
+            ),
+            sens.n_batches,
+        )
+        out[t] = allocate(own, budget_from_spec(f"hosvd@{t!r}", own))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -404,21 +479,28 @@ def fine_tune(
     return log, stepper
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every module's training flag restored after it."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: D.ImageData, env: DistEnv, batch_size: int = 256) -> float:
     """Top-1 accuracy (in [0, 1]) on ``data``, each process scoring its shard."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     correct = 0
-    try:
-        shard = torch.arange(env.rank, len(data), env.world)
+    shard = torch.arange(env.rank, len(data), env.world)
+    with eval_mode(model):
         for start in range(0, len(shard), batch_size):
             idx = shard[start : start + batch_size]
             out = model(D.to_input(data.images[idx], env.device))
             correct += int((out.argmax(dim=1).cpu() == data.labels[idx]).sum())
-    finally:
-        for m, mode in modes:
-            m.training = mode
     right, total = env.sum([correct, len(shard)])
     return right / total if total else math.nan
 

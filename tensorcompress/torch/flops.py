@@ -1,16 +1,14 @@
-"""FLOPs of one training step, counted and in the paper's convention.
+"""FLOPs of one training step, counted.
 
-Two figures, never mixed:
-
-**Counted** (:func:`training_step_flops`): one forward and one backward of the
-model run under :class:`torch.utils.flop_counter.FlopCounterMode`, which
-counts the ops that really execute (2 flops per multiply-accumulate):
-convolutions and their backward, matrix products (``mm``, ``bmm``, ``addmm``,
-...) and attention. Elementwise ops, normalisation, pooling and reductions are
-not counted (the counter's convention, and a negligible share for these
-networks). Layers frozen below the first trainable one get no backward at all,
-and the first trainable conv computes no input gradient, because autograd does
-not run what nothing needs; the counter sees exactly that.
+:func:`training_step_flops` runs one forward and one backward of the model
+under :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the ops
+that really execute (2 flops per multiply-accumulate): convolutions and their
+backward, matrix products (``mm``, ``bmm``, ``addmm``, ...) and attention.
+Elementwise ops, normalisation, pooling and reductions are not counted (the
+counter's convention, and a negligible share for these networks). Layers
+frozen below the first trainable one get no backward at all, and the first
+trainable conv computes no input gradient, because autograd does not run what
+nothing needs; the counter sees exactly that.
 
 The decompositions run inside the compressed layers' forward: the counter sees
 their matrix products but has no formula for ``linalg_qr``, ``_linalg_eigh``
@@ -31,17 +29,10 @@ well-shaped products (one Gram matrix of the small spatial modes together,
 products widened by an identity Kronecker factor; see
 :mod:`tensorcompress.tenalg`), the count includes them.
 
-**Paper convention** (:func:`paper_layer_flops`): the formulas behind the
-GFLOPs column of the ICML 2025 paper (from the authors' code): per fine-tuned
-conv, in **multiply-accumulates** (not 2 flops per MAC), for the fine-tuned
-convs only (no frozen forward, no BatchNorm or classifier), ignoring groups
-(a depthwise conv is charged as a dense one) and, in most terms, stride (the
-forward is charged at the *input* resolution). They reproduce every vanilla
-and gradient-filter GFLOPs figure of the paper's table, e.g. 29.60 for the
-last two convs of ResNet18 (``2 * 2 * 64*7*7*512*512*9`` MACs). HOSVD's
-forward charges a full SVD of every unfolding, ``max(n, q)**2 * min(n, q)``;
-the HOSVD implemented here uses the Gram matrix and ``eigh`` (much cheaper),
-which the counted figure shows.
+The paper's own hand formulas (multiply-accumulates of the fine-tuned convs
+only, groups and stride ignored) reproduce one paper's table; they live with
+the experiments, in :mod:`tensorcompress.experiments.paper`, and are never
+mixed with the counted figure.
 """
 
 from __future__ import annotations
@@ -62,11 +53,9 @@ from tensorcompress.torch.state import preserved_training_state
 __all__ = [
     "COUNTER_FLOPS",
     "LINALG_FLOPS",
-    "PaperFlops",
     "StepFlops",
     "eigh_flops",
     "layer_op_flops",
-    "paper_layer_flops",
     "qr_flops",
     "svd_flops",
     "training_step_flops",
@@ -452,133 +441,4 @@ def training_step_flops(
         forward_by_op=tuple(sorted(_by_op(fwd).items())),
         backward_by_op=tuple(sorted(_by_op(bwd).items())),
         decomposition_by_layer=tuple(tracker.by_layer.items()),
-    )
-
-
-# ---------------------------------------------------------------------------
-# The paper's convention
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PaperFlops:
-    """A fine-tuned conv's training cost by the paper's formulas, in MACs.
-
-    Attributes
-    ----------
-    forward : float
-        Forward MACs (the conv, plus compression overhead).
-    backward : float
-        Backward MACs.
-    """
-
-    forward: float
-    backward: float
-
-    @property
-    def total(self) -> float:
-        """``forward + backward`` MACs."""
-        return self.forward + self.backward
-
-    @property
-    def gflops(self) -> float:
-        """``total / 1e9``: what the paper's table prints as GFLOPs."""
-        return self.total / 1e9
-
-    def __add__(self, other: PaperFlops) -> PaperFlops:
-        return PaperFlops(self.forward + other.forward, self.backward + other.backward)
-
-
-def _four(shape: Sequence[int], name: str) -> tuple[int, int, int, int]:
-    if len(shape) != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got {tuple(shape)}")
-    b, c, h, w = (int(s) for s in shape)
-    return b, c, h, w
-
-
-def paper_layer_flops(
-    method: str,
-    input_shape: Sequence[int],
-    output_shape: Sequence[int],
-    kernel_size: Sequence[int],
-    *,
-    ranks: Sequence[int] | None = None,
-    patch: int = 2,
-) -> PaperFlops:
-    """One fine-tuned Conv2d's training MACs by the paper's (authors' code) formulas.
-
-    With input ``(B, C, H, W)``, output ``(B, C', H', W')``, kernel
-    ``K_H x K_W`` and, for the Tucker methods, ranks ``(K0, K1, K2, K3)``:
-
-    - vanilla: forward ``K_H K_W C' C H W B``, backward ``K_H K_W C C' H' W' B``;
-    - gradient_filter (patch ``R``): forward
-      ``(H/R)(W/R)(R**2 - 1) C B + K_H K_W C C' B H W``, backward
-      ``2 B C' (H'/R)(W'/R) + C' C (K_H K_W - 1) + K_H K_W C C' B H W``;
-    - asi: forward ``sum_k (2 B C H W K_k + K_k**3)`` plus vanilla's; backward
-      ``K0 C' H' W' B + H K0 K1 K2 K3 + H W K0 K1 K3 + C' K0 K1 K_H K_W H' W'
-      + C' C K_H K_W K1``;
-    - hosvd: forward ``sum_k max(n_k, q_k)**2 min(n_k, q_k)`` (a full SVD of
-      every mode-``k`` unfolding, ``n_k x q_k``) plus vanilla's; backward as asi.
-
-    Groups are ignored (a depthwise conv costs as much as a dense one) and the
-    forward is charged at the input resolution whatever the stride; these are
-    the paper's figures, not the ops that run (see
-    :func:`training_step_flops` for those).
-
-    Parameters
-    ----------
-    method : {"vanilla", "gradient_filter", "asi", "hosvd"}
-        Compression method.
-    input_shape, output_shape : sequence of int
-        ``(B, C, H, W)`` and ``(B, C', H', W')``.
-    kernel_size : sequence of int
-        ``(K_H, K_W)``.
-    ranks : sequence of int, optional
-        Tucker ranks ``(K0, K1, K2, K3)`` (``asi`` and ``hosvd``).
-    patch : int, default 2
-        Gradient filter patch ``R``.
-
-    Returns
-    -------
-    PaperFlops
-        MACs; ``.gflops`` is the paper's unit.
-
-    Examples
-    --------
-    >>> layer = paper_layer_flops("vanilla", (64, 512, 7, 7), (64, 512, 7, 7), (3, 3))
-    >>> round(2 * layer.gflops, 2)  # ResNet18, last 2 convs: the paper's 29.60
-    29.6
-    """
-    b, c, h, w = _four(input_shape, "input_shape")
-    _, c2, h2, w2 = _four(output_shape, "output_shape")
-    kh, kw = (int(k) for k in kernel_size)
-    conv = kh * kw * c2 * c * h * w * b
-    if method == "vanilla":
-        return PaperFlops(conv, kh * kw * c * c2 * h2 * w2 * b)
-    if method == "gradient_filter":
-        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-            raise ValueError(f"patch must be a positive int, got {patch!r}")
-        r = patch
-        forward = (h / r) * (w / r) * (r**2 - 1) * c * b + conv
-        backward = 2 * b * c2 * (h2 / r) * (w2 / r) + c2 * c * (kh * kw - 1) + conv
-        return PaperFlops(forward, backward)
-    if method in ("asi", "hosvd"):
-        if ranks is None or len(ranks) != 4:
-            raise ValueError(f"method={method!r} needs four ranks (K0, K1, K2, K3), got {ranks!r}")
-        k0, k1, k2, k3 = (int(k) for k in ranks)
-        backward = (
-            k0 * c2 * h2 * w2 * b
-            + h * k0 * k1 * k2 * k3
-            + h * w * k0 * k1 * k3
-            + c2 * k0 * k1 * kh * kw * h2 * w2
-            + c2 * c * kh * kw * k1
-        )
-        if method == "asi":
-            overhead = sum(2 * b * c * h * w * k + k**3 for k in (k0, k1, k2, k3))
-        else:
-            size = b * c * h * w
-            overhead = sum(max(n, size // n) ** 2 * min(n, size // n) for n in (b, c, h, w))
-        return PaperFlops(overhead + conv, backward)
-    raise ValueError(
-        f"method must be 'vanilla', 'gradient_filter', 'asi' or 'hosvd', got {method!r}"
     )

@@ -18,6 +18,7 @@ from tensorcompress.experiments import report as R
 from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
+from tensorcompress.torch import METHODS
 
 # Small enough for seconds per run: 4 steps of 16 images at 32x32, 3 pretraining steps.
 TINY = [
@@ -57,7 +58,7 @@ def test_quick_run_end_to_end_cached_and_reproducible(
     doc = json.loads((first / "results.json").read_text())
     assert [p["cached"] for p in doc["pretraining"]] == [False]
     rows = _rows(first)
-    assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in run_mod.METHODS}
+    assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in METHODS}
     van = rows["vanilla", "2"]
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 100.0 and row["step_ms"] > 0
@@ -70,8 +71,7 @@ def test_quick_run_end_to_end_cached_and_reproducible(
     for method in ("hosvd", "svd", "asi"):
         assert 0 < rows[method, "2"]["mem_mb"] < van["mem_mb"]
     assert rows["gradient_filter", "2"]["mem_mb"] <= van["mem_mb"]
-    if run_mod._flops_counter() is not None:
-        assert rows["vanilla", "all"]["gflops"] > van["gflops"] > 0
+    assert rows["vanilla", "all"]["gflops"] > van["gflops"] > 0
     asi = rows["asi", "2"]["seeds"][0]
     assert set(asi["ranks"]) == set(asi["layer_names"]) and len(asi["layer_names"]) == 2
 
@@ -92,24 +92,6 @@ def test_quick_run_end_to_end_cached_and_reproducible(
         for field in ("accuracy", "mem_bytes", "mem_full_bytes", "final_loss", "ranks"):
             assert seeds[0][field] == row["seeds"][0][field], (key, field)
         assert again[key]["n_seeds"] == 2 and again[key]["accuracy_std"] is not None
-
-
-def test_asi_falls_back_to_hosvd_ranks_without_budget(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(run_mod, "budget_available", lambda: False)
-    code, stdout, _ = _run(
-        capsys, *TINY, "--layers", "2", "--methods", "hosvd", "asi",
-        "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out",
-    )  # fmt: skip
-    assert code == 0 and "FALLBACK" in stdout and "ASI (HOSVD ranks)" in stdout
-    rows = _rows(tmp_path / "out")
-    asi = rows["asi", "2"]["seeds"][0]
-    assert "first batch" in asi["asi_ranks"]["source"]
-    # The fallback's ranks are HOSVD's on the first batch at the same threshold,
-    # so the memory is of the same size as HOSVD's.
-    ratio = rows["asi", "2"]["mem_mb"] / rows["hosvd", "2"]["mem_mb"]
-    assert 0.5 < ratio < 2.0
 
 
 def test_weights_replace_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

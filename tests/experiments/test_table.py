@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from tensorcompress.experiments.cli import main
+from tensorcompress.experiments.paper import PAPER_METHODS
 from tensorcompress.experiments.table import (
-    PAPER_TABLE,
-    TABLE_METHODS,
     ConvCall,
-    PaperFigure,
     TableResult,
     TableRow,
-    fine_tuned_modules,
     make_batch,
-    paper_figure,
-    paper_flops,
-    paper_mem_bytes,
     probe_convs,
     run_table,
 )
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch.measure import MB
+from tensorcompress.torch import fine_tuned_modules
 
 F32 = 4
 
@@ -41,17 +34,8 @@ def convs_224() -> dict[str, list[ConvCall]]:
 
 
 # ---------------------------------------------------------------------------
-# The paper's figures, from the architecture alone
+# Conv shapes and what trains
 # ---------------------------------------------------------------------------
-
-
-def test_paper_table_data() -> None:
-    assert len(PAPER_TABLE) == 34
-    assert {f.model for f in PAPER_TABLE} == set(MODEL_NAMES)
-    assert {f.method for f in PAPER_TABLE} == set(TABLE_METHODS)
-    fig = paper_figure("mcunet_in1", "gradient_filter", 4)
-    assert fig is not None and (fig.mem_mb, fig.gflops) == (6.38, 19.89)
-    assert paper_figure("resnet18", "vanilla", 4) is None  # not in the paper
 
 
 def test_conv_counts(convs_224: dict[str, list[ConvCall]]) -> None:
@@ -65,70 +49,20 @@ def test_conv_counts(convs_224: dict[str, list[ConvCall]]) -> None:
     ]
 
 
-ARCHITECTURE_FIGURES = [f for f in PAPER_TABLE if f.method in ("vanilla", "gradient_filter")]
-
-
-@pytest.mark.parametrize(
-    "fig", ARCHITECTURE_FIGURES, ids=lambda f: f"{f.model}-{f.method}-{f.layers or 'all'}"
-)
-def test_every_vanilla_and_gradient_filter_figure(
-    fig: PaperFigure, convs_224: dict[str, list[ConvCall]]
-) -> None:
-    convs = convs_224[fig.model]
-    chosen = convs if fig.layers is None else convs[-fig.layers :]
-    gflops = paper_flops(chosen, fig.method, 64).gflops
-    assert f"{gflops:.2f}" == f"{fig.gflops:.2f}"
-    mem_mb = paper_mem_bytes(chosen, fig.method, 64) / MB
-    if (fig.model, fig.layers) == ("resnet34", None):
-        # The paper prints 839.04; its 36 conv inputs hold 839.125 MB.
-        assert mem_mb == 839.125
-    else:
-        assert f"{mem_mb:.2f}" == f"{fig.mem_mb:.2f}"
-
-
-def test_formula_at_other_sizes() -> None:
-    r18 = probe_convs(get_model("resnet18"), 96)  # final maps 3x3
-    assert paper_mem_bytes(r18[-2:], "vanilla", 3) == 2 * 3 * 512 * 3 * 3 * F32
-    assert paper_mem_bytes(r18[-2:], "gradient_filter", 3) == 2 * 3 * 512 * 2 * 2 * F32
-    macs = 3 * 3 * 3 * 512 * 512 * 9
-    assert paper_flops(r18[-2:], "vanilla", 3).total == 2 * 2 * macs
-
-    r18 = probe_convs(get_model("resnet18"), 160)  # final maps 5x5, downsample reads 10x10
-    gf = 3 * 5 * 512 * 3 * 3 * F32 + 5 * 256 * 3 * 3 * F32
-    assert paper_mem_bytes(r18[-4:], "gradient_filter", 5) == gf
-
-    mcu = probe_convs(get_model("mcunet_in1"), 96)  # the native resolution: 576 x 3 x 3
-    assert paper_mem_bytes(mcu[-2:], "vanilla", 8) == 2 * 8 * 576 * 9 * F32
-    mbv2 = probe_convs(get_model("mobilenet_v2"), 128)  # 960 and 320 channels at 4x4
-    assert paper_mem_bytes(mbv2[-2:], "vanilla", 2) == 2 * (960 + 320) * 16 * F32
-    assert paper_mem_bytes(mbv2[-2:], "gradient_filter", 2) == 2 * (960 + 320) * 4 * F32
-
-
-def test_tucker_formula_needs_ranks(convs_224: dict[str, list[ConvCall]]) -> None:
-    convs = convs_224["resnet18"][-2:]
-    ranks = [(8, 20, 3, 3), (6, 10, 2, 2)]
-    expected = sum(
-        (math.prod(r) + sum(n * k for n, k in zip((64, 512, 7, 7), r))) * F32 for r in ranks
-    )
-    assert paper_mem_bytes(convs, "hosvd", 64, ranks=ranks) == expected
-    with pytest.raises(ValueError, match="rank"):
-        paper_mem_bytes(convs, "asi", 64)
-    with pytest.raises(ValueError, match="rank"):
-        paper_flops(convs, "hosvd", 64, ranks=ranks[:1])
-
-
 def test_fine_tuned_modules_follow_the_papers_code() -> None:
+    # The paper's code trains the last N convs and every parameter after the
+    # first of them; the one freeze rule names the modules owning them, in
+    # execution order.
     model = get_model("resnet18")
-    assert fine_tuned_modules(model, ["layer4.1.conv1", "layer4.1.conv2"]) == [
+    x = torch.zeros(1, 3, 64, 64)
+    assert fine_tuned_modules(model, ["layer4.1.conv1", "layer4.1.conv2"], x) == [
         "layer4.1.conv1",
         "layer4.1.bn1",
-        "layer4.1.relu",
         "layer4.1.conv2",
         "layer4.1.bn2",
-        "avgpool",
         "fc",
     ]
-    names = fine_tuned_modules(model, [c.name for c in probe_convs(model, 64)[-4:]])
+    names = fine_tuned_modules(model, [c.name for c in probe_convs(model, 64)[-4:]], x)
     assert "layer4.0.downsample.1" in names and "layer4.0.bn2" in names
     assert "layer4.0.conv1" not in names and "layer4.0.bn1" not in names
 
@@ -162,7 +96,7 @@ def small() -> TableResult:
 
 def test_measured_equals_analytic(small: TableResult) -> None:
     assert [(r.method, r.layers) for r in small.rows] == [
-        (m, n) for m in TABLE_METHODS for n in (2, 4)
+        (m, n) for m in PAPER_METHODS for n in (2, 4)
     ]
     for row in small.rows:
         assert row.mem_bytes == row.analytic_bytes > 0, (row.method, row.layers)
@@ -240,23 +174,6 @@ def test_replay_on_inverted_residual_models(model: str) -> None:
         assert (a.mem_bytes, a.saved_bytes, a.ranks) == (b.mem_bytes, b.saved_bytes, b.ranks)
         assert a.flops == b.flops
         assert a.mem_bytes == a.analytic_bytes
-
-
-def test_asi_falls_back_to_hosvd_ranks_without_the_budget_module(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import tensorcompress.experiments.table as table
-
-    monkeypatch.setattr(table, "_budget_available", lambda: False)
-    alone, both = (
-        run_table("mcunet_in1", batch=2, resolution=32, layers=(2,), methods=methods)
-        for methods in (("asi",), ("hosvd", "asi"))
-    )
-    assert any("HOSVD's (tensorcompress.torch.budget is not available)" in n for n in both.notes)
-    assert dict(both.settings)["asi_ranks"] == "hosvd"
-    hosvd_row, asi_row = both.rows
-    assert asi_row.ranks == hosvd_row.ranks == alone.rows[0].ranks
-    assert asi_row.mem_bytes == hosvd_row.mem_bytes
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for tensorcompress.torch.flops: factorisation formulas, counted steps, paper formulas."""
+"""Tests for tensorcompress.torch.flops: factorisation formulas and counted steps."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from tensorcompress.torch import convert
 from tensorcompress.torch.flops import (
     COUNTER_FLOPS,
     LINALG_FLOPS,
-    PaperFlops,
     eigh_flops,
     layer_op_flops,
-    paper_layer_flops,
     qr_flops,
     svd_flops,
     training_step_flops,
@@ -159,9 +157,6 @@ def test_groups_are_counted_as_they_run() -> None:
     # Each weight element meets each of the 5x5 input positions of each image,
     # in forward, input gradient and weight gradient.
     assert fixed.get_total_flops() == 3 * 2 * math.prod(transposed.weight.shape) * 2 * 25
-    # The paper's convention charges it as a dense conv: 16x more.
-    paper = paper_layer_flops("vanilla", (2, 16, 8, 8), (2, 16, 8, 8), (3, 3))
-    assert paper.forward == 16 * step.forward / 2
 
 
 def test_linear_layer_op_flops() -> None:
@@ -240,57 +235,6 @@ def test_loss_fn_for_non_tensor_outputs() -> None:
     assert step.forward == 2 * 4 * 2 * 3
     assert step.backward == 2 * 4 * 2 * 3  # weight gradient only: x needs none
     assert step.to_dict()["total"] == step.total and step.gflops == step.total / 1e9
-
-
-# ---------------------------------------------------------------------------
-# The paper's convention
-# ---------------------------------------------------------------------------
-
-
-def test_paper_vanilla_resnet_last_two_convs() -> None:
-    layer = paper_layer_flops("vanilla", (64, 512, 7, 7), (64, 512, 7, 7), (3, 3))
-    macs = 64 * 7 * 7 * 512 * 512 * 9
-    assert layer.forward == layer.backward == macs
-    assert round((layer + layer).gflops, 2) == 29.60  # the paper's 2-layer figure
-
-
-def test_paper_formulas_by_hand() -> None:
-    b, c, h, w, c2, h2, w2, k = 2, 4, 6, 6, 8, 3, 3, 3
-    conv = k * k * c2 * c * h * w * b  # charged at the input resolution: stride ignored
-    van = paper_layer_flops("vanilla", (b, c, h, w), (b, c2, h2, w2), (k, k))
-    assert (van.forward, van.backward) == (conv, k * k * c * c2 * h2 * w2 * b)
-    gf = paper_layer_flops("gradient_filter", (b, c, h, w), (b, c2, h2, w2), (k, k), patch=2)
-    assert gf.forward == 3 * 3 * 3 * c * b + conv
-    assert gf.backward == 2 * b * c2 * 1.5 * 1.5 + c2 * c * (k * k - 1) + conv
-    ranks = (1, 2, 3, 4)
-    asi = paper_layer_flops("asi", (b, c, h, w), (b, c2, h2, w2), (k, k), ranks=ranks)
-    assert asi.forward == sum(2 * b * c * h * w * r + r**3 for r in ranks) + conv
-    assert (
-        asi.backward
-        == (1 * c2 * h2 * w2 * b + h * 24 + h * w * 1 * 2 * 4 + c2 * 1 * 2 * k * k * h2 * w2)
-        + c2 * c * k * k * 2
-    )
-    hos = paper_layer_flops("hosvd", (b, c, h, w), (b, c2, h2, w2), (k, k), ranks=ranks)
-    size = b * c * h * w
-    svds = sum(max(n, size // n) ** 2 * min(n, size // n) for n in (b, c, h, w))
-    assert hos.forward == svds + conv and hos.backward == asi.backward
-    assert isinstance(hos + asi, PaperFlops)
-
-
-@pytest.mark.parametrize(
-    ("method", "kwargs", "match"),
-    [
-        ("hosvd", {}, "four ranks"),
-        ("asi", {"ranks": (1, 2, 3)}, "four ranks"),
-        ("svd", {}, "method must be"),
-        ("gradient_filter", {"patch": 0}, "patch"),
-    ],
-)
-def test_paper_formula_bad_input(method: str, kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        paper_layer_flops(method, (1, 2, 3, 3), (1, 2, 3, 3), (1, 1), **kwargs)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="B, C, H, W"):
-        paper_layer_flops("vanilla", (1, 2, 3), (1, 2, 3, 3), (1, 1))
 
 
 def test_formulas_are_integers_for_big_sizes() -> None:
