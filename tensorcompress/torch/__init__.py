@@ -1,12 +1,13 @@
 """The torch adapter: layers that keep a compressed input activation for backward.
 
->>> from tensorcompress.torch import convert, restore, last_layers
+>>> from tensorcompress.torch import convert, restore, last_layers, last_blocks
 >>> # model = convert(model, method="asi", rank=0.8, layers=last_layers(4))
+>>> # vit = convert(vit, method="asi", rank=0.8, layers=last_blocks(2), example_input=x)
 
 Importing this package imports torch; ``import tensorcompress`` does not.
 """
 
-from tensorcompress.torch.convert import compressed_layers, convert, restore
+from tensorcompress.torch.convert import compressed_layers, convert, input_groups, restore
 from tensorcompress.torch.functions import ConvSpec
 from tensorcompress.torch.gradient_filter import PatchAverage
 from tensorcompress.torch.modules import (
@@ -16,12 +17,17 @@ from tensorcompress.torch.modules import (
     CompressedLinear,
     CompressedModule,
     CompressionConfig,
+    SharedInput,
 )
 from tensorcompress.torch.selection import (
+    LastBlocks,
     LastLayers,
+    find_blocks,
     fine_tuned_modules,
+    last_blocks,
     last_layers,
     select_layers,
+    shared_inputs,
     trainable_only,
 )
 
@@ -33,13 +39,19 @@ __all__ = [
     "CompressedModule",
     "CompressionConfig",
     "ConvSpec",
+    "LastBlocks",
     "LastLayers",
     "PatchAverage",
+    "SharedInput",
     "compressed_layers",
     "convert",
+    "find_blocks",
     "fine_tuned_modules",
+    "input_groups",
+    "last_blocks",
     "last_layers",
     "restore",
     "select_layers",
+    "shared_inputs",
     "trainable_only",
 ]

@@ -27,12 +27,17 @@ Methods (:class:`CompressionConfig.method`):
 An int rank larger than the mode it applies to is a ``ValueError`` naming the
 layer, as in the core (:mod:`tensorcompress.rank`); it is never capped. Only
 the ranks ASI fixed itself at its cold start follow a later, smaller batch.
+
+Layers that read one tensor (q/k/v, gate/up) can share one compressed form:
+see :class:`SharedInput`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
+import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +61,7 @@ __all__ = [
     "CompressedLinear",
     "CompressedModule",
     "CompressionConfig",
+    "SharedInput",
 ]
 
 METHODS = ("vanilla", "asi", "hosvd", "svd", "gradient_filter")
@@ -176,6 +182,9 @@ class CompressedModule(nn.Module):
         What the last training forward kept; for ASI also the warm start of
         the next step. Its tensors are the ones saved for backward (the same
         storage, not a copy).
+    shared_input : SharedInput or None
+        The group of layers reading the same input that this layer belongs
+        to (see :class:`SharedInput`), or ``None``.
     """
 
     _plain_type: ClassVar[type[nn.Module]]
@@ -185,6 +194,7 @@ class CompressedModule(nn.Module):
         "last_result",
         "_fixed_ranks",
         "_rng",
+        "shared_input",
     )
 
     compression: CompressionConfig
@@ -192,6 +202,7 @@ class CompressedModule(nn.Module):
     last_result: Compressed | None
     _fixed_ranks: tuple[int | None, ...] | None
     _rng: np.random.Generator
+    shared_input: SharedInput | None
 
     def __init__(
         self,
@@ -210,10 +221,22 @@ class CompressedModule(nn.Module):
             raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
         self.compression = config
         self.layer_name = name
+        self.shared_input = None
         self.reset_state()
 
     def reset_state(self) -> None:
-        """Forget the last step (the next ASI step is a cold start)."""
+        """Forget the last step (the next ASI step is a cold start).
+
+        A layer of a :class:`SharedInput` group resets the whole group, whose
+        state is one.
+        """
+        group = self.shared_input
+        if group is None:
+            self._forget()
+        else:
+            group.reset_state()
+
+    def _forget(self) -> None:
         self.last_result = None
         self._fixed_ranks = None
         name = self.layer_name.encode()
@@ -355,10 +378,22 @@ class CompressedModule(nn.Module):
     # Under torch.compile the decomposition (data-dependent ranks, host-side
     # rank selection) runs eagerly: tracing into it only adds graph breaks.
     @torch.compiler.disable
-    def _compress(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> Compressed:
-        result = self._compress_input(x, out_shape)
+    def _compress(
+        self, x: torch.Tensor, out_shape: tuple[int, ...], source: torch.Tensor | None = None
+    ) -> Compressed:
+        group = self.shared_input
+        if group is None or source is None:
+            result = self._compress_input(x, out_shape)
+        else:
+            result = group.compress(x, out_shape, source)
         self.last_result = result
         return result
+
+    def _compressor(self, input: torch.Tensor) -> _fn.CompressFn:
+        """The ``compress`` callable for a forward on ``input`` (the tensor before any cast)."""
+        if self.shared_input is None:
+            return self._compress
+        return functools.partial(self._compress, source=input)
 
     def extra_repr(self) -> str:
         cfg = self.compression
@@ -367,6 +402,8 @@ class CompressedModule(nn.Module):
             extra += f", rank={cfg.rank!r}"
         if cfg.method == "gradient_filter":
             extra += f", patch={cfg.patch}"
+        if self.shared_input is not None:
+            extra += f", input shared by {len(self.shared_input.members)} layers"
         return f"{super().extra_repr()}, {extra}"
 
 
@@ -390,7 +427,8 @@ class _CompressedConv(CompressedModule):
             return out
         self._check_finite(input)
         spec = ConvSpec.from_module(self)  # type: ignore[arg-type]
-        return _fn.conv(input, self.weight, self.bias, spec, self._compress)  # type: ignore[arg-type]
+        compress = self._compressor(input)
+        return _fn.conv(input, self.weight, self.bias, spec, compress)  # type: ignore[arg-type]
 
 
 class CompressedConv2d(_CompressedConv, nn.Conv2d):
@@ -445,4 +483,207 @@ class CompressedLinear(CompressedModule, nn.Linear):
         if not self._compressing():
             return nn.Linear.forward(self, input)
         self._check_finite(input)
-        return _fn.linear(input, self.weight, self.bias, self._compress)
+        return _fn.linear(input, self.weight, self.bias, self._compressor(input))
+
+
+# ---------------------------------------------------------------------------
+# Layers that read the same input
+# ---------------------------------------------------------------------------
+
+SHAREABLE_METHODS = ("asi", "hosvd", "svd")
+"""Methods whose compressed form depends on the input alone, so layers can share it."""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The input a group decomposed last, and its decomposition."""
+
+    source: weakref.ref[torch.Tensor]
+    version: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    result: Compressed
+
+    def matches(self, source: torch.Tensor, x: torch.Tensor) -> bool:
+        return (
+            self.source() is source
+            and _version(source) == self.version
+            and x.dtype == self.dtype
+            and tuple(x.shape) == self.shape
+        )
+
+
+class SharedInput:
+    """Compressed layers that read one tensor and keep one compressed form of it.
+
+    A transformer block's q, k and v projections read the same hidden states,
+    a gated MLP's gate and up projections the same normalised tokens. Vanilla
+    autograd saves that tensor once for all of them; a group makes compressed
+    layers do the same: the input is decomposed once per training forward and
+    every member's autograd Function saves the same factor tensors (one
+    storage each, so memory holds them once).
+    :func:`~tensorcompress.torch.convert` builds the groups it finds by
+    tracing a forward pass (its ``share_inputs`` option).
+
+    Parameters
+    ----------
+    layers : sequence of CompressedModule
+        Two or more compressed layers of one type (all ``CompressedLinear``,
+        say) with equal :class:`CompressionConfig`, whose method is ``"asi"``,
+        ``"hosvd"`` or ``"svd"``: their compressed form depends on the input
+        alone (the gradient filter's depends on each conv's stride and output,
+        so it is not shared). In execution order: the first, the *leader*,
+        holds the group's state (ASI's warm start, the ranks fixed at its cold
+        start, the generator). Creating the group joins the layers (sets their
+        ``shared_input``); :meth:`dissolve` undoes it.
+
+    Raises
+    ------
+    TypeError
+        A layer that is not a :class:`CompressedModule`.
+    ValueError
+        Fewer than two layers, a layer given twice or already in a group,
+        layers of different types or configs, or a method that is not shared.
+
+    Notes
+    -----
+    Reuse is decided per call, at run time, so it never changes a gradient.
+    The first member that compresses in a training forward decomposes its
+    input with the leader's state and remembers that tensor (by a weak
+    reference), its version counter and the dtype it was decomposed in. A
+    later member whose input is the same tensor object, not modified in place
+    since (same version) and in the same dtype, keeps the same decomposition;
+    any other input is decomposed again (still exact, only not shared). So the
+    members may be in different training modes, or some frozen: a member that
+    does not compress (eval, ``torch.no_grad()``, a frozen weight) runs the
+    plain layer and neither decomposes nor reuses. Under autocast the identity
+    is that of the tensor before the cast, so the members share the
+    decomposition of the cast input.
+
+    Every member's ``last_result`` is the decomposition it kept (the same
+    object for all members in a step); the leader's is also the group's warm
+    start.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tensorcompress.torch import CompressedLinear, CompressionConfig, SharedInput
+    >>> cfg = CompressionConfig(method="hosvd", rank=(None, 2))
+    >>> q, k = (CompressedLinear.from_module(nn.Linear(4, 4), cfg) for _ in range(2))
+    >>> group = SharedInput([q, k])
+    >>> x = torch.randn(3, 4)
+    >>> (q(x) + k(x)).sum().backward()
+    >>> q.last_result is k.last_result
+    True
+    """
+
+    members: tuple[CompressedModule, ...]
+
+    def __init__(self, layers: Sequence[CompressedModule]) -> None:
+        members = tuple(layers)
+        wrong = [type(m).__name__ for m in members if not isinstance(m, CompressedModule)]
+        if wrong:
+            raise TypeError(f"SharedInput takes compressed layers, got {', '.join(wrong)}")
+        names = [_label(m) for m in members]
+        if len(members) < 2:
+            raise ValueError(f"a SharedInput needs at least two layers, got {names}")
+        if len({id(m) for m in members}) != len(members):
+            raise ValueError(f"a layer is given twice: {names}")
+        kinds = {m._plain_type for m in members}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"layers {names} are of different types ({sorted(k.__name__ for k in kinds)}); "
+                "a group shares one kind of layer"
+            )
+        first = members[0].compression
+        differ = [n for n, m in zip(names, members) if m.compression != first]
+        if differ:
+            raise ValueError(
+                f"layers {differ} are configured differently from {names[0]!r} ({first}); "
+                "the members of a group share one CompressionConfig"
+            )
+        if first.method not in SHAREABLE_METHODS:
+            raise ValueError(
+                f"method {first.method!r} is not shared (only {SHAREABLE_METHODS}: their "
+                "compressed form depends on the input alone)"
+            )
+        taken = [n for n, m in zip(names, members) if m.shared_input is not None]
+        if taken:
+            raise ValueError(f"layers {taken} are already in a group; dissolve() it first")
+        self.members = members
+        self._seen: _Seen | None = None
+        for m in members:
+            m.shared_input = self
+
+    @property
+    def leader(self) -> CompressedModule:
+        """The member holding the group's state (the first in execution order)."""
+        return self.members[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The members' qualified names."""
+        return tuple(m.layer_name for m in self.members)
+
+    def compress(
+        self, x: torch.Tensor, out_shape: tuple[int, ...], source: torch.Tensor
+    ) -> Compressed:
+        """The compressed form of ``x``: reused if the group just decomposed ``source``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            The input the layer computes with (``source``, or its autocast copy).
+        out_shape : tuple of int
+            The layer's output shape.
+        source : torch.Tensor
+            The tensor the layer was called with, whose identity is checked.
+        """
+        seen = self._seen
+        if seen is not None and seen.matches(source, x):
+            return seen.result
+        leader = self.members[0]
+        result = leader._compress_input(x, out_shape)
+        leader.last_result = result  # the group's warm start
+        version = _version(source)
+        self._seen = (
+            None
+            if version is None
+            else _Seen(weakref.ref(source), version, x.dtype, tuple(x.shape), result)
+        )
+        return result
+
+    def reset_state(self) -> None:
+        """Forget the last step for every member (the next ASI step is a cold start)."""
+        self._seen = None
+        for m in self.members:
+            m._forget()
+
+    def dissolve(self) -> None:
+        """Leave the members on their own (each decomposes its input again)."""
+        self._seen = None
+        for m in self.members:
+            if m.shared_input is self:
+                m.shared_input = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The remembered input is a weak reference and only valid within one forward.
+        state = dict(self.__dict__)
+        state["_seen"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"SharedInput({list(self.names)})"
+
+
+def _label(m: Any) -> str:
+    name = getattr(m, "layer_name", "")
+    return name if isinstance(name, str) and name else f"<unnamed {type(m).__name__}>"
