@@ -37,6 +37,25 @@ def test_import_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_cnn_path_does_not_import_transformers_or_peft() -> None:
+    # The transformers extra is optional: the models package and the adapter
+    # import it only inside the functions that build a transformer.
+    code = (
+        "import sys, torch\n"
+        "import tensorcompress, tensorcompress.torch, tensorcompress.models\n"
+        "from tensorcompress.torch import convert, last_layers\n"
+        "from tensorcompress.torch.measure import activation_memory\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "model = tensorcompress.models.get_model('resnet18', num_classes=4)\n"
+        "convert(model, method='asi', rank=0.8, layers=last_layers(2), example_input=x)\n"
+        "model(x).sum().backward()\n"
+        "activation_memory(model, x, layers=last_layers(2))\n"
+        "leaked = {'transformers', 'peft'} & set(sys.modules)\n"
+        "assert not leaked, f'imported {leaked}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_results_are_frozen_unpackable_and_convert_to_tensorly() -> None:
     x = np.random.default_rng(0).standard_normal((5, 4, 3))
     res = hosvd.decompose(x, (2, 2, 2))

@@ -2,6 +2,10 @@
 
 No torchvision import and no weight download: models start randomly initialised, and
 users who have a ``state_dict`` file pass it as ``weights`` to :func:`get_model`.
+
+The Hugging Face transformers of :mod:`tensorcompress.models.transformers`
+(:data:`TRANSFORMER_NAMES`) are built from configs by the same :func:`get_model`;
+they need the ``transformers`` extra, which is imported only when one is built.
 """
 
 from __future__ import annotations
@@ -15,8 +19,21 @@ from torch import nn
 from .mcunet import mcunet_in1
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18, resnet34
+from .transformers import LlamaShape, tiny_llama, tinyllama_1b, vit_tiny
 
-__all__ = ["MODEL_NAMES", "get_model", "mcunet_in1", "mobilenet_v2", "resnet18", "resnet34"]
+__all__ = [
+    "MODEL_NAMES",
+    "TRANSFORMER_NAMES",
+    "LlamaShape",
+    "get_model",
+    "mcunet_in1",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet34",
+    "tiny_llama",
+    "tinyllama_1b",
+    "vit_tiny",
+]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
@@ -25,8 +42,22 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mcunet_in1": mcunet_in1,
 }
 
-#: Names accepted by :func:`get_model`.
+#: The CNNs :func:`get_model` builds (the paper's models; they return logits).
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def _tiny_llama_classifier(num_classes: int) -> nn.Module:
+    return tiny_llama(num_labels=num_classes)
+
+
+_TRANSFORMERS: dict[str, Callable[..., nn.Module]] = {
+    "vit_tiny": vit_tiny,
+    "tiny_llama": _tiny_llama_classifier,
+}
+
+#: The Hugging Face transformers :func:`get_model` builds (they return output
+#: objects with ``.logits``); ``"tiny_llama"`` is the sequence classifier.
+TRANSFORMER_NAMES: tuple[str, ...] = tuple(_TRANSFORMERS)
 
 
 def _load_weights(model: nn.Module, weights: str | os.PathLike[str], name: str) -> None:
@@ -59,8 +90,8 @@ def get_model(
     Parameters
     ----------
     name : str
-        One of :data:`MODEL_NAMES` (case-insensitive; ``-`` is read as ``_``, so
-        ``"mcunet-in1"`` works).
+        One of :data:`MODEL_NAMES` or :data:`TRANSFORMER_NAMES` (case-insensitive;
+        ``-`` is read as ``_``, so ``"mcunet-in1"`` works).
     num_classes : int, default 1000
         Output features of the classification head.
     weights : str or os.PathLike or None, default None
@@ -79,9 +110,10 @@ def get_model(
         a readable state_dict or does not match the model (the message names the file).
     """
     key = name.lower().replace("-", "_")
-    if key not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)}")
-    model = _BUILDERS[key](num_classes=num_classes)
+    builders = {**_BUILDERS, **_TRANSFORMERS}
+    if key not in builders:
+        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(builders)}")
+    model = builders[key](num_classes=num_classes)
     if weights is not None:
         _load_weights(model, weights, key)
     return model
