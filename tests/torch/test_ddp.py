@@ -1,5 +1,8 @@
 """Converted models train under DistributedDataParallel (gloo, 2 CPU processes).
 
+A small CNN, and a Hugging Face ViT converted with ``last_blocks`` (its q/k/v
+sharing one decomposition).
+
 At full rank the compressed weight gradients are exact, so DDP on two halves
 of a batch must give the parameters of single-process training on the whole
 batch: DDP averages the per-process gradients of mean losses over equal
@@ -11,6 +14,7 @@ from __future__ import annotations
 import socket
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +123,128 @@ def test_ddp_full_rank_equals_single_process(
                 got = result["state"][name]
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
                 torch.testing.assert_close(got, vanilla.state_dict()[name], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# A Hugging Face ViT: last_blocks, and q/k/v sharing one decomposition
+# ---------------------------------------------------------------------------
+
+VIT_CLASSES = 5
+
+
+def tiny_vit() -> nn.Module:
+    from tensorcompress.models import vit_tiny
+
+    torch.manual_seed(0)
+    # 12x12 images in 4x4 patches: 10 tokens; no dropout (the default).
+    return vit_tiny(
+        num_classes=VIT_CLASSES,
+        image_size=12,
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        attn_implementation="eager",
+    )
+
+
+def vit_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 3, 12, 12, generator=g),
+            torch.randn(GLOBAL_BATCH, VIT_CLASSES, generator=g),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def vit_full_ranks(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Each selected layer's input shape (batch, tokens, features): its full rank."""
+    from tensorcompress.torch import last_blocks, select_layers
+
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    names = select_layers(model, last_blocks(2), x)
+    handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def convert_vit(x: torch.Tensor) -> nn.Module:
+    from tensorcompress.torch import last_blocks
+
+    model = tiny_vit()
+    ranks = vit_full_ranks(model, x)
+    return convert(model, method="asi", rank=ranks, layers=last_blocks(2), example_input=x)
+
+
+def train_vit(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x).logits, y).backward()
+        opt.step()
+
+
+def _vit_worker(rank: int, port: int, out: str) -> None:
+    from tensorcompress.torch import input_groups
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        half = GLOBAL_BATCH // WORLD
+        part = slice(rank * half, (rank + 1) * half)
+        shard = [(x[part], y[part]) for x, y in vit_data()]
+        model = convert_vit(shard[0][0])
+        train_vit(DistributedDataParallel(model), shard)
+        result = {
+            "state": model.state_dict(),
+            "ranks": {name: layer.ranks for name, layer in compressed_layers(model).items()},
+            "groups": [group.names for group in input_groups(model)],
+        }
+        torch.save(result, Path(out) / f"vit{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_vit_last_blocks_with_shared_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_vit_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    workers = [torch.load(tmp_path / f"vit{r}.pt") for r in range(WORLD)]
+
+    vanilla = tiny_vit()
+    train_vit(vanilla, vit_data())
+    reference = convert_vit(vit_data()[0][0])
+    train_vit(reference, vit_data())
+    initial = tiny_vit().state_dict()
+    assert max((vanilla.state_dict()[k] - v).abs().max() for k, v in initial.items()) > 1e-2
+    for worker in workers:
+        # q/k/v of both blocks shared their input, at full rank for the half batch.
+        assert worker["groups"] == [
+            tuple(f"vit.layers.{b}.attention.{p}_proj" for p in "qkv") for b in (0, 1)
+        ]
+        assert all(r[0] == GLOBAL_BATCH // WORLD for r in worker["ranks"].values())
+        for name, expected in reference.state_dict().items():
+            got = worker["state"][name]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=name)
+            torch.testing.assert_close(got, vanilla.state_dict()[name], atol=1e-5, rtol=0)
