@@ -47,6 +47,7 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankModule",
+    "conv_with",
     "export_low_rank",
     "factorize",
     "low_rank_layers",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import io
+import types
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from tensorcompress.torch import lowrank, wasi
 from tensorcompress.torch.lowrank import (
     LowRankConv2d,
     LowRankLinear,
@@ -217,3 +220,15 @@ def test_to_dense_forms_the_weight_and_keeps_the_function() -> None:
         torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-6)
     exported = export_low_rank(_trained("wasi")[0])
     assert type(to_dense(exported.fc2)) is nn.Linear  # a single layer works too
+
+
+@pytest.mark.parametrize("module", [lowrank, wasi])
+def test_public_names_are_exported_and_documented(module: types.ModuleType) -> None:
+    defined = {
+        name
+        for name, f in inspect.getmembers(module, inspect.isfunction)
+        if f.__module__ == module.__name__ and not name.startswith("_")
+    }
+    assert defined <= set(module.__all__), defined - set(module.__all__)
+    own = [getattr(module, name) for name in module.__all__]
+    assert all(o.__doc__ for o in own if inspect.isroutine(o) or inspect.isclass(o))
