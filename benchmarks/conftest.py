@@ -1,37 +1,37 @@
-"""Shared benchmark fixtures.
+"""Options of the benchmark suites in pytest mode.
 
-``realistic_activation(shape, seed)`` is the one generator of realistic
-activations (natural images from ``sklearn.datasets.load_sample_images``
-through a fixed, seeded conv stack with ReLU; see
-:mod:`tensorcompress.experiments.activations`). It is re-exported here for
-benchmark files, but they should import it from the package
-(``from tensorcompress.experiments.activations import realistic_activation``):
-``from conftest import ...`` resolves to whichever ``conftest`` module pytest
-loaded last when ``tests/`` and ``benchmarks/`` run in one session.
+``--threads`` sets torch's intra-op threads for the session. Torch's version
+and thread count go into the saved machine info and the report header, so a
+saved run says what it was measured with.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from tensorcompress.experiments.activations import realistic_activation
 
-__all__ = ["realistic_activation"]
-
-
-@functools.lru_cache(maxsize=16)
-def _cached(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return realistic_activation(shape, seed)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tensorcompress benchmarks")
+    group.addoption(
+        "--threads", type=int, default=0, help="torch intra-op threads (default: torch's)"
+    )
 
 
-@pytest.fixture(scope="session")
-def activation() -> Callable[[tuple[int, ...], int], torch.Tensor]:
-    """``activation(shape, seed)``: a realistic activation, computed once per session.
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("threads", default=0)
+    if threads:
+        torch.set_num_threads(threads)
 
-    The returned tensor is shared: do not modify it in place.
-    """
-    return _cached
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+
+
+def pytest_benchmark_update_machine_info(
+    config: pytest.Config, machine_info: dict[str, Any]
+) -> None:
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()

@@ -20,20 +20,19 @@ load 10), the difference being the multi-threaded LAPACK ``eigh`` under
 oversubscription (a 512x512 ``eigh`` took 0.26 s with 2 threads, 0.04 s with 1).
 
 ``pytest benchmarks/test_budget_cost.py --benchmark-only`` times both with
-pytest-benchmark; with ``--benchmark-disable`` (CI) the images are 64x64 and
-nothing is warmed up, so the run stays short.
+pytest-benchmark in one group, ``budget``, the training step being the
+baseline; with ``--benchmark-disable`` (CI) the images are 64x64 and each runs
+once, so the run stays short.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _timing import bench, summary, time_rounds
 from torch import nn
 
 from tensorcompress.experiments.activations import sample_images
@@ -50,7 +49,8 @@ from tensorcompress.torch.budget import (
 BATCH = 16
 N_BATCHES = 2
 N_LAYERS = 4
-TARGET_STEPS = 3.0  # "at most a few training steps" for the whole pass (issue 6)
+TARGET_STEPS = 3.0  # "at most a few training steps" for the whole pass
+ROUNDS, WARMUP = 5, 1
 
 
 def crops(batch: int, size: int, seed: int) -> torch.Tensor:
@@ -115,36 +115,26 @@ class Setup:
         return sens
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------------------
 # pytest-benchmark
 # ---------------------------------------------------------------------------
 
 
-def _setup(benchmark: Any, warm_up: Callable[[Setup], Any]) -> Setup:
-    # CI runs once with --benchmark-disable: smaller images, no warm-up call,
-    # same code path.
-    if getattr(benchmark, "disabled", False):
-        return Setup.make(size=64)
-    setup = Setup.make(size=224)
-    warm_up(setup)  # first-call setup is not timed
-    return setup
+def _setup(benchmark: Any) -> Setup:
+    # CI runs once with --benchmark-disable: smaller images, same code path.
+    benchmark.group = "budget"
+    return Setup.make(size=64 if benchmark.disabled else 224)
 
 
 def test_train_step(benchmark: Any) -> None:
-    setup = _setup(benchmark, Setup.train_step)
-    benchmark(setup.train_step)
+    setup = _setup(benchmark)
+    bench(benchmark, setup.train_step, ROUNDS, WARMUP)
     assert all(p.grad is not None for p in setup.model.parameters())
 
 
 def test_sensitivity(benchmark: Any) -> None:
-    setup = _setup(benchmark, Setup.sensitivity)
-    sens = benchmark(setup.sensitivity)
+    setup = _setup(benchmark)
+    sens = bench(benchmark, setup.sensitivity, ROUNDS, WARMUP)
     assert sens.names == tuple(setup.layers)
     assert sens.n_batches == N_BATCHES
     benchmark.extra_info["errors"] = {
@@ -162,7 +152,7 @@ def test_sensitivity(benchmark: Any) -> None:
 def main() -> None:
     """Print the cost ratio (``python benchmarks/test_budget_cost.py --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=ROUNDS, help="interleaved rounds")
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,13 +160,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup.make(args.size, args.device)
-    setup.train_step()
+    # Interleaved: both see the same machine state.
+    times = time_rounds(
+        {"step": setup.train_step, "sensitivity": setup.sensitivity}, args.repeats, WARMUP
+    )
+    step, sens_t = summary(times["step"]).median, summary(times["sensitivity"]).median
     sens = setup.sensitivity()
-    steps, passes = [], []
-    for _ in range(args.repeats):  # interleaved: both see the same machine state
-        steps.append(_timed(setup.train_step))
-        passes.append(_timed(setup.sensitivity))
-    step, sens_t = statistics.median(steps), statistics.median(passes)
     ratio = sens_t / step
     print(
         f"torch {torch.__version__}, device {setup.device}, {torch.get_num_threads()} threads, "
