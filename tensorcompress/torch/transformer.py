@@ -1,0 +1,628 @@
+"""Fine-tuning whole transformer blocks: the methods and the options for every saved tensor.
+
+Compressing the inputs of a block's Linear layers (:func:`~tensorcompress.torch.convert`)
+leaves the other tensors the block keeps for backward in place: the attention
+tensors, the LayerNorm and activation-function inputs. This module puts every
+way of dealing with them, and the baselines, behind one call::
+
+    model = prepare(model, "asi", blocks=4, example_input=batch,
+                    options=BlockOptions(attention="sdpa", saved="int8"))
+
+Methods (``method=``), each applied to the selected blocks:
+
+- ``"vanilla"``: the blocks (and everything after them) train, nothing else changes;
+- ``"checkpoint"``: activation checkpointing of each whole block with
+  :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): the block keeps
+  only its input and recomputes its forward during backward. Exact. One
+  mechanism for any block module (Hugging Face layers,
+  ``nn.TransformerEncoderLayer``), installed per block instance;
+- ``"lora"``: LoRA through `peft` (``LoraConfig`` and ``get_peft_model``) on
+  the blocks' Linear layers; the modules after the blocks train whole
+  (PEFT's ``modules_to_save``);
+- ``"lora+asi"``: LoRA, and ASI on the input of each LoRA down-projection
+  (``lora_A``, whose input is the frozen layer's input): LoRA cuts the weight
+  gradients and optimizer state, ASI the activations LoRA keeps;
+- ``"asi"``, ``"hosvd"``, ``"svd"``: the blocks' Linear layers keep a compressed
+  input (:func:`~tensorcompress.torch.convert`); exact input gradient.
+
+Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
+
+- ``attention="sdpa"``: the model's attention runs
+  :func:`torch.nn.functional.scaled_dot_product_attention`, which keeps
+  query, key, value, output and the per-row log-sum-exp instead of the
+  attention probabilities (``"eager"`` keeps query, key, the probabilities
+  and value). Exact. Hugging Face models only (``nn.MultiheadAttention``
+  already uses SDPA when it does not return the weights);
+- ``recompute=("norm", "activation")``: each norm and activation-function
+  module of the blocks runs under :func:`torch.utils.checkpoint.checkpoint`,
+  so it keeps its input only and recomputes the rest. Exact. It helps where
+  the module keeps more than its input (an RMSNorm written as element-wise
+  ops keeps the input and the normalised copy); ``nn.LayerNorm`` and a GELU
+  keep only their input already, so for them it changes nothing;
+- ``saved="int8"``: every other tensor the blocks save for backward (not a
+  parameter, not a Linear/Conv layer's input, at least ``int8_min_bytes``) is
+  kept as int8 with one float32 absmax scale per ``int8_block`` consecutive
+  elements (:class:`Int8Saved`, the per-block quantization of ActNN and Mesa,
+  through :func:`torch.autograd.graph.saved_tensors_hooks`), about 27 % of its
+  float32 size. **Approximate**: the backward of the norms, the activation
+  function and attention then runs on the dequantized tensors, so the input
+  gradients through them, and every gradient below, are approximate.
+
+:func:`restore_blocks` undoes ``checkpoint``, ``recompute`` and ``saved`` on a
+prepared model (LoRA and compressed layers have their own undo:
+``peft_model.unload()``, :func:`~tensorcompress.torch.restore`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tensorcompress.torch.convert import convert
+from tensorcompress.torch.measure.training import module_kind
+from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.selection import (
+    LastBlocks,
+    execution_order,
+    fine_tuned_modules,
+    last_blocks,
+    plain_type,
+    trainable_only,
+)
+
+__all__ = [
+    "METHODS",
+    "BlockOptions",
+    "BlockSelection",
+    "Int8Saved",
+    "block_names",
+    "checkpoint_modules",
+    "dequantize_int8",
+    "iter_blocks",
+    "prepare",
+    "quantize_int8",
+    "restore_blocks",
+]
+
+METHODS = ("vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd")
+"""The methods :func:`prepare` accepts."""
+
+_COMPRESS = ("asi", "hosvd", "svd")
+_RECOMPUTE_KINDS = ("norm", "activation")
+
+BlockSelection: TypeAlias = int | LastBlocks | Sequence[str]
+"""The last ``n`` blocks (an int or :func:`~tensorcompress.torch.last_blocks`), or block names."""
+
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """What :func:`prepare` does besides the method (see the module docstring).
+
+    Parameters
+    ----------
+    attention : {"sdpa", "eager"} or None, default None
+        Attention implementation of a Hugging Face model
+        (``model.set_attn_implementation``); ``None`` leaves the model's.
+    recompute : tuple of {"norm", "activation"}, default ()
+        Module kinds of the blocks that recompute their forward in backward
+        (:func:`checkpoint_modules`). Exact.
+    saved : {"int8"} or None, default None
+        Compact saved form of the tensors that are not Linear/Conv inputs
+        (:class:`Int8Saved`). Approximate gradients.
+    rank : int, float, sequence or rank policy, default 0.8
+        Rank of ``"asi"``/``"hosvd"``/``"svd"`` and of ASI in ``"lora+asi"``
+        (as in :class:`~tensorcompress.torch.CompressionConfig`).
+    lora_r : int, default 8
+        LoRA rank.
+    lora_alpha : int, default 16
+        LoRA scaling numerator (PEFT's ``lora_alpha``).
+    int8_block : int, default 64
+        Elements per absmax scale of the int8 form.
+    int8_min_bytes : int, default 65536
+        Smaller saved tensors are kept as they are (norm statistics,
+        log-sum-exp rows).
+    """
+
+    attention: str | None = None
+    recompute: tuple[str, ...] = ()
+    saved: str | None = None
+    rank: Any = 0.8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    int8_block: int = 64
+    int8_min_bytes: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        if self.attention not in (None, "sdpa", "eager"):
+            raise ValueError(f"attention must be 'sdpa', 'eager' or None, got {self.attention!r}")
+        if isinstance(self.recompute, str):
+            raise TypeError(
+                f"recompute must be a tuple of kinds, not the string {self.recompute!r}; "
+                f"write recompute=({self.recompute!r},)"
+            )
+        recompute = tuple(self.recompute)
+        object.__setattr__(self, "recompute", recompute)
+        bad = [k for k in recompute if k not in _RECOMPUTE_KINDS]
+        if bad:
+            raise ValueError(f"recompute kinds must be in {_RECOMPUTE_KINDS}, got {bad}")
+        if self.saved not in (None, "int8"):
+            raise ValueError(f"saved must be 'int8' or None, got {self.saved!r}")
+        for name in ("lora_r", "lora_alpha", "int8_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if (
+            isinstance(self.int8_min_bytes, bool)
+            or not isinstance(self.int8_min_bytes, int)
+            or self.int8_min_bytes < 0
+        ):
+            raise ValueError(
+                f"int8_min_bytes must be a non-negative int, got {self.int8_min_bytes!r}"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Blocks and module kinds
+# ---------------------------------------------------------------------------
+
+
+def block_names(model: nn.Module, blocks: BlockSelection) -> list[str]:
+    """Qualified names of the selected blocks, in list order.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    blocks : int, LastBlocks or sequence of str
+        The last ``n`` blocks of the list
+        :func:`~tensorcompress.torch.selection.find_blocks` finds,
+        :func:`~tensorcompress.torch.last_blocks` ``(n, blocks=...)``, or
+        qualified names of block modules.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    ValueError
+        As :func:`~tensorcompress.torch.selection.find_blocks`, or a name
+        that is not a module of the model.
+    TypeError
+        A single string, or a ``blocks`` of another type.
+    """
+    if isinstance(blocks, bool):
+        raise TypeError(f"blocks must be an int, last_blocks(n) or names, got {blocks!r}")
+    if isinstance(blocks, int):
+        return last_blocks(blocks).block_names(model)
+    if isinstance(blocks, LastBlocks):
+        return blocks.block_names(model)
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be a list of names, not the string {blocks!r}")
+    names = list(blocks)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"blocks names {missing}, which are not modules of the model")
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Recomputation (torch.utils.checkpoint)
+# ---------------------------------------------------------------------------
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_modules(modules: Sequence[nn.Module]) -> None:
+    """Run each module's forward under :func:`torch.utils.checkpoint.checkpoint`.
+
+    Non-reentrant checkpointing, in training mode with gradients enabled
+    only: the module keeps its inputs, not what its ops save, and reruns its
+    forward during backward. Installed on the instances (their ``forward``),
+    so parameter names, ``state_dict`` and hooks are unchanged;
+    :func:`restore_blocks` removes it.
+
+    Parameters
+    ----------
+    modules : sequence of nn.Module
+        Whole blocks, or the element-wise modules inside them.
+    """
+    for m in modules:
+        if "forward" in m.__dict__:
+            raise ValueError(
+                f"{type(m).__name__} already has its own forward on the instance "
+                "(checkpointed twice, or patched elsewhere)"
+            )
+        m.forward = types.MethodType(_checkpointed_forward, m)
+
+
+def _uncheckpoint(model: nn.Module) -> None:
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and fwd.__func__ is _checkpointed_forward:
+            del m.forward
+
+
+# ---------------------------------------------------------------------------
+# Compact saved form: per-block absmax int8
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Packed:
+    data: Any  # int8 (n_blocks, block), as packed by the outer hook
+    scale: Any  # float32 (n_blocks, 1), as packed by the outer hook
+    shape: torch.Size
+    dtype: torch.dtype
+    numel: int
+
+
+_CHUNK_BYTES = 1 << 18  # quantize and dequantize this much float at a time
+
+
+def quantize_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax int8 form of ``t``: ``(q, scale)``, ``t ≈ q * scale``.
+
+    ``t`` is flattened and split into blocks of ``block`` consecutive
+    elements (the last one zero-padded); each block keeps one float32 scale
+    ``absmax / 127`` and its elements rounded to int8. Computed a chunk at a
+    time, so the only full-size allocation is the int8 result.
+    """
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    pad = (-n) % block
+    if pad:
+        flat = nn.functional.pad(flat, (0, pad))
+    rows = flat.view(-1, block)
+    q = torch.empty(rows.shape, dtype=torch.int8, device=t.device)
+    scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=t.device)
+    step = max(1, _CHUNK_BYTES // (block * 4))
+    tiny = torch.finfo(torch.float32).tiny
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i : i + step]
+        s = chunk.abs().amax(dim=1, keepdim=True).float().div_(127.0).clamp_min_(tiny)
+        scale[i : i + step] = s
+        q[i : i + step] = torch.div(chunk, s).round_()
+    return q, scale
+
+
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8`: a tensor of ``shape`` and ``dtype``."""
+    n = math.prod(shape)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    step = max(1, _CHUNK_BYTES // (q.shape[1] * 4))
+    for i in range(0, q.shape[0], step):
+        out[i : i + step] = q[i : i + step].float().mul_(scale[i : i + step])
+    return out.view(-1)[:n].view(tuple(shape))
+
+
+class Int8Saved:
+    """Keep the blocks' saved tensors that are not layer inputs as per-block int8.
+
+    While a selected block runs its training forward, a
+    :func:`torch.autograd.graph.saved_tensors_hooks` pair packs every
+    floating-point tensor an op saves for backward, unless it is a parameter
+    or shares storage with one, is saved inside a Conv/Linear layer (plain or
+    compressed: those inputs are the weight gradient's, which the methods
+    handle), or is smaller than ``min_bytes``. The backward receives the
+    dequantized tensor.
+
+    The hooks chain to the ones active outside the block (a measurement's),
+    which then see the int8 tensors, so saved-tensor accounting counts the
+    compact form. A tensor saved twice in one block (the probabilities that
+    softmax and the next matmul both keep) is packed once.
+
+    Parameters
+    ----------
+    blocks : sequence of nn.Module
+        The blocks.
+    block : int, default 64
+        Elements per scale.
+    min_bytes : int, default 65536
+        Smaller tensors are kept as they are.
+
+    Notes
+    -----
+    Packing costs one pass over each tensor in forward and one in backward;
+    both run a chunk at a time so that no full-size float temporary is
+    allocated. The error of one element is at most half a quantization step,
+    ``absmax(block) / 254``.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], *, block: int = 64, min_bytes: int = 1 << 16):
+        self.block = block
+        self.min_bytes = min_bytes
+        self.blocks = list(blocks)
+        self._depth = 0
+        self._contexts: list[Any] = []
+        self._cache: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self._state: set[int] = set()
+        self.handles: list[Any] = []
+        for b in self.blocks:
+            self.handles.append(b.register_forward_pre_hook(self._enter))
+            self.handles.append(b.register_forward_hook(self._exit, always_call=True))
+            for m in b.modules():
+                if plain_type(m) is not None or isinstance(m, (nn.Conv3d, CompressedModule)):
+                    self.handles.append(m.register_forward_pre_hook(self._layer_enter))
+                    self.handles.append(m.register_forward_hook(self._layer_exit, always_call=True))
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _layer_enter(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+
+    def _layer_exit(self, module: nn.Module, args: Any, out: Any) -> None:
+        self._depth -= 1
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            self._contexts.append(None)
+            return
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer_pack, outer_unpack = top if top is not None else (None, None)
+        self._state = {
+            p.untyped_storage().data_ptr() for p in (*module.parameters(), *module.buffers())
+        }
+        self._cache.clear()
+        ctx = torch.autograd.graph.saved_tensors_hooks(
+            functools.partial(self._pack, outer_pack), functools.partial(self._unpack, outer_unpack)
+        )
+        ctx.__enter__()
+        self._contexts.append(ctx)
+
+    def _exit(self, module: nn.Module, args: Any, out: Any) -> None:
+        ctx = self._contexts.pop()
+        self._cache.clear()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def _eligible(self, t: torch.Tensor) -> bool:
+        return (
+            self._depth == 0
+            and t.is_floating_point()
+            and t.numel() * t.element_size() >= self.min_bytes
+            and t.untyped_storage().data_ptr() not in self._state
+        )
+
+    def _pack(self, outer: Callable[[Any], Any] | None, t: torch.Tensor) -> Any:
+        if not self._eligible(t):
+            return ("plain", outer(t) if outer is not None else t)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        q, scale = quantize_int8(t, self.block)
+        if outer is not None:
+            q, scale = outer(q), outer(scale)
+        packed = ("int8", _Packed(q, scale, t.shape, t.dtype, t.numel()))
+        self._cache[key] = (weakref.ref(t), packed)
+        return packed
+
+    @staticmethod
+    def _unpack(outer: Callable[[Any], Any] | None, obj: Any) -> torch.Tensor:
+        tag, value = obj
+        if tag == "plain":
+            return outer(value) if outer is not None else value
+        q, scale = value.data, value.scale
+        if outer is not None:
+            q, scale = outer(q), outer(scale)
+        return dequantize_int8(q, scale, value.shape, value.dtype)
+
+
+# ---------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------
+
+
+def _linear_names(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    return [
+        name
+        for name, m in model.named_modules()
+        if plain_type(m) is nn.Linear and any(name.startswith(b + ".") for b in blocks)
+    ]
+
+
+def _modules_of_kind(
+    model: nn.Module, blocks: Sequence[str], kinds: Sequence[str]
+) -> list[nn.Module]:
+    out = []
+    for name, m in model.named_modules():
+        if any(name.startswith(b + ".") for b in blocks) and module_kind(m) in kinds:
+            out.append(m)
+    return out
+
+
+def _freeze_to_blocks(model: nn.Module, blocks: Sequence[str], example_input: Any) -> list[str]:
+    """Train the blocks and everything that runs after them; returns the head's modules."""
+    order = execution_order(model, example_input)
+    first = next((n for n in order if any(n.startswith(b + ".") for b in blocks)), None)
+    if first is None:
+        raise ValueError(f"blocks {list(blocks)} own no parameters that run on example_input")
+    names = fine_tuned_modules(model, [first], example_input)
+    trainable_only(model, names)
+    return [n for n in names if not any(n == b or n.startswith(b + ".") for b in blocks)]
+
+
+def _set_attention(model: nn.Module, attention: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise TypeError(
+            f"attention={attention!r} needs a Hugging Face model (set_attn_implementation); "
+            f"{type(model).__name__} has none (nn.MultiheadAttention already uses SDPA "
+            "when it does not return its weights)"
+        )
+    setter(attention)
+
+
+def prepare(
+    model: nn.Module,
+    method: str,
+    blocks: BlockSelection,
+    *,
+    example_input: Any,
+    options: BlockOptions | None = None,
+) -> nn.Module:
+    """Make ``model`` ready to fine-tune its last blocks with ``method``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformer (Hugging Face, ``nn.TransformerEncoder``, any model whose
+        blocks :func:`block_names` finds or that you name); modified in place.
+    method : str
+        One of :data:`METHODS` (see the module docstring).
+    blocks : int or sequence of str
+        The last ``n`` blocks, or block names (:func:`block_names`).
+    example_input : tensor, tuple or dict
+        A batch (a dict is passed as keyword arguments), to find what runs
+        after the blocks.
+    options : BlockOptions, optional
+        Attention implementation, recomputation, int8 saved form, ranks.
+
+    Returns
+    -------
+    nn.Module
+        The model to train: ``model`` itself, or PEFT's ``PeftModel`` around it
+        for ``"lora"`` and ``"lora+asi"``. Trainable: the blocks (their LoRA
+        adapters for LoRA) and every module that runs after them (final norm,
+        classifier); everything else is frozen.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method, ``"checkpoint"`` combined with ``recompute`` or
+        ``saved`` (the block keeps only its input already), or bad blocks.
+    TypeError
+        On ``attention`` for a model that cannot switch it.
+    ImportError
+        For LoRA without `peft` installed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tensorcompress.torch.transformer import prepare
+    >>> layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    >>> model = nn.Sequential(nn.TransformerEncoder(layer, 3), nn.Linear(32, 4))
+    >>> x = torch.randn(2, 5, 32)
+    >>> model = prepare(model, "checkpoint", 2, example_input=x)
+    >>> [n for n, p in model.named_parameters() if p.requires_grad][0]
+    '0.layers.1.self_attn.in_proj_weight'
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    opts = options if options is not None else BlockOptions()
+    if method == "checkpoint" and (opts.recompute or opts.saved):
+        raise ValueError(
+            "method='checkpoint' already keeps only each block's input; "
+            f"recompute={opts.recompute!r} and saved={opts.saved!r} do not apply"
+        )
+    names = block_names(model, blocks)
+    modules = dict(model.named_modules())
+    if opts.attention is not None:
+        _set_attention(model, opts.attention)
+    head = _freeze_to_blocks(model, names, example_input)
+    block_modules = [modules[n] for n in names]
+    if opts.recompute:
+        checkpoint_modules(_modules_of_kind(model, names, opts.recompute))
+    if opts.saved == "int8":
+        saver = Int8Saved(block_modules, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
+        for b in block_modules:
+            _SAVERS[b] = saver
+    if method == "checkpoint":
+        checkpoint_modules(block_modules)
+    elif method in _COMPRESS:
+        layers = blocks if isinstance(blocks, (int, LastBlocks)) else _linear_names(model, names)
+        if isinstance(layers, int):
+            layers = last_blocks(layers)
+        convert(model, method=method, rank=opts.rank, layers=layers, example_input=example_input)
+    elif method in ("lora", "lora+asi"):
+        return _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
+    return model
+
+
+# The Int8Saved hooks of each prepared block, for restore_blocks.
+_SAVERS: weakref.WeakKeyDictionary[nn.Module, Int8Saved] = weakref.WeakKeyDictionary()
+
+
+def _lora(
+    model: nn.Module,
+    blocks: Sequence[str],
+    head: Sequence[str],
+    opts: BlockOptions,
+    example_input: Any,
+    *,
+    asi: bool,
+) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is part of the transformers extra
+        raise ImportError("method='lora' needs peft: pip install peft") from err
+    targets = _linear_names(model, blocks)
+    modules = dict(model.named_modules())
+    owners = {n for n in head if any(True for _ in modules[n].parameters(False))}
+    config = LoraConfig(
+        r=opts.lora_r,
+        lora_alpha=opts.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=sorted(owners) or None,
+    )
+    peft_model = get_peft_model(model, config)
+    if asi:
+        lora_a = [
+            name
+            for name, m in peft_model.named_modules()
+            if plain_type(m) is nn.Linear and ".lora_A." in name
+        ]
+        convert(
+            peft_model, method="asi", rank=opts.rank, layers=lora_a, example_input=example_input
+        )
+    return peft_model
+
+
+def restore_blocks(model: nn.Module) -> nn.Module:
+    """Undo ``checkpoint``, ``recompute`` and ``saved`` of :func:`prepare` on ``model``.
+
+    Compressed layers stay (:func:`~tensorcompress.torch.restore`), and so do
+    LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags.
+    """
+    _uncheckpoint(model)
+    for m in model.modules():
+        saver = _SAVERS.pop(m, None)
+        if saver is not None:
+            saver.remove()
+    return model
+
+
+def iter_blocks(model: nn.Module, blocks: BlockSelection) -> Iterator[nn.Module]:
+    """The block modules :func:`block_names` names."""
+    modules = dict(model.named_modules())
+    for name in block_names(model, blocks):
+        yield modules[name]
