@@ -385,14 +385,17 @@ class LastBlocks:
     n: int
     blocks: str | None = None
 
+    def _last(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        name, found = find_blocks(model, self.blocks)
+        items = [(k, m) for k, m in found._modules.items() if m is not None]
+        if self.n > len(items):
+            raise ValueError(f"last_blocks({self.n}) but {name!r} holds only {len(items)} blocks")
+        prefix = f"{name}." if name else ""
+        return [(prefix + k, m) for k, m in items[len(items) - self.n :]]
+
     def block_names(self, model: nn.Module) -> list[str]:
         """Qualified names of the last ``n`` blocks, in list order."""
-        name, found = find_blocks(model, self.blocks)
-        keys = list(found._modules)
-        if self.n > len(keys):
-            raise ValueError(f"last_blocks({self.n}) but {name!r} holds only {len(keys)} blocks")
-        prefix = f"{name}." if name else ""
-        return [prefix + key for key in keys[len(keys) - self.n :]]
+        return [name for name, _ in self._last(model)]
 
     def candidates(self, model: nn.Module) -> dict[str, nn.Module]:
         """Supported layers of the last ``n`` blocks, in module order.
@@ -403,11 +406,9 @@ class LastBlocks:
             A block holding an ``nn.MultiheadAttention`` or a transformers
             ``Conv1D`` (see :func:`last_blocks`).
         """
-        named = dict(model.named_modules())
-        blocks = self.block_names(model)
-        inside = {
-            f"{b}.{sub}" if sub else b: m for b in blocks for sub, m in named[b].named_modules()
-        }
+        # A module shared between blocks (tied weights) goes by its first name in the model.
+        canonical = {id(m): n for n, m in model.named_modules()}  # each module once
+        inside = {canonical[id(m)]: m for _, block in self._last(model) for m in block.modules()}
         layers = {n: m for n, m in inside.items() if plain_type(m) is not None}
         mha = [n for n, m in inside.items() if isinstance(m, nn.MultiheadAttention)]
         if mha:

@@ -147,3 +147,27 @@ def test_multihead_attention_is_refused() -> None:
     assert "layers=['layers.1.linear1', 'layers.1.linear2']" in message
     convert(model, method="asi", rank=0.9, layers=["layers.1.linear1", "layers.1.linear2"])
     assert list(compressed_layers(model)) == ["layers.1.linear1", "layers.1.linear2"]
+
+
+class Tied(nn.Module):
+    """One block object three times in the list (weights shared across depth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        block = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
+        self.layers = nn.ModuleList([block] * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_a_block_used_several_times_goes_by_its_first_name() -> None:
+    model, x = Tied(), torch.randn(2, 4)
+    assert find_blocks(model)[0] == "layers"
+    assert select_layers(model, last_blocks(1), x) == ["layers.0.0", "layers.0.2"]
+    convert(model, method="hosvd", rank=0.9, layers=last_blocks(1), example_input=x)
+    assert list(compressed_layers(model)) == ["layers.0.0", "layers.0.2"]
