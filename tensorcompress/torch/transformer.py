@@ -36,9 +36,11 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
 - ``recompute=("norm", "activation")``: each norm and activation-function
   module of the blocks runs under :func:`torch.utils.checkpoint.checkpoint`,
   so it keeps its input only and recomputes the rest. Exact. It helps where
-  the module keeps more than its input (an RMSNorm written as element-wise
-  ops keeps the input and the normalised copy); ``nn.LayerNorm`` and a GELU
-  keep only their input already, so for them it changes nothing;
+  the module keeps more than its input: Llama's RMSNorm, written as
+  element-wise ops, keeps its input and the normalised copy (and ``rsqrt``
+  per row), recomputed its input only. ``nn.LayerNorm`` keeps its input and
+  two statistics per row, a GELU its input: recomputing them saves only the
+  statistics;
 - ``saved="int8"``: every other tensor the blocks save for backward (not a
   parameter, not a Linear/Conv layer's input, at least ``int8_min_bytes``) is
   kept as int8 with one float32 absmax scale per ``int8_block`` consecutive

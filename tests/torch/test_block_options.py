@@ -1,0 +1,387 @@
+"""torch.transformer: the block methods (checkpointing, LoRA, LoRA+ASI, ASI) and options.
+
+Exact options (checkpointing, recomputation, SDPA) are checked against
+vanilla autograd in float64; the int8 saved form against its error bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tensorcompress.models import tiny_llama, vit_tiny
+from tensorcompress.torch import CompressedLinear, compressed_layers, last_blocks
+from tensorcompress.torch.measure import activation_memory
+from tensorcompress.torch.transformer import (
+    METHODS,
+    BlockOptions,
+    Int8Saved,
+    block_names,
+    dequantize_int8,
+    prepare,
+    quantize_int8,
+    restore_blocks,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    # PEFT asks transformers a deprecated question; not ours.
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
+BATCH, TOKENS, HEADS = 4, 17, 2
+
+
+def small_vit(dtype: torch.dtype = torch.float64, attn: str = "eager") -> nn.Module:
+    """3 blocks, hidden 32, 2 heads, MLP 64, 16x16 images in 4x4 patches: 17 tokens."""
+    torch.manual_seed(0)
+    model = vit_tiny(
+        num_classes=5,
+        image_size=16,
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=HEADS,
+        intermediate_size=64,
+        attn_implementation=attn,
+    )
+    return model.to(dtype)
+
+
+def vit_batch(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(BATCH, 3, 16, 16, generator=g).to(dtype)}
+
+
+def small_llama() -> nn.Module:
+    torch.manual_seed(0)
+    model = tiny_llama(
+        num_layers=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
+    return model.double()
+
+
+def llama_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"inputs_embeds": torch.randn(BATCH, 12, 32, generator=g, dtype=torch.float64)}
+
+
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.Sequential(
+        nn.TransformerEncoder(layer, 3, enable_nested_tensor=False), nn.Linear(16, 3)
+    )
+
+
+def logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def grads(model: nn.Module, example: Any) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out = model(**example) if isinstance(example, dict) else model(example)
+    logits(out).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def saved_shapes(model: nn.Module, example: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    shapes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**example)
+    return shapes
+
+
+def trains(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------
+# What trains, per method
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["vanilla", "checkpoint", "asi", "hosvd", "svd"])
+def test_the_blocks_and_the_head_train(method: str) -> None:
+    example = vit_batch()
+    model = prepare(small_vit(), method, 2, example_input=example)
+    names = trains(model)
+    assert names and all(
+        n.startswith(("vit.layers.1.", "vit.layers.2.", "vit.layernorm.", "classifier."))
+        for n in names
+    )
+    assert "vit.layers.1.layernorm_before.weight" in names  # runs before the block's Linears
+    assert "classifier.weight" in names
+    layers = compressed_layers(model)
+    if method in ("asi", "hosvd", "svd"):
+        assert sorted(layers) == sorted(n for n in block_layers(model, (1, 2)))
+        assert all(m.compression.method == method for m in layers.values())
+    else:
+        assert not layers
+
+
+def block_layers(model: nn.Module, blocks: tuple[int, ...]) -> list[str]:
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n.startswith(f"vit.layers.{b}.") for b in blocks)
+    ]
+
+
+@pytest.mark.parametrize("method", ["lora", "lora+asi"])
+def test_lora_trains_the_adapters_and_the_head(method: str) -> None:
+    example = vit_batch()
+    model = prepare(small_vit(), method, 2, example_input=example)
+    names = trains(model)
+    adapters = [n for n in names if ".lora_A." in n or ".lora_B." in n]
+    assert len(adapters) == 2 * 6 * 2  # 2 blocks, 6 Linears, A and B
+    assert all(".layers.1." in n or ".layers.2." in n for n in adapters)
+    rest = set(names) - set(adapters)
+    assert rest and all("modules_to_save" in n for n in rest)  # the final norm and classifier
+    lora_a = {n: m for n, m in model.named_modules() if n.endswith(".lora_A.default")}
+    assert len(lora_a) == 12
+    compressed = [isinstance(m, CompressedLinear) for m in lora_a.values()]
+    assert all(compressed) if method == "lora+asi" else not any(compressed)
+    grads(model, example)  # trains
+
+
+def test_lora_asi_at_full_rank_equals_lora() -> None:
+    example = vit_batch()
+    lora = prepare(small_vit(), "lora", 2, example_input=example)
+    both = prepare(
+        small_vit(), "lora+asi", 2, example_input=example, options=BlockOptions(rank=1.0)
+    )
+    # PEFT initialises lora_B to zero, so lora_A's gradient would be zero: perturb B.
+    for model in (lora, both):
+        torch.manual_seed(3)
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.data.normal_()
+    g_lora, g_both = grads(lora, example), grads(both, example)
+    assert g_lora.keys() == g_both.keys()
+    for name in g_lora:
+        torch.testing.assert_close(g_both[name], g_lora[name], rtol=1e-8, atol=1e-10)
+    # In each block the q/k/v lora_A layers read the same normalised input: one shared
+    # decomposition per block.
+    groups = {id(m.shared_input) for m in compressed_layers(both).values() if m.shared_input}
+    assert len(groups) == 2
+
+
+# ---------------------------------------------------------------------------
+# Exact options: checkpointing, recomputation, SDPA
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["vit", "encoder"], ids=["hf-vit", "nn.TransformerEncoder"])
+def test_checkpoint_is_exact_and_keeps_only_block_inputs(case: str) -> None:
+    if case == "vit":
+        build, example = small_vit, vit_batch()
+    else:
+        build, example = (
+            (lambda: encoder().double()),
+            torch.randn(BATCH, 7, 16, dtype=torch.float64),
+        )
+    vanilla = prepare(build(), "vanilla", 2, example_input=example)
+    ckpt = prepare(build(), "checkpoint", 2, example_input=example)
+    g_vanilla, g_ckpt = grads(vanilla, example), grads(ckpt, example)
+    assert g_vanilla.keys() == g_ckpt.keys()
+    for name in g_vanilla:
+        torch.testing.assert_close(g_ckpt[name], g_vanilla[name], rtol=0, atol=0)
+    layers = lambda m, n: m.weight.requires_grad  # noqa: E731
+    saved_vanilla = activation_memory(vanilla, example, layers=layers).total_bytes
+    saved_ckpt = activation_memory(ckpt, example, layers=layers).total_bytes
+    assert saved_ckpt < saved_vanilla / 2
+    restore_blocks(ckpt)
+    assert activation_memory(ckpt, example, layers=layers).total_bytes == saved_vanilla
+
+
+def test_recompute_is_exact_and_drops_the_rmsnorm_copy() -> None:
+    example = llama_batch()
+    plain = prepare(small_llama(), "vanilla", 2, example_input=example)
+    opts = BlockOptions(recompute=("norm", "activation"))
+    recomputed = prepare(small_llama(), "vanilla", 2, example_input=example, options=opts)
+    g_plain, g_rec = grads(plain, example), grads(recomputed, example)
+    for name in g_plain:
+        torch.testing.assert_close(g_rec[name], g_plain[name], rtol=0, atol=0)
+    # float32, where RMSNorm's upcast is a no-op: it keeps its input x, rsqrt(var) and the
+    # normalised x * rsqrt(var) for the weight; recomputed, it keeps x only.
+    example = {k: v.float() for k, v in example.items()}
+    plain, recomputed = plain.float(), recomputed.float()
+    before, after = (saved_by_module(m, example) for m in (plain, recomputed))
+    x, row = BATCH * 12 * 32 * 4, BATCH * 12 * 4
+    for norm in ("model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm"):
+        assert (before[norm], after[norm]) == (2 * x + row, x)
+    # SiLU keeps only its input either way.
+    assert after["model.layers.1.mlp.act_fn"] == before["model.layers.1.mlp.act_fn"] > 0
+
+
+def saved_by_module(model: nn.Module, example: Any) -> dict[str, int]:
+    report = activation_memory(model, example, layers=lambda m, n: m.weight.requires_grad)
+    return dict(report.other_by_module)
+
+
+def test_recompute_drops_only_the_layernorm_statistics() -> None:
+    example = vit_batch(torch.float32)
+    plain = prepare(small_vit(torch.float32), "vanilla", 2, example_input=example)
+    opts = BlockOptions(recompute=("norm", "activation"))
+    recomputed = prepare(
+        small_vit(torch.float32), "vanilla", 2, example_input=example, options=opts
+    )
+    before, after = saved_by_module(plain, example), saved_by_module(recomputed, example)
+    # nn.LayerNorm keeps its input and two statistics per row; the GELU its input.
+    x, row = BATCH * TOKENS * 32 * 4, BATCH * TOKENS * 4
+    assert (before["vit.layers.2.layernorm_after"], after["vit.layers.2.layernorm_after"]) == (
+        x + 2 * row,
+        x,
+    )
+    gelu = "vit.layers.2.mlp.activation_fn"
+    assert before[gelu] == after[gelu] == BATCH * TOKENS * 64 * 4
+
+
+def test_sdpa_keeps_no_probabilities() -> None:
+    example = vit_batch()
+    eager = prepare(small_vit(), "vanilla", 2, example_input=example)
+    sdpa = prepare(small_vit(), "vanilla", 2, example_input=example, options=BlockOptions("sdpa"))
+    assert sdpa.config._attn_implementation == "sdpa"
+    probabilities = (BATCH, HEADS, TOKENS, TOKENS)
+    assert sum(s == probabilities for s, _ in saved_shapes(eager, example)) == 2
+    assert all(s != probabilities for s, _ in saved_shapes(sdpa, example))
+    g_eager, g_sdpa = grads(eager, example), grads(sdpa, example)
+    # The same function (torch's CPU kernel evaluates its exponentials to about 1e-8 in
+    # float64); the key bias's gradient is zero in theory and round-off in both.
+    for name in g_eager:
+        if not name.endswith("k_proj.bias"):
+            assert rel_err(g_sdpa[name], g_eager[name]) < 1e-6, name
+
+
+# ---------------------------------------------------------------------------
+# The int8 saved form
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 17, 32), (3, 5), (1000,)])
+def test_int8_round_trip_is_within_half_a_step(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])
+    q, scale = quantize_int8(x, 64)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert q.numel() == math.ceil(x.numel() / 64) * 64
+    y = dequantize_int8(q, scale, x.shape, x.dtype)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    flat = nn.functional.pad(x.reshape(-1), (0, q.numel() - x.numel())).view(-1, 64)
+    bound = flat.abs().amax(1, keepdim=True) / 254 * (1 + 1e-5)
+    err = nn.functional.pad((y - x).reshape(-1), (0, q.numel() - x.numel())).view(-1, 64)
+    assert bool((err.abs() <= bound).all())
+    zeros = dequantize_int8(*quantize_int8(torch.zeros(70), 64), (70,), torch.float32)
+    assert torch.equal(zeros, torch.zeros(70))
+
+
+def test_int8_keeps_the_other_tensors_small_and_layer_inputs_exact() -> None:
+    example = vit_batch(torch.float32)
+    model_exact = prepare(small_vit(torch.float32), "vanilla", 2, example_input=example)
+    opts = BlockOptions(saved="int8", int8_min_bytes=0)
+    model_int8 = prepare(
+        small_vit(torch.float32), "vanilla", 2, example_input=example, options=opts
+    )
+    shapes = saved_shapes(model_int8, example)
+    assert any(dtype == torch.int8 for _, dtype in shapes)
+    layers = lambda m, n: m.weight.requires_grad  # noqa: E731
+    exact = activation_memory(model_exact, example, layers=layers)
+    small = activation_memory(model_int8, example, layers=layers)
+    # Linear inputs are kept as they are; the rest shrinks to about a quarter.
+    assert small.kept_bytes == exact.kept_bytes
+    assert small.other_bytes < 0.35 * exact.other_bytes
+    g_exact, g_int8 = grads(model_exact, example), grads(model_int8, example)
+    # The head is after the blocks: its gradient does not go through them.
+    for name in ("classifier.weight", "vit.layernorm.weight"):
+        torch.testing.assert_close(g_int8[name], g_exact[name], rtol=0, atol=0)
+    block = [n for n in g_exact if n.startswith("vit.layers.")]
+    error = rel_err(
+        torch.cat([g_int8[n].ravel() for n in block]),
+        torch.cat([g_exact[n].ravel() for n in block]),
+    )
+    assert 0 < error < 0.02  # approximate, and close
+
+
+def test_int8_composes_with_asi_and_restores() -> None:
+    example = vit_batch(torch.float32)
+    opts = BlockOptions(attention="sdpa", saved="int8", int8_min_bytes=0)
+    model = prepare(small_vit(torch.float32), "asi", 2, example_input=example, options=opts)
+    assert any(dtype == torch.int8 for _, dtype in saved_shapes(model, example))
+    grads(model, example)
+    restore_blocks(model)
+    assert not any(dtype == torch.int8 for _, dtype in saved_shapes(model, example))
+    assert compressed_layers(model)  # restore_blocks leaves the compressed layers
+
+
+def test_int8_saved_only_while_training() -> None:
+    example = vit_batch(torch.float32)
+    model = small_vit(torch.float32)
+    saver = Int8Saved(list(model.vit.layers), min_bytes=0)
+    model.eval()
+    with torch.no_grad():
+        model(**example)
+    assert saver._contexts == [] and saver._depth == 0
+    saver.remove()
+    assert not saver.handles
+
+
+# ---------------------------------------------------------------------------
+# Selection and errors
+# ---------------------------------------------------------------------------
+
+
+def test_block_names() -> None:
+    model = small_vit()
+    assert block_names(model, 2) == ["vit.layers.1", "vit.layers.2"]
+    assert block_names(model, last_blocks(1)) == ["vit.layers.2"]
+    assert block_names(model, ["vit.layers.0"]) == ["vit.layers.0"]
+    with pytest.raises(TypeError, match="list of names"):
+        block_names(model, "vit.layers.0")
+    with pytest.raises(ValueError, match="not modules"):
+        block_names(model, ["vit.nope"])
+
+
+def test_errors() -> None:
+    example = vit_batch()
+    assert set(METHODS) == {"vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        prepare(small_vit(), "gradient_filter", 1, example_input=example)
+    with pytest.raises(ValueError, match="already keeps only each block's input"):
+        prepare(
+            small_vit(), "checkpoint", 1, example_input=example, options=BlockOptions(saved="int8")
+        )
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(TypeError, match="Hugging Face model"):
+        prepare(encoder(), "vanilla", 1, example_input=x, options=BlockOptions(attention="sdpa"))
+    with pytest.raises(ValueError, match="attention must be"):
+        BlockOptions(attention="flash")
+    with pytest.raises(TypeError, match="tuple of kinds"):
+        BlockOptions(recompute="norm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="recompute kinds"):
+        BlockOptions(recompute=("attention",))
+    with pytest.raises(ValueError, match="saved must be"):
+        BlockOptions(saved="int4")
+    with pytest.raises(ValueError, match="lora_r must be a positive int"):
+        BlockOptions(lora_r=0)
+    model = prepare(small_vit(), "checkpoint", 1, example_input=example)
+    with pytest.raises(ValueError, match="own forward"):
+        prepare(model, "checkpoint", 1, example_input=example)
