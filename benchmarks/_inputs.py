@@ -1,22 +1,73 @@
-"""What the decomposition and layer suites run on: the one cache of activations.
+"""What the decomposition and layer suites run on: activations, thresholds, threads.
 
-Both suites and both modes take their activations from :func:`activation`, so
-a shape used by both is computed once per process.
+The one cache of benchmark activations lives here, shared by both suites and
+both modes. The scripts take ``--sources``, ``--thresholds`` and ``--threads``
+(see :func:`add_arguments`); pytest takes ``--source``, ``--threshold`` and
+``--threads`` (see ``conftest.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from tensorcompress.experiments.activations import realistic_activation
+from tensorcompress.experiments.activations import SOURCES, Source, realistic_activation
+
+DEFAULT_THREADS = torch.get_num_threads()  # read at start, before any --threads
 
 
 @functools.lru_cache(maxsize=32)
-def activation(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def activation(shape: tuple[int, ...], seed: int, source: Source = "images") -> torch.Tensor:
     """A realistic activation, computed once per process.
 
     The tensor is shared between callers: do not modify it in place.
     """
-    return realistic_activation(shape, seed)
+    return realistic_activation(shape, seed, source=source)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One section of a ratio table: image source, torch threads, explained variance."""
+
+    source: Source
+    threads: int
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.source}, {self.threads} thread(s), ranks from eps {self.threshold:g}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--sources``, ``--thresholds`` and ``--threads`` to a script's parser."""
+    parser.add_argument(
+        "--sources", nargs="+", choices=SOURCES, default=["images"], help="activation images"
+    )
+    parser.add_argument(
+        "--thresholds", nargs="+", type=float, default=[0.8], help="explained variance of ranks"
+    )
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=_threads,
+        default=[DEFAULT_THREADS],
+        metavar="N|default",
+        help=f"torch intra-op threads, one table each (default: {DEFAULT_THREADS}, torch's)",
+    )
+
+
+def settings(args: argparse.Namespace) -> Iterator[Setting]:
+    """Every (threads, source, threshold) of ``args``, setting torch's threads on the way."""
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for source in args.sources:
+            for threshold in args.thresholds:
+                yield Setting(source, threads, threshold)
+    torch.set_num_threads(DEFAULT_THREADS)
+
+
+def _threads(text: str) -> int:
+    return DEFAULT_THREADS if text == "default" else int(text)

@@ -19,6 +19,7 @@ operation and operand shapes, and the speed of the matrix products.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -99,6 +100,14 @@ def ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[f
     """
     stats = summary([n / d for n, d in zip(numerator, denominator, strict=True)])
     return stats.q1, stats.q3
+
+
+def load_average() -> float:
+    """The machine's one-minute load average: how busy it was (``nan`` where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 def counted_flops(call: Callable[[], Any]) -> int:

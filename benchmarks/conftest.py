@@ -1,8 +1,12 @@
 """Options of the benchmark suites in pytest mode.
 
-``--threads`` sets torch's intra-op threads for the session. Torch's version
-and thread count go into the saved machine info and the report header, so a
-saved run says what it was measured with.
+``--source`` and ``--threshold`` (each repeatable) parametrize every
+benchmark that takes a ``source`` or ``threshold`` argument, so they are part
+of each benchmark's name and a saved run compares only with a run of the same
+settings; ``--threads`` sets torch's intra-op threads for the session. The
+defaults (scikit-learn images, 0.8, torch's default threads) keep CI's
+``--benchmark-disable`` run short. Torch's version and thread count go into
+the saved machine info and the report header.
 """
 
 from __future__ import annotations
@@ -12,9 +16,23 @@ from typing import Any
 import pytest
 import torch
 
+from tensorcompress.experiments.activations import SOURCES
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tensorcompress benchmarks")
+    group.addoption(
+        "--source",
+        action="append",
+        choices=SOURCES,
+        help="activation images (repeat for several; default: images)",
+    )
+    group.addoption(
+        "--threshold",
+        action="append",
+        type=float,
+        help="explained variance that sets the ranks (repeat for several; default: 0.8)",
+    )
     group.addoption(
         "--threads", type=int, default=0, help="torch intra-op threads (default: torch's)"
     )
@@ -24,6 +42,14 @@ def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("threads", default=0)
     if threads:
         torch.set_num_threads(threads)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "source" in metafunc.fixturenames:
+        metafunc.parametrize("source", metafunc.config.getoption("source") or ["images"])
+    if "threshold" in metafunc.fixturenames:
+        thresholds = metafunc.config.getoption("threshold") or [0.8]
+        metafunc.parametrize("threshold", thresholds, ids=lambda t: f"eps{t:g}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

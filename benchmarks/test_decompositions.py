@@ -6,18 +6,21 @@ on the first batch):
 - ``asi_warm``: ``asi.decompose`` warm-started from its previous step, as in
   training: two different batches through the same layers, alternating;
 - ``asi_reference``: the same warm ASI step as a straightforward
-  implementation writes it (:func:`reference_asi`), the baseline;
+  implementation writes it (:func:`reference_asi`), a baseline;
+- ``asi_official``: the same step in the structure of the paper's official
+  implementation (:func:`official_asi`), the second baseline;
 - ``hosvd``: ``hosvd.decompose`` at the ranks;
 - ``tensorly_tucker``: TensorLy's ``tucker(init="svd", n_iter_max=1)``;
 - ``torch_svd_lowrank``: torch's randomized SVD of the channel unfolding.
 
 ``pytest benchmarks/test_decompositions.py --benchmark-only`` times them with
-pytest-benchmark, one group per shape, the baseline ``asi_reference`` in
-each. ``python benchmarks/test_decompositions.py`` prints the ratio table:
-rounds interleaved across methods, medians, ratios against the baseline
-measured in the same rounds, and every method's relative error on the same
-batch (``--help`` for the options, ``--breakdown`` for where the ASI calls
-spend their time).
+pytest-benchmark, one group per shape (``--source``, ``--threshold`` and
+``--threads`` choose the rest; see ``conftest.py``), both baselines in each.
+``python benchmarks/test_decompositions.py`` prints the ratio table: rounds
+interleaved across methods, medians, ratios against the baselines measured in
+the same rounds, and every method's relative error on the same batch
+(``--help`` for the options, ``--breakdown`` for where the ASI calls spend
+their time).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from typing import Any
 import pytest
 import tensorly as tl
 import torch
-from _inputs import activation
+from _inputs import Setting, activation, add_arguments, settings
 from _timing import (
     bench,
     counted_flops,
+    load_average,
     print_breakdown,
     ratio_quartiles,
     summary,
@@ -42,21 +46,23 @@ from _timing import (
 from tensorly.decomposition import tucker
 
 from tensorcompress import asi, hosvd, tenalg
+from tensorcompress.experiments.activations import Source, realistic_activation
 
 SHAPES = [(64, 512, 7, 7), (64, 256, 14, 14), (64, 96, 28, 28), (32, 64, 56, 56), (32, 197, 384)]
 METHODS = (
     "asi_warm",
     "asi_reference",
+    "asi_official",
     "hosvd",
     "tensorly_tucker",
     "torch_svd_lowrank",
 )
-ASI_STREAMS = ("asi_warm", "asi_reference")
-THRESHOLD = 0.8  # explained variance that sets the ranks
+ASI_STREAMS = ("asi_warm", "asi_reference", "asi_official")
+BASELINES = ("asi_reference", "asi_official")
 ROUNDS, WARMUP = 7, 1
 
 # Targets, as ratios measured in the same rounds.
-ASI_SPEEDUP_TARGET = 2.5  # warm ASI against the baseline, at no larger error
+ASI_SPEEDUP_TARGET = 2.5  # warm ASI against each baseline, at no larger error
 TENSORLY_SPEEDUP_TARGET = 30.0  # hosvd.decompose against TensorLy
 ERROR_SLACK = 1.02  # "no larger error", with 2% for a different but equally good subspace
 
@@ -74,6 +80,27 @@ def reference_asi(x: torch.Tensor, factors: list[torch.Tensor]) -> tuple[Any, li
     core = x
     for k, u in enumerate(new):
         core = torch.movedim(torch.tensordot(u.T, torch.movedim(core, k, 0), dims=1), 0, k)
+    return core, new
+
+
+def official_asi(x: torch.Tensor, factors: list[torch.Tensor]) -> tuple[Any, list[Any]]:
+    """The same warm ASI step in the structure of the paper's official implementation.
+
+    For each mode: a permuted copy of the full tensor (mode ``k`` swapped with
+    mode 0, then reshaped), ``Y = A_k (A_k^T U_k)`` and a QR; the core by a
+    chain of ``torch.tensordot`` over the leading mode, starting from a copy
+    of the full tensor (after one contraction per mode the modes are back in
+    order).
+    """
+    core = x.clone()
+    new = []
+    for k, u in enumerate(factors):
+        order = list(range(x.ndim))
+        order[0], order[k] = k, 0
+        a_k = x.permute(order).contiguous().reshape(x.shape[k], -1)
+        q = torch.linalg.qr(a_k @ (a_k.T @ u)).Q
+        core = torch.tensordot(core, q, dims=([0], [0]))
+        new.append(q)
     return core, new
 
 
@@ -101,21 +128,22 @@ def error(x: torch.Tensor, result: Any) -> float:
 
 
 class Case:
-    """Two batches of one activation shape, their ranks and the two warm ASI streams.
+    """Two batches of one activation shape, their ranks and the three warm ASI streams.
 
-    Each stream (``asi_warm`` and the baseline) starts from the same cold
+    Each stream (``asi_warm`` and both baselines) starts from the same cold
     ASI result and alternates the two batches on its own, so in every round
     all of them see the same batch after the same history.
     """
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], source: Source, threshold: float) -> None:
         self.shape = shape
-        self.batches = [activation(shape, seed) for seed in (0, 1)]
-        self.ranks = hosvd.decompose(self.batches[0], THRESHOLD).ranks
+        self.batches = [activation(shape, seed, source) for seed in (0, 1)]
+        self.ranks = hosvd.decompose(self.batches[0], threshold).ranks
         cold = asi.decompose(self.batches[0], self.ranks)
         self.state: dict[str, Any] = {
             "asi_warm": cold,
             "asi_reference": list(cold.factors),
+            "asi_official": list(cold.factors),
         }
         self.steps = dict.fromkeys(ASI_STREAMS, 0)
 
@@ -127,7 +155,9 @@ class Case:
             result = asi.decompose(x, self.ranks, warm_start=self.state[stream], check_finite=False)
             self.state[stream] = result
             return x, result
-        core, factors = reference_asi(x, self.state[stream])
+        core, factors = {"asi_reference": reference_asi, "asi_official": official_asi}[stream](
+            x, self.state[stream]
+        )
         self.state[stream] = factors
         return x, (core, factors)
 
@@ -137,6 +167,7 @@ class Case:
         return {
             "asi_warm": functools.partial(self.step, "asi_warm"),
             "asi_reference": functools.partial(self.step, "asi_reference"),
+            "asi_official": functools.partial(self.step, "asi_official"),
             "hosvd": lambda: (x, hosvd.decompose(x, self.ranks, check_finite=False)),
             "tensorly_tucker": lambda: (x, tensorly_tucker(x, self.ranks)),
             "torch_svd_lowrank": lambda: (x, svd_lowrank(x, self.ranks)),
@@ -173,9 +204,9 @@ class Case:
 
 
 @functools.lru_cache(maxsize=4)
-def case(shape: tuple[int, ...]) -> Case:
+def case(shape: tuple[int, ...], source: Source, threshold: float) -> Case:
     """The :class:`Case` of ``shape``, built once per process."""
-    return Case(shape)
+    return Case(shape, source, threshold)
 
 
 # ---------------------------------------------------------------------------
@@ -189,22 +220,25 @@ def _id(shape: tuple[int, ...]) -> str:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_decomposition(benchmark: Any, shape: tuple[int, ...], method: str) -> None:
-    c = case(shape)
-    benchmark.group = f"decompose {_id(shape)}"
+def test_decomposition(
+    benchmark: Any, shape: tuple[int, ...], method: str, source: Source, threshold: float
+) -> None:
+    c = case(shape, source, threshold)
+    benchmark.group = f"decompose {_id(shape)}, {source}, eps {threshold:g}"
     x, result = bench(benchmark, c.calls()[method], ROUNDS, WARMUP)
     parts = tuple(result)
     if method == "torch_svd_lowrank":
         assert parts[0].shape[1] == c.ranks[1]
-        # Two power iterations come within 5% of the optimal error.
-        assert error(x, result) <= 1.05 * c.best_channel_svd_error
+        # No oversampling, two power iterations: within 15% of the optimal error.
+        assert error(x, result) <= 1.15 * c.best_channel_svd_error
         return
     assert tuple(parts[0].shape) == c.ranks
     err = error(x, result)
     if method in ASI_STREAMS:
         errors = c.asi_errors()
-        # Warm ASI is no less accurate than the baseline on the same batch.
-        assert errors["asi_warm"] <= ERROR_SLACK * errors["asi_reference"], errors
+        # The baselines compute the same step; warm ASI is no less accurate.
+        assert errors["asi_official"] == pytest.approx(errors["asi_reference"], rel=1e-3)
+        assert errors["asi_warm"] <= ERROR_SLACK * min(errors[b] for b in BASELINES), errors
     elif method == "hosvd":
         # Sequential truncation: as accurate as textbook HOSVD, give or take.
         assert err <= ERROR_SLACK * c.textbook_hosvd_error
@@ -213,16 +247,26 @@ def test_decomposition(benchmark: Any, shape: tuple[int, ...], method: str) -> N
         assert err <= c.textbook_hosvd_error * (1 + 1e-4)
 
 
+def test_dead_leaves_have_more_spatial_detail() -> None:
+    """The second image source is there for its detail: higher spatial ranks, seeded."""
+    shape = (16, 32, 14, 14)
+    images = hosvd.decompose(realistic_activation(shape, 0), 0.8).ranks
+    leaves = realistic_activation(shape, 0, source="dead_leaves")
+    assert all(a > b for a, b in zip(hosvd.decompose(leaves, 0.8).ranks[2:], images[2:]))
+    assert torch.equal(leaves, realistic_activation(shape, 0, source="dead_leaves"))
+    assert not torch.equal(leaves, realistic_activation(shape, 1, source="dead_leaves"))
+
+
 # ---------------------------------------------------------------------------
 # Script mode: the ratio table
 # ---------------------------------------------------------------------------
 
 
-def measure(shapes: list[tuple[int, ...]], rounds: int) -> list[dict[str, Any]]:
+def measure(setting: Setting, shapes: list[tuple[int, ...]], rounds: int) -> list[dict[str, Any]]:
     """One row per shape: each method's times and error, in ``rounds`` interleaved rounds."""
     rows = []
     for shape in shapes:
-        c = case(shape)
+        c = case(shape, setting.source, setting.threshold)
         calls = c.calls()
         times = time_rounds(calls, rounds, WARMUP)
         errors = {m: error(*calls[m]()) for m in METHODS if m not in ASI_STREAMS}
@@ -244,23 +288,25 @@ def _mark(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """Print the ratio table."""
+def print_table(setting: Setting, rows: list[dict[str, Any]], load: tuple[float, float]) -> None:
+    """Print the ratio table of one setting, measured at ``load`` (before, after)."""
+    print(f"\n{setting}; load average {load[0]:.1f} before, {load[1]:.1f} after")
     header = (
         f"{'shape':>13} {'ranks':>16} {'asi ms':>7} {'ref/asi':>7} {'(rounds)':>10} "
-        f"{'(flops)':>7} {'err asi':>7} {'err ref':>7} "
-        f"{'hosvd ms':>8} {'tl/hosvd':>8} {'err hosvd':>9} {'err tl':>6} "
+        f"{'off/asi':>7} {'(rounds)':>10} {'(flops)':>7} {'err asi':>7} {'err ref':>7} "
+        f"{'err off':>7} {'hosvd ms':>8} {'tl/hosvd':>8} {'err hosvd':>9} {'err tl':>6} "
         f"{'lowrank ms':>10}  targets"
     )
     print(header)
     for row in rows:
         m, e, t = row["median"], row["error"], row["times"]
-        ref = m["asi_reference"] / m["asi_warm"]
+        ref, off = m["asi_reference"] / m["asi_warm"], m["asi_official"] / m["asi_warm"]
         ref_q = ratio_quartiles(t["asi_reference"], t["asi_warm"])
+        off_q = ratio_quartiles(t["asi_official"], t["asi_warm"])
         flops = row["flops"]["asi_reference"] / row["flops"]["asi_warm"]
         tl_ratio = m["tensorly_tucker"] / m["hosvd"]
-        no_larger_error = e["asi_warm"] <= ERROR_SLACK * e["asi_reference"]
-        asi_ok = ref >= ASI_SPEEDUP_TARGET and no_larger_error
+        no_larger_error = e["asi_warm"] <= ERROR_SLACK * min(e[b] for b in BASELINES)
+        asi_ok = min(ref, off) >= ASI_SPEEDUP_TARGET and no_larger_error
         marks = (
             f"asi>={ASI_SPEEDUP_TARGET:g}x:{_mark(asi_ok)} "
             f"tl>={TENSORLY_SPEEDUP_TARGET:g}x:{_mark(tl_ratio >= TENSORLY_SPEEDUP_TARGET)}"
@@ -268,7 +314,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{_id(row['shape']):>13} {','.join(map(str, row['ranks'])):>16} "
             f"{1e3 * m['asi_warm']:7.2f} {ref:7.2f} {f'{ref_q[0]:.2f}-{ref_q[1]:.2f}':>10} "
-            f"{flops:7.2f} {e['asi_warm']:7.4f} {e['asi_reference']:7.4f} "
+            f"{off:7.2f} {f'{off_q[0]:.2f}-{off_q[1]:.2f}':>10} {flops:7.2f} "
+            f"{e['asi_warm']:7.4f} {e['asi_reference']:7.4f} {e['asi_official']:7.4f} "
             f"{1e3 * m['hosvd']:8.2f} {tl_ratio:8.1f} {e['hosvd']:9.4f} "
             f"{e['tensorly_tucker']:6.4f} {1e3 * m['torch_svd_lowrank']:10.2f}  {marks}"
         )
@@ -297,7 +344,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def main() -> None:
     """Print the ratio tables (``python benchmarks/test_decompositions.py --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=ROUNDS, help="interleaved rounds")
     parser.add_argument(
         "--shapes", nargs="+", type=_shape, default=SHAPES, metavar="AxBxC", help="activations"
@@ -306,27 +353,27 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also print where warm ASI and the baseline spend one call (profiler)",
+        help="also print where warm ASI and both baselines spend one call (profiler)",
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ranks from explained "
-        f"variance {THRESHOLD:g}, {args.repeats} interleaved rounds after {WARMUP} warm-up; "
-        "medians. ref/asi: the baseline's time over warm ASI's ((rounds): middle half of the "
-        "ratios round by round; (flops): counted operations); tl/hosvd: TensorLy's time over "
-        "hosvd.decompose's at the same ranks; errors on the same batch."
+        f"torch {torch.__version__}, default threads {torch.get_num_threads()}, "
+        f"{args.repeats} interleaved rounds after {WARMUP} warm-up; medians. ref/asi and "
+        "off/asi: baseline time over warm ASI's ((rounds): middle half of the ratios round "
+        "by round; (flops): reference's counted operations over warm ASI's); tl/hosvd: "
+        "TensorLy's time over hosvd.decompose's at the same ranks; errors on the same batch."
     )
-    rows = measure(args.shapes, args.repeats)
-    print_table(rows)
-    if args.stats:
-        print_stats(rows)
-    if args.breakdown:
-        for shape in args.shapes:
-            calls = case(shape).calls()
-            for method in ASI_STREAMS:
-                print_breakdown(f"{method} on {_id(shape)}", calls[method])
+    for setting in settings(args):
+        before = load_average()
+        rows = measure(setting, args.shapes, args.repeats)
+        print_table(setting, rows, (before, load_average()))
+        if args.stats:
+            print_stats(rows)
+        if args.breakdown:
+            for shape in args.shapes:
+                calls = case(shape, setting.source, setting.threshold).calls()
+                for method in ASI_STREAMS:
+                    print_breakdown(f"{method} on {_id(shape)} ({setting})", calls[method])
 
 
 if __name__ == "__main__":

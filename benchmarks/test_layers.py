@@ -11,11 +11,12 @@ Layers, on realistic activations
 A step is ``y = layer(x); y.backward(gy)`` with ``x.requires_grad`` (a layer
 inside the fine-tuned block, so the input gradient is part of the step), two
 different batches alternating through the same layer as in training, ranks
-from explained variance 0.8, ASI warm-started. Kept bytes are the
+from an explained-variance threshold, ASI warm-started. Kept bytes are the
 storages autograd saved for the layer, parameters excluded.
 
 ``pytest benchmarks/test_layers.py --benchmark-only`` times each step with
-pytest-benchmark, one group per layer with vanilla in each;
+pytest-benchmark, one group per layer with vanilla in each (``--source``,
+``--threshold``, ``--threads``: see ``conftest.py``);
 ``python benchmarks/test_layers.py`` prints the ratio table (medians of rounds
 interleaved across methods, against vanilla in the same rounds; ``--help``
 for the options, ``--breakdown`` for where each step spends its time).
@@ -30,15 +31,15 @@ from typing import Any
 
 import pytest
 import torch
-from _inputs import activation
-from _timing import bench, print_breakdown, summary, time_rounds
+from _inputs import Setting, activation, add_arguments, settings
+from _timing import bench, load_average, print_breakdown, summary, time_rounds
 from torch import nn
 
 from tensorcompress import hosvd
+from tensorcompress.experiments.activations import Source
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import CompressedModule, convert
 
-THRESHOLD = 0.8  # explained variance that sets the ranks
 METHODS = ("vanilla", "asi", "hosvd", "svd", "gradient_filter")
 ROUNDS, WARMUP = 15, 2  # the warm-up covers ASI's cold start and first-call setup
 
@@ -50,7 +51,7 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 # Targets: step time as a ratio to vanilla's in the same rounds, by (method,
-# layer) or by method; kept bytes as a ratio to vanilla's.
+# layer) or by method; kept bytes as a ratio to vanilla's (images, eps 0.8).
 STEP_TARGET: dict[Any, float] = {
     ("asi", "conv3x3"): 1.0,
     ("asi", "linear"): 1.0,
@@ -78,13 +79,20 @@ class Step:
     kept: list[int] = field(default_factory=list)
 
     @classmethod
-    def make(cls, layer_name: str, method: str, seed: int = 0) -> Step:
+    def make(
+        cls,
+        layer_name: str,
+        method: str,
+        source: Source = "images",
+        threshold: float = 0.8,
+        seed: int = 0,
+    ) -> Step:
         build, shape = LAYERS[layer_name]
         torch.manual_seed(seed)
         module = build()
         if method != "vanilla":
-            module = convert(module, method=method, rank=THRESHOLD)
-        batches = [activation(shape, s).detach().requires_grad_() for s in (0, 1)]
+            module = convert(module, method=method, rank=threshold)
+        batches = [activation(shape, s, source).detach().requires_grad_() for s in (0, 1)]
         with torch.no_grad():
             out_shape = module.eval()(batches[0]).shape
         module.train()
@@ -173,9 +181,11 @@ CASES = [(layer, method) for layer in LAYERS for method in METHODS if applicable
 
 
 @pytest.mark.parametrize("layer, method", CASES, ids=[f"{a}-{b}" for a, b in CASES])
-def test_training_step(benchmark: Any, layer: str, method: str) -> None:
-    step = Step.make(layer, method)
-    benchmark.group = f"step {layer}"
+def test_training_step(
+    benchmark: Any, layer: str, method: str, source: Source, threshold: float
+) -> None:
+    step = Step.make(layer, method, source, threshold)
+    benchmark.group = f"step {layer}, {source}, eps {threshold:g}"
     bench(benchmark, step, ROUNDS, WARMUP)
     # Every method keeps the input gradient exact: only dW uses the compressed input.
     x, gy = step.last_batch()
@@ -189,7 +199,7 @@ def test_training_step(benchmark: Any, layer: str, method: str) -> None:
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_kept_bytes_and_weight_grad_error(layer: str) -> None:
-    """Memory and accuracy targets (deterministic, so asserted here)."""
+    """Memory and accuracy targets (deterministic, so asserted here; images, eps 0.8)."""
     vanilla = Step.make(layer, "vanilla")
     base = vanilla.kept_bytes()
     for method in ("asi", "hosvd"):
@@ -210,11 +220,17 @@ def test_kept_bytes_and_weight_grad_error(layer: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def measure(repeats: int, layers: list[str], methods: list[str]) -> list[dict[str, Any]]:
+def measure(
+    setting: Setting, repeats: int, layers: list[str], methods: list[str]
+) -> list[dict[str, Any]]:
     """Median step time of interleaved rounds, kept bytes and dW error per (layer, method)."""
     rows = []
     for layer in layers:
-        steps = {m: Step.make(layer, m) for m in methods if applicable(layer, m)}
+        steps = {
+            m: Step.make(layer, m, setting.source, setting.threshold)
+            for m in methods
+            if applicable(layer, m)
+        }
         times = time_rounds(steps, repeats, WARMUP)
         kept = {m: s.kept_bytes() for m, s in steps.items()}
         base_t = summary(times["vanilla"]).median
@@ -249,8 +265,9 @@ def _target_mark(row: dict[str, Any]) -> str:
     return " ".join(marks)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """Print the ratio table."""
+def print_table(setting: Setting, rows: list[dict[str, Any]], load: tuple[float, float]) -> None:
+    """Print the ratio table of one setting, measured at ``load`` (before, after)."""
+    print(f"\n{setting}; load average {load[0]:.1f} before, {load[1]:.1f} after")
     header = (
         f"{'layer':<8} {'method':<16} {'ranks':<18} {'step ms':>8} {'iqr ms':>7} "
         f"{'time/van':>8} {'kept/van':>8} {'dW err':>7} {'HOSVD@r':>7}  targets"
@@ -269,7 +286,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     """Print the table (``python benchmarks/test_layers.py --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=ROUNDS, help="interleaved rounds")
     parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
@@ -279,22 +296,23 @@ def main() -> None:
         help="also print where one step of each method spends its time (profiler)",
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = ["vanilla", *[m for m in args.methods if m != "vanilla"]]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ranks from explained "
-        f"variance {THRESHOLD:g}, {args.repeats} interleaved rounds after {WARMUP} warm-up; "
-        "medians; time/van and kept/van: ratios to vanilla in the same rounds"
+        f"torch {torch.__version__}, default threads {torch.get_num_threads()}, "
+        f"{args.repeats} interleaved rounds after {WARMUP} warm-up; medians; "
+        "time/van and kept/van: ratios to vanilla in the same rounds"
     )
-    print_table(measure(args.repeats, args.layers, methods))
-    if args.breakdown:
-        for layer in args.layers:
-            for method in methods:
-                if applicable(layer, method):
-                    step = Step.make(layer, method)
-                    step()  # ASI's cold start is not profiled
-                    print_breakdown(f"{method} step of {layer}", step)
+    for setting in settings(args):
+        before = load_average()
+        rows = measure(setting, args.repeats, args.layers, methods)
+        print_table(setting, rows, (before, load_average()))
+        if args.breakdown:
+            for layer in args.layers:
+                for method in methods:
+                    if applicable(layer, method):
+                        step = Step.make(layer, method, setting.source, setting.threshold)
+                        step()  # ASI's cold start is not profiled
+                        print_breakdown(f"{method} step of {layer} ({setting})", step)
 
 
 if __name__ == "__main__":
