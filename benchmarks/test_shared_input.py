@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     medians = {v: statistics.median(t) for v, t in times.items()}
     print(
         f"ViT-Tiny, batch {args.batch} of 32x32, last {args.blocks} blocks, ASI @ {RANK}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
         f"{args.rounds} interleaved rounds"
     )
     header = f"{'variant':<14}{'decomp/step':>12}{'kept MB':>10}{'distinct MB':>13}"
