@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tensorcompress.results import TuckerResult
-from tensorcompress.torch import last_layers
+from tensorcompress.torch import last_blocks, last_layers
 from tensorcompress.torch.lowrank import LowRankModule, to_dense
 from tensorcompress.torch.wasi import (
     WASIConfig,
@@ -485,6 +485,16 @@ def test_to_wasi_selects_layers_and_keeps_everything_else() -> None:
     by_filter = to_wasi(_net(), rank=0.5, layers=lambda m, name: isinstance(m, nn.Linear))
     assert list(wasi_layers(by_filter)) == ["6"]
     assert by_filter[6].weight_explained_variance >= 0.5
+
+
+def test_to_wasi_takes_the_last_blocks_of_a_transformer_like_model() -> None:
+    torch.manual_seed(0)
+    net = nn.ModuleDict(
+        {"blocks": nn.ModuleList(_Attention() for _ in range(3)), "head": nn.Linear(16, 2)}
+    )
+    to_wasi(net, method="wasi", rank=4, layers=last_blocks(2))
+    assert sorted(wasi_layers(net)) == [f"blocks.{b}.{n}" for b in (1, 2) for n in "koqv"]
+    assert type(net["blocks"][0].q) is nn.Linear and type(net["head"]) is nn.Linear
 
 
 def test_threshold_rank_reads_the_weights_spectrum() -> None:
