@@ -41,8 +41,9 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   per row), recomputed its input only. ``nn.LayerNorm`` keeps its input and
   two statistics per row, a GELU its input: recomputing them saves only the
   statistics;
-- ``saved="int8"``: every other tensor the blocks save for backward (not a
-  parameter, not a Linear/Conv layer's input, at least ``int8_min_bytes``) is
+- ``saved="int8"``: every other tensor the blocks (and the norms after them)
+  save for backward (not a parameter, not a Linear/Conv layer's input, at
+  least ``int8_min_bytes``) is
   kept as int8 with one float32 absmax scale per ``int8_block`` consecutive
   elements (:class:`Int8Saved`, the per-block quantization of ActNN and Mesa,
   through :func:`torch.autograd.graph.saved_tensors_hooks`), about 27 % of its
@@ -279,7 +280,7 @@ class _Packed:
     numel: int
 
 
-_CHUNK_BYTES = 1 << 18  # quantize and dequantize this much float at a time
+_CHUNK = 1 << 18  # elements quantized at a time: the only float temporary
 
 
 def quantize_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +288,17 @@ def quantize_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
     ``t`` is flattened and split into blocks of ``block`` consecutive
     elements (the last one zero-padded); each block keeps one float32 scale
-    ``absmax / 127`` and its elements rounded to int8. Computed a chunk at a
-    time, so the only full-size allocation is the int8 result.
+    ``absmax / 127`` and its elements divided by it and rounded to int8.
+    Computed ``2**18`` elements at a time, so the only full-size allocation
+    is the int8 result (and a zero-padded copy when ``block`` does not
+    divide the size).
+
+    Returns
+    -------
+    q : Tensor
+        int8, ``(ceil(numel / block), block)``.
+    scale : Tensor
+        float32, ``(ceil(numel / block), 1)``.
     """
     flat = t.detach().reshape(-1)
     n = flat.numel()
@@ -298,25 +308,26 @@ def quantize_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     rows = flat.view(-1, block)
     q = torch.empty(rows.shape, dtype=torch.int8, device=t.device)
     scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=t.device)
-    step = max(1, _CHUNK_BYTES // (block * 4))
+    step = max(1, _CHUNK // block)
     tiny = torch.finfo(torch.float32).tiny
     for i in range(0, rows.shape[0], step):
         chunk = rows[i : i + step]
-        s = chunk.abs().amax(dim=1, keepdim=True).float().div_(127.0).clamp_min_(tiny)
+        work = chunk.float().abs()
+        # The max over each block's elements, reduced across the strided dimension:
+        # vectorised over blocks, much faster than a reduction along 64 contiguous ones.
+        s = work.t().amax(dim=0).div_(127.0).clamp_min_(tiny).unsqueeze(1)
         scale[i : i + step] = s
-        q[i : i + step] = torch.div(chunk, s).round_()
+        q[i : i + step] = work.copy_(chunk).div_(s).round_()
     return q, scale
 
 
 def dequantize_int8(
     q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_int8`: a tensor of ``shape`` and ``dtype``."""
+    """Inverse of :func:`quantize_int8`: a tensor of ``shape`` and ``dtype`` (no temporary)."""
     n = math.prod(shape)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    step = max(1, _CHUNK_BYTES // (q.shape[1] * 4))
-    for i in range(0, q.shape[0], step):
-        out[i : i + step] = q[i : i + step].float().mul_(scale[i : i + step])
+    out.copy_(q).mul_(scale)
     return out.view(-1)[:n].view(tuple(shape))
 
 
@@ -450,16 +461,6 @@ def _linear_names(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     ]
 
 
-def _modules_of_kind(
-    model: nn.Module, blocks: Sequence[str], kinds: Sequence[str]
-) -> list[nn.Module]:
-    out = []
-    for name, m in model.named_modules():
-        if any(name.startswith(b + ".") for b in blocks) and module_kind(m) in kinds:
-            out.append(m)
-    return out
-
-
 def _freeze_to_blocks(model: nn.Module, blocks: Sequence[str], example_input: Any) -> list[str]:
     """Train the blocks and everything that runs after them; returns the head's modules."""
     order = execution_order(model, example_input)
@@ -513,7 +514,9 @@ def prepare(
         The model to train: ``model`` itself, or PEFT's ``PeftModel`` around it
         for ``"lora"`` and ``"lora+asi"``. Trainable: the blocks (their LoRA
         adapters for LoRA) and every module that runs after them (final norm,
-        classifier); everything else is frozen.
+        classifier); everything else is frozen. A Hugging Face model's
+        ``config.use_cache`` is set to False (training keeps no key/value
+        cache).
 
     Raises
     ------
@@ -549,14 +552,14 @@ def prepare(
     modules = dict(model.named_modules())
     if opts.attention is not None:
         _set_attention(model, opts.attention)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        # A training step needs no key/value cache, and a checkpointed block run again
+        # in backward would append to it a second time.
+        config.use_cache = False
     head = _freeze_to_blocks(model, names, example_input)
     block_modules = [modules[n] for n in names]
-    if opts.recompute:
-        checkpoint_modules(_modules_of_kind(model, names, opts.recompute))
-    if opts.saved == "int8":
-        saver = Int8Saved(block_modules, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
-        for b in block_modules:
-            _SAVERS[b] = saver
+    head_modules = [modules[n] for n in head if plain_type(modules[n]) is None]
     if method == "checkpoint":
         checkpoint_modules(block_modules)
     elif method in _COMPRESS:
@@ -565,7 +568,23 @@ def prepare(
             layers = last_blocks(layers)
         convert(model, method=method, rank=opts.rank, layers=layers, example_input=example_input)
     elif method in ("lora", "lora+asi"):
-        return _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
+        model = _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
+        # PEFT wraps the trained head modules (modules_to_save): hook the wrappers.
+        wrappers = {
+            id(getattr(m, "original_module", None)): m
+            for m in model.modules()
+            if getattr(m, "original_module", None) is not None
+        }
+        head_modules = [wrappers.get(id(m), m) for m in head_modules]
+    if opts.recompute:
+        checkpoint_modules(
+            [m for b in block_modules for m in b.modules() if module_kind(m) in opts.recompute]
+        )
+    if opts.saved == "int8":
+        targets = [*block_modules, *head_modules]
+        saver = Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
+        for m in targets:
+            _SAVERS[m] = saver
     return model
 
 
