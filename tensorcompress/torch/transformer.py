@@ -552,7 +552,7 @@ def prepare(
     modules = dict(model.named_modules())
     if opts.attention is not None:
         _set_attention(model, opts.attention)
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         # A training step needs no key/value cache, and a checkpointed block run again
         # in backward would append to it a second time.
