@@ -41,12 +41,14 @@ How the step is measured (the caller's model and optimizer end as they began):
 
 Notes
 -----
-Memory that existed before the step (the batch, a compressed layer's warm
-start from the previous step, which the forward replaces) is not counted in
-``peak_activation_bytes``; on CPU the profiler does not report the release of
-blocks allocated before it started (see
-:func:`~tensorcompress.torch.measure.track_memory`), so a replaced warm start
-still counts as freed only from the tracker's point of view of the new one.
+Memory that existed before the step is not counted in
+``peak_activation_bytes``: the batch, and a compressed layer's warm start
+from the previous step, which the forward replaces by the new factors. On
+CPU the profiler does not report the release of blocks allocated before it
+started (see :func:`~tensorcompress.torch.measure.track_memory`), so the old
+factors count as released from the start; that is exact once the forward has
+passed every compressed layer, which is where a training step's peak lies
+(in backward) in every case measured here.
 The optimizer step's own transients are not part of the peak (forward and
 backward only).
 
