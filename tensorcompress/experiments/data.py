@@ -17,7 +17,8 @@ inputs batch by batch with :func:`to_input`.
   stroke width, all with pixel noise. Strokes, curves, corners and their
   arrangements are what digits are made of, so the features transfer, but
   the task and its label set are different ones. Rendering is vectorised
-  numpy, seeded by an explicit generator, so a batch is a pure function of
+  (numpy; the glyphs' distance fields in torch, float32, one call per batch),
+  seeded by an explicit generator, so a batch is a pure function of
   ``(seed, index)``.
 - **User data** (:func:`load_data`): an image folder (one subfolder per class,
   read with PIL) or an ``.npz`` with ``x`` and ``y`` (and optionally
@@ -295,19 +296,30 @@ def alphabet() -> tuple[np.ndarray, ...]:
 
 
 def _polyline_distance(px: np.ndarray, py: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Distance ``(n, P)`` from pixels ``(P,)`` to polylines ``(n, S, K, 2)`` (nearest segment)."""
+    """Distance ``(n, P)`` from pixels ``(P,)`` to polylines ``(n, S, K, 2)`` (nearest segment).
+
+    Computed in float32 with torch (one call for every glyph of a batch: the
+    ``n x P x S*(K-1)`` arrays are the renderer's main cost).
+    """
     n = pts.shape[0]
-    a = pts[:, :, :-1].reshape(n, 1, -1, 2)  # segment starts (n, 1, S*(K-1), 2)
-    d = pts[:, :, 1:].reshape(n, 1, -1, 2) - a
-    qx, qy = px[None, :, None] - a[..., 0], py[None, :, None] - a[..., 1]
-    t = (qx * d[..., 0] + qy * d[..., 1]) / np.maximum((d * d).sum(-1), 1e-12)
-    t = np.clip(t, 0.0, 1.0)
-    ex, ey = qx - t * d[..., 0], qy - t * d[..., 1]
-    return np.sqrt((ex * ex + ey * ey).min(axis=-1))
+    p = torch.from_numpy(np.ascontiguousarray(pts, dtype=np.float32))
+    a = p[:, :, :-1].reshape(n, 1, -1, 2)  # segment starts (n, 1, S*(K-1), 2)
+    d = p[:, :, 1:].reshape(n, 1, -1, 2) - a
+    ax, ay, dx, dy = a[..., 0], a[..., 1], d[..., 0], d[..., 1]
+    inv = 1.0 / (dx * dx + dy * dy).clamp_min(1e-12)
+    qx = torch.from_numpy(px.astype(np.float32)).view(1, -1, 1) - ax
+    qy = torch.from_numpy(py.astype(np.float32)).view(1, -1, 1) - ay
+    t = (qx * dx).add_(qy * dy).mul_(inv).clamp_(0.0, 1.0)
+    ex, ey = qx.sub_(t * dx), qy.sub_(t * dy)
+    return ex.mul_(ex).add_(ey.mul_(ey)).amin(dim=-1).sqrt_().double().numpy()
 
 
-def _glyph_masks(glyph: int, n: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """Coverage ``(n, R, R)`` of ``n`` jittered, affinely distorted copies of one glyph."""
+def _glyph_points(glyph: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Polylines ``(n, 3, K, 2)`` and stroke half-widths ``(n,)`` of ``n`` copies of one glyph.
+
+    Jittered, affinely distorted copies; a glyph of fewer than three strokes
+    repeats its last one (the same distance).
+    """
     base = alphabet()[glyph]  # (S, 3, 2)
     ctrl = base[None] + rng.normal(0.0, 0.05, size=(n, *base.shape))
     # Small rotation, anisotropic scale, shear and shift: handwriting-like
@@ -316,17 +328,15 @@ def _glyph_masks(glyph: int, n: int, resolution: int, rng: np.random.Generator) 
     sx, sy = rng.uniform(0.75, 1.1, size=n), rng.uniform(0.75, 1.1, size=n)
     shear = rng.uniform(-0.25, 0.25, size=n)
     shift = rng.uniform(-0.15, 0.15, size=(n, 1, 1, 2))
-    half_width = rng.uniform(0.06, 0.12, size=(n, 1, 1))
+    half_width = rng.uniform(0.06, 0.12, size=n)
     c, s = np.cos(angle), np.sin(angle)
     # Rotation after shear after scale: [[c, -s], [s, c]] @ [[1, shear], [0, 1]] @ diag(sx, sy).
     m = np.empty((n, 2, 2))
     m[:, 0, 0], m[:, 0, 1] = c * sx, (c * shear - s) * sy
     m[:, 1, 0], m[:, 1, 1] = s * sx, (s * shear + c) * sy
     pts = np.einsum("nij,nskj->nski", m, _bezier(ctrl)) + shift
-    axis = (np.arange(resolution) + 0.5) / resolution * 2.0 - 1.0
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    dist = _polyline_distance(xx.ravel(), yy.ravel(), pts).reshape(n, resolution, resolution)
-    return _smooth(dist - half_width, np.full((1, 1, 1), 2.0 / resolution))
+    pad = [pts] + [pts[:, -1:]] * (3 - pts.shape[1])
+    return np.concatenate(pad, axis=1), half_width
 
 
 def _col(a: np.ndarray) -> np.ndarray:
@@ -378,6 +388,7 @@ def render_shapes(labels: np.ndarray, resolution: int, rng: np.random.Generator)
     aa = _col(2.0 / (resolution * scale))  # one pixel in local units, doubled
     mask = np.empty((n, resolution, resolution))
     geometric = len(GEOMETRIC_CLASSES)
+    glyphs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (where, polylines, widths)
     for label in np.unique(labels):
         sel = labels == label
         if label < geometric:
@@ -385,7 +396,18 @@ def render_shapes(labels: np.ndarray, resolution: int, rng: np.random.Generator)
                 int(label), u[sel], v[sel], _col(half_width[sel]), _col(freq[sel]), aa[sel]
             )
         else:
-            mask[sel] = _glyph_masks(int(label) - geometric, int(sel.sum()), resolution, rng)
+            glyphs.append((sel, *_glyph_points(int(label) - geometric, int(sel.sum()), rng)))
+    if glyphs:
+        # Every glyph of the batch in one distance computation.
+        dist = _polyline_distance(
+            xx.ravel(), yy.ravel(), np.concatenate([pts for _, pts, _ in glyphs])
+        ).reshape(-1, resolution, resolution)
+        widths = np.concatenate([w for _, _, w in glyphs])
+        coverage = _smooth(dist - _col(widths), np.full((1, 1, 1), 2.0 / resolution))
+        start = 0
+        for sel, pts, _ in glyphs:
+            mask[sel] = coverage[start : start + len(pts)]
+            start += len(pts)
     img = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * mask[:, None]
     return np.clip(img + noise, 0.0, 1.0).astype(np.float32)
 

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tensorcompress.experiments.frontier import EqualAccuracy
+
 __all__ = [
     "FILES",
     "Row",
     "check_writable",
     "csv_text",
+    "format_equal_accuracy",
     "format_table",
     "summarise",
     "write_results",
@@ -79,6 +82,9 @@ class Row:
         Median wall time of a training step.
     step_ratio : float
         ``step_ms`` over vanilla's with the same layers, seed by seed, averaged.
+    threshold : float or None
+        Explained-variance threshold (HOSVD, SVD, and ASI's HOSVD budget);
+        ``None`` for methods without one.
     seeds : tuple of dict
         The per-seed measurements behind the row.
     """
@@ -96,6 +102,7 @@ class Row:
     step_ms: float
     step_ms_std: float
     step_ratio: float
+    threshold: float | None = None
     seeds: tuple[Mapping[str, Any], ...] = field(default=())
 
     def to_dict(self, per_seed: bool = True) -> dict[str, Any]:
@@ -104,6 +111,7 @@ class Row:
             "method": self.method,
             "label": self.label,
             "layers": self.layers,
+            "threshold": self.threshold,
             "accuracy": self.accuracy,
             "accuracy_std": self.accuracy_std,
             "mem_mb": self.mem_mb,
@@ -137,25 +145,26 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
     Parameters
     ----------
     results : sequence of dict
-        One per (seed, method, layers) with keys ``method``, ``label``,
-        ``layers``, ``seed``, ``accuracy`` (fraction), ``mem_bytes``,
-        ``mem_full_bytes``, ``gflops`` (NaN if not counted), ``step_seconds``
-        and optionally ``decomp_gflops``.
+        One per (seed, method, layers, threshold) with keys ``method``,
+        ``label``, ``layers``, ``seed``, ``accuracy`` (fraction),
+        ``mem_bytes``, ``mem_full_bytes``, ``gflops`` (NaN if not counted),
+        ``step_seconds`` and optionally ``threshold`` (None or absent for
+        methods without one) and ``decomp_gflops``.
 
     Returns
     -------
     list of Row
     """
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, float | None], list[Mapping[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["method"], str(r["layers"])), []).append(r)
+        groups.setdefault((r["method"], str(r["layers"]), r.get("threshold")), []).append(r)
     vanilla_step = {
         (str(r["layers"]), r["seed"]): r["step_seconds"]
         for r in results
         if r["method"] == "vanilla"
     }
     rows = []
-    for (method, layers), rs in groups.items():
+    for (method, layers, threshold), rs in groups.items():
         acc = _mean_std([100.0 * r["accuracy"] for r in rs])
         mem = _mean_std([r["mem_bytes"] / MB for r in rs])
         full = _mean_std([r["mem_full_bytes"] / MB for r in rs])
@@ -182,6 +191,7 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
                 step_ms=step[0],
                 step_ms_std=step[1],
                 step_ratio=_mean_std(ratios)[0] if ratios else math.nan,
+                threshold=threshold,
                 seeds=tuple(_json_safe(dict(r)) for r in rs),
             )
         )
@@ -240,6 +250,46 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
     return "\n".join(lines)
 
 
+def format_equal_accuracy(entries: Sequence[EqualAccuracy], tolerance_source: str) -> str:
+    """The equal-accuracy comparison as aligned text, with how it was made."""
+    head = ("method", "layers", "at acc %", "ε", "Mem x vanilla", "GFLOPs x vanilla")
+    body = []
+    for e in entries:
+        name = e.method.replace("_", " ")
+        if e.reached:
+            assert e.memory_ratio is not None and e.gflops_ratio is not None
+            cells = (
+                f"{e.accuracy:.1f}",
+                "-" if e.threshold is None else f"{e.threshold:.2f}",
+                f"{e.memory_ratio:.3f}",
+                f"{e.gflops_ratio:.3f}",
+            )
+        else:
+            cells = (f"{e.accuracy:.1f}", "-", f"not reached (best {e.best_accuracy:.1f}%)", "")
+        body.append((name, e.layers, *cells))
+    widths = [max(len(line[k]) for line in [head, *body]) for k in range(len(head))]
+
+    def fmt(line: Sequence[str]) -> str:
+        cells = [f"{line[0]:<{widths[0]}}", f"{line[1]:<{widths[1]}}"]
+        cells += [f"{c:>{w}}" for c, w in zip(line[2:], widths[2:])]
+        return "  ".join(cells).rstrip()
+
+    tolerances = sorted({(e.layers, e.tolerance) for e in entries}, key=lambda p: p[0])
+    tol = ", ".join(f"{t:.1f} points with {n} layers" for n, t in tolerances)
+    lines = [
+        "Equal accuracy (the paper's comparison): each method against vanilla with the same "
+        f"layers, at vanilla's accuracy minus a tolerance of {tol} ({tolerance_source}).",
+        "Mem and GFLOPs are interpolated linearly in accuracy between the two points of the "
+        "method's frontier (by memory) that bracket that accuracy; the cheapest point when it "
+        "already reaches it; ε: the threshold there.",
+        "",
+        fmt(head),
+        "-" * len(fmt(head)),
+        *(fmt(line) for line in body),
+    ]
+    return "\n".join(lines)
+
+
 def csv_text(rows: Sequence[Row]) -> str:
     """The rows as CSV (one line per row; per-seed details are in results.json)."""
     buf = io.StringIO()
@@ -251,7 +301,6 @@ def csv_text(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
-_MARKERS = {"all": "*", "2": "o", "4": "s"}
 _COLOURS = {
     "vanilla": "tab:gray",
     "gradient_filter": "tab:orange",
@@ -259,41 +308,84 @@ _COLOURS = {
     "svd": "tab:purple",
     "asi": "tab:red",
 }
+_MARKERS = {"vanilla": "*", "gradient_filter": "D", "hosvd": "s", "svd": "v", "asi": "o"}
+_HOLLOW = {"hosvd", "svd"}  # drawn open, so ASI (at HOSVD's memory) shows through
+_STYLES = ("-", "--", ":", "-.")
 
 
 def _plot(rows: Sequence[Row], x_key: str, x_label: str, title: str, path: Path) -> None:
+    """Accuracy against ``x_key``: one line per method and layers, vanilla as reference points.
+
+    Each method with thresholds is a line through its thresholds, sorted by
+    ``x`` (ASI's points labelled by ε; HOSVD and SVD drawn open, since ASI
+    sits at HOSVD's memory); the gradient filter is one point per layers;
+    vanilla-last-N (with a faint line at its accuracy) and vanilla-all are
+    stars. Error bars are the spread over seeds, when there are several.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     # A Figure without pyplot: no global figure registry, no GUI backend.
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
     ax = fig.add_subplot()
     shown = [r for r in rows if not math.isnan(getattr(r, x_key)) and getattr(r, x_key) > 0]
+    depths = list(dict.fromkeys(r.layers for r in shown if r.layers != "all"))
+    groups: dict[tuple[str, str], list[Row]] = {}
     for r in shown:
-        x = getattr(r, x_key)
+        groups.setdefault((r.method, r.layers), []).append(r)
+    for (method, layers), points in groups.items():
+        points.sort(key=lambda r: (getattr(r, x_key), r.threshold or 0.0))
+        xs = [getattr(r, x_key) for r in points]
+        ys = [r.accuracy for r in points]
+        errs = [r.accuracy_std for r in points]
+        vanilla = method == "vanilla"
+        name = "vanilla" if vanilla else points[0].label.split(" ε=")[0]
+        label = f"{name}, {'all layers' if layers == 'all' else f'last {layers}'}"
+        style = _STYLES[depths.index(layers) % len(_STYLES)] if layers in depths else "none"
+        if vanilla and layers != "all":
+            # Vanilla's accuracy with these layers: where the equal-accuracy comparison reads.
+            ax.axhline(ys[0], color="tab:gray", linestyle=style, linewidth=0.8, alpha=0.5)
+        colour = "black" if layers == "all" else _COLOURS.get(method, "black")
         ax.errorbar(
-            x,
-            r.accuracy,
-            yerr=r.accuracy_std if r.accuracy_std > 0 else None,
-            marker=_MARKERS.get(r.layers, "D"),
-            color=_COLOURS.get(r.method, "black"),
-            markersize=8,
+            xs,
+            ys,
+            yerr=errs if any(e > 0 for e in errs) else None,
+            marker=_MARKERS.get(method, "x"),
+            color=colour,
+            markerfacecolor="none" if method in _HOLLOW else colour,
+            markersize=12 if vanilla else 8 if method in _HOLLOW else 5,
             capsize=3,
-            linestyle="none",
-            label=f"{r.label}, {r.layers} layers",
+            linestyle="none" if vanilla or len(points) == 1 else style,
+            linewidth=1.2,
+            label=label,
+            zorder=3 if method == "asi" else 2,
         )
-        ax.annotate(f" {r.layers}", (x, r.accuracy), fontsize=8, va="center")
+        for r, x in zip(points, xs):
+            if method == "asi" and r.threshold is not None and len(points) > 1:
+                ax.annotate(
+                    f"{r.threshold:g}",
+                    (x, r.accuracy),
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                    fontsize=6,
+                    color=_COLOURS.get(method, "black"),
+                )
     if shown:
         ax.set_xscale("log")
-        ax.legend(fontsize=7, loc="best")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7, loc="best", ncols=2)
     else:
         ax.text(
             0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes
         )
     ax.set_xlabel(x_label)
     ax.set_ylabel("top-1 test accuracy (%)")
+    if any(len(points) > 1 for (m, _), points in groups.items() if m != "vanilla"):
+        title += " (lines: thresholds ε)"
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path, dpi=120)
@@ -334,6 +426,7 @@ def write_results(
     rows: Sequence[Row],
     meta: Mapping[str, Any],
     table: str,
+    summary: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write results.json, results.csv and the two plots into ``out``, atomically.
 
@@ -348,6 +441,8 @@ def write_results(
         Configuration, environment and notes, stored in results.json.
     table : str
         The printed table, stored in results.json too.
+    summary : mapping, optional
+        The run's conclusions (``equal_accuracy``, ...), results.json's ``summary``.
 
     Returns
     -------
@@ -358,7 +453,12 @@ def write_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        doc = {**_json_safe(dict(meta)), "table": table, "rows": [r.to_dict() for r in rows]}
+        doc = {
+            **_json_safe(dict(meta)),
+            "table": table,
+            "summary": _json_safe(dict(summary or {})),
+            "rows": [r.to_dict() for r in rows],
+        }
         (tmp / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         (tmp / "results.csv").write_text(csv_text(rows))
         _plot(

@@ -2,21 +2,34 @@
 
 A model is pretrained on a source task (procedural shapes, cached on disk),
 then its last N convs (and everything after them) are fine-tuned on a target
-task (scikit-learn's digits by default), once per method:
+task (scikit-learn's digits by default), once per method and threshold:
 
 - ``vanilla``: plain autograd, on all layers and on the last N;
 - ``gradient_filter``: Gradient Filtering with patch R (default 2);
-- ``hosvd``: ST-HOSVD every step at explained variance ε (default 0.8);
+- ``hosvd``: ST-HOSVD every step at explained variance ε;
 - ``svd``: truncated SVD of the channel unfolding at explained variance ε;
 - ``asi``: Activation Subspace Iteration with per-layer ranks allocated under
   HOSVD's memory at ε (:func:`tensorcompress.torch.budget.plan_ranks`, the
   paper's protocol).
 
-For each (method, layers) it reports top-1 test accuracy, the activation
-memory the fine-tuned convs keep (paper convention) and all the activations
-the step keeps (:func:`tensorcompress.torch.measure.activation_memory`), the
-training FLOPs of one step (:func:`tensorcompress.torch.flops.training_step_flops`)
-and the median step time with its ratio to vanilla, all from the same run.
+HOSVD, SVD and ASI run at every threshold ε of ``--thresholds`` (0.7 0.8 0.9
+by default), so each traces a frontier of accuracy against memory and
+compute. For each configuration it reports top-1 test accuracy, the
+activation memory the fine-tuned convs keep (paper convention) and all the
+activations the step keeps (:func:`tensorcompress.torch.measure.activation_memory`),
+the training FLOPs of one step (:func:`tensorcompress.torch.flops.training_step_flops`)
+and the median step time with its ratio to vanilla, all from the same run;
+then the paper's equal-accuracy comparison
+(:func:`tensorcompress.experiments.frontier.equal_accuracy`): each method's
+memory and GFLOPs against vanilla's at vanilla's accuracy, interpolated along
+its frontier.
+
+Every configuration with the same last-N layers freezes the same prefix of
+the network, so its outputs are computed once per seed and N for every
+training and test batch and replayed in each method's fine-tuning
+(:class:`~tensorcompress.experiments.prefix.FrozenPrefix`; ``--no-replay``
+computes them every time, with the same results). Memory, FLOPs and step
+times are measured on the whole model, without the replay.
 
 Model and resolution: MCUNet-in1 at 48x48 by default. MCUNet is the paper's
 headline model and the cheapest of :mod:`tensorcompress.models` on a CPU;
@@ -28,6 +41,7 @@ Tucker compresses vanish), and an integer upscale (x6) of the 8x8 digits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -35,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +59,65 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorcompress.experiments import data as D
+from tensorcompress.experiments import frontier as FR
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
+from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch import METHODS, convert
+from tensorcompress.torch import METHODS, convert, fine_tuned_modules
 from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
+    "THRESHOLD_METHODS",
+    "Experiment",
     "RunConfig",
     "add_arguments",
     "config_from_args",
     "main",
+    "parse_thresholds",
     "prepare",
     "run_experiment",
 ]
+
+THRESHOLD_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m in {"hosvd", "svd", "asi"})
+"""The methods of :data:`tensorcompress.torch.METHODS` that take an explained-variance
+threshold (ASI through HOSVD's memory at it): one row per threshold."""
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.7, 0.8, 0.9)
+"""Thresholds of a default run: three points of each frontier."""
+
+REPLAY_LIMIT_BYTES = 2**30
+"""Largest recorded frozen prefix (per seed and N) kept for replay; above it, computed."""
+
+
+def parse_thresholds(values: Sequence[Any]) -> tuple[float, ...]:
+    """Explained-variance thresholds from the command line (strings or numbers), sorted.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a value that is not a number, one outside (0, 1], or
+        a value given twice; the message is one line naming the value.
+    """
+    if isinstance(values, (str, bytes)) or not values:
+        raise ValueError(
+            "--thresholds is empty; give one or more explained variances in (0, 1], "
+            "e.g. --thresholds 0.7 0.8 0.9"
+        )
+    out: list[float] = []
+    for value in values:
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--thresholds takes numbers in (0, 1], got {value!r}") from None
+        if not 0.0 < t <= 1.0:  # False for NaN too
+            raise ValueError(f"--thresholds must be in (0, 1], got {value!r}")
+        if t in out:
+            raise ValueError(f"--thresholds gives {t:g} twice; give each threshold once")
+        out.append(t)
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -78,14 +136,20 @@ class RunConfig:
     methods : tuple of str
         Among :data:`tensorcompress.torch.METHODS` (all of them, in that order,
         by default).
-    threshold : float
-        Explained variance of HOSVD and SVD, and the budget ``hosvd@threshold`` of ASI.
+    thresholds : tuple of float
+        Explained variances of HOSVD and SVD, and the budgets
+        ``hosvd@threshold`` of ASI: one row per threshold for each of
+        :data:`THRESHOLD_METHODS` (sorted; each in (0, 1], each once).
     patch : int
         Gradient filter patch size R.
     finetune : FineTuneConfig
         Fine-tuning hyper-parameters.
     pretrain : PretrainConfig
         Pretraining hyper-parameters (part of the cache key).
+    reuse_pretrain : tuple of PretrainConfig
+        Pretraining configurations whose cached checkpoints are used instead
+        of ``pretrain``'s when present (``--quick`` reuses a default run's
+        backbone); nothing is pretrained for them.
     seed : int
         Base seed: the train/test split and the first repeat.
     seeds : int
@@ -93,6 +157,9 @@ class RunConfig:
         pretraining (cached per seed) and fine-tuning order, classifier
         initialisation and ASI seed, on the base seed's split: the table
         shows mean and spread.
+    tolerance : float or None
+        Accuracy points below vanilla's that the equal-accuracy comparison
+        counts as equal; None: the run's own noise (:func:`_tolerances`).
     data : str or None
         Target data (image folder or .npz); None: scikit-learn's digits.
     weights : str or None
@@ -107,6 +174,10 @@ class RunConfig:
         Training batches :func:`~tensorcompress.torch.budget.plan_ranks` measures.
     timing_rounds : int
         Interleaved timing rounds (one step per configuration each).
+    replay : bool
+        Record the frozen prefix once per seed and N and replay it
+        (:class:`~tensorcompress.experiments.prefix.FrozenPrefix`); False
+        computes it in every configuration. The results are the same.
     device : str
         ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
     quiet : bool
@@ -117,12 +188,14 @@ class RunConfig:
     resolution: int = 48
     layers: tuple[str, ...] = ("all", "2", "4")
     methods: tuple[str, ...] = METHODS
-    threshold: float = 0.8
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     patch: int = 2
     finetune: T.FineTuneConfig = field(default_factory=T.FineTuneConfig)
     pretrain: T.PretrainConfig = field(default_factory=T.PretrainConfig)
+    reuse_pretrain: tuple[T.PretrainConfig, ...] = ()
     seed: int = 0
     seeds: int = 1
+    tolerance: float | None = None
     data: str | None = None
     weights: str | None = None
     test_fraction: float = 0.25
@@ -131,6 +204,7 @@ class RunConfig:
     cache_dir: str | None = None
     budget_batches: int = 2
     timing_rounds: int = 5
+    replay: bool = True
     device: str = "cpu"
     quiet: bool = False
 
@@ -144,10 +218,10 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(
-                f"unknown method(s) {unknown or list(self.methods)}; valid methods are: "
-                f"{', '.join(METHODS)}"
+                f"unknown method(s) {unknown or list(self.methods)}; valid methods are: {METHODS}"
             )
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        object.__setattr__(self, "thresholds", parse_thresholds(self.thresholds))
         layers = []
         for item in self.layers:
             text = str(item).strip().lower()
@@ -183,29 +257,43 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 2, got {cap}")
         if self.resolution < 16:
             raise ValueError(f"--resolution must be at least 16 pixels, got {self.resolution}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"--threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         if not (self.finetune.lr > 0 and math.isfinite(self.finetune.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.finetune.lr}")
+        if self.tolerance is not None and not (
+            self.tolerance >= 0 and math.isfinite(self.tolerance)
+        ):
+            raise ValueError(f"--tolerance must be a non-negative number, got {self.tolerance}")
 
-    def rows(self) -> list[tuple[str, str]]:
-        """The (method, layers) configurations, in table order."""
-        return [(m, n) for m in self.methods for n in self.layers if n != "all" or m == "vanilla"]
+    def rows(self) -> list[tuple[str, str, float | None]]:
+        """The (method, layers, threshold) configurations, in table order.
+
+        Vanilla runs on every ``layers`` entry, the other methods on the
+        numbers only; :data:`THRESHOLD_METHODS` once per threshold, the
+        others with threshold None.
+        """
+        return [
+            (m, n, t)
+            for m in self.methods
+            for n in self.layers
+            if n != "all" or m == "vanilla"
+            for t in (self.thresholds if m in THRESHOLD_METHODS else (None,))
+        ]
 
 
 LABELS = {
     "vanilla": "vanilla",
     "gradient_filter": "gradient filter R{patch}",
-    "hosvd": "HOSVD ε={eps}",
-    "svd": "SVD ε={eps}",
-    "asi": "ASI (budget)",
+    "hosvd": "HOSVD ε={eps:g}",
+    "svd": "SVD ε={eps:g}",
+    "asi": "ASI ε={eps:g}",
 }
+"""Display names; ASI's ε is that of the HOSVD memory budget it fits."""
 
 
-def _label(method: str, config: RunConfig) -> str:
-    return LABELS[method].format(patch=config.patch, eps=config.threshold)
+def _label(method: str, config: RunConfig, threshold: float | None) -> str:
+    return LABELS[method].format(patch=config.patch, eps=threshold)
 
 
 # ---------------------------------------------------------------------------
@@ -217,48 +305,67 @@ def _label(method: str, config: RunConfig) -> str:
 class _Trained:
     """A fine-tuned configuration kept for the interleaved timing."""
 
-    method: str
-    layers: str
+    key: tuple[str, str, float | None]
     stepper: T.Stepper
     result: dict[str, Any]
+
+
+AsiRanks = dict[float, tuple[dict[str, tuple[int, ...]], dict[str, Any]]]
 
 
 def _asi_ranks(
     model: nn.Module,
     names: list[str],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
-    threshold: float,
+    thresholds: Sequence[float],
     env: T.DistEnv,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-    """ASI's per-layer ranks under HOSVD's memory, decided on process 0 and shared.
+) -> AsiRanks:
+    """ASI's per-layer ranks under HOSVD's memory at each threshold, decided on process 0.
 
     The allocation of ``plan_ranks(..., budget="hosvd@threshold")`` on the
-    first training batches (:func:`~tensorcompress.experiments.train.asi_budget_ranks`).
+    first training batches (:func:`~tensorcompress.experiments.train.asi_budget_ranks`,
+    one measurement for every threshold), shared with the other processes.
     """
     shared = None
     if env.main:
-        alloc = T.asi_budget_ranks(model, batches, names, [threshold])[threshold]
-        ranks = {n: tuple(int(r) for r in alloc.ranks[n]) for n in names}
-        info = {
-            "source": f"budget.plan_ranks(budget='hosvd@{threshold}')",
-            "budget_bytes": alloc.budget_bytes,
-            "allocated_bytes": alloc.total_bytes,
-            "thresholds": alloc.thresholds,
-        }
-        shared = (ranks, info)
-    ranks, info = env.broadcast(shared)
-    return ranks, info
+        shared = {}
+        for t, alloc in T.asi_budget_ranks(model, batches, names, thresholds).items():
+            ranks = {n: tuple(int(r) for r in alloc.ranks[n]) for n in names}
+            shared[t] = (
+                ranks,
+                {
+                    "source": f"budget.plan_ranks(budget='hosvd@{t}')",
+                    "budget_bytes": alloc.budget_bytes,
+                    "allocated_bytes": alloc.total_bytes,
+                    "thresholds": alloc.thresholds,
+                },
+            )
+    out: AsiRanks = env.broadcast(shared)
+    return out
+
+
+def _budget_batches(
+    train: D.ImageData, config: RunConfig, seed: int, env: T.DistEnv
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (D.to_input(images, env.device), labels.to(env.device))
+        for images, labels in T.step_iter(
+            train, config.budget_batches, config.finetune.batch_size, seed, env
+        )
+    ]
 
 
 def prepare(
     method: str,
     layers: str,
+    threshold: float | None,
     seed: int,
     config: RunConfig,
     state: dict[str, torch.Tensor],
     train: D.ImageData,
     example: torch.Tensor,
     env: T.DistEnv,
+    asi_ranks: AsiRanks | None = None,
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """The model of one configuration, ready to fine-tune.
 
@@ -270,6 +377,8 @@ def prepare(
     ----------
     method, layers : str
         The configuration (``layers``: ``"all"`` or a number of last convs).
+    threshold : float or None
+        Explained variance (HOSVD, SVD) or HOSVD budget (ASI); None otherwise.
     seed : int
         Seeds the classifier, the ASI budget batches and the layers.
     config : RunConfig
@@ -282,67 +391,131 @@ def prepare(
         One batch on the device, to find execution order.
     env : DistEnv
         Process placement.
+    asi_ranks : dict, optional
+        ASI's ranks per threshold, measured already for these layers and
+        seed (else measured here, for ``threshold`` only).
 
     Returns
     -------
     tuple
         The model, the fine-tuned convs and extra result fields (ASI's ranks).
     """
-    device = env.device
-    model = T.load_backbone(config.model, train.num_classes, state, seed).to(device)
+    model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
     names = T.freeze_for(model, layers, example)
     extra: dict[str, Any] = {}
-    rank: Any = config.threshold
+    rank: Any = threshold
     if method == "asi":
-        batches = [
-            (D.to_input(images, device), labels.to(device))
-            for images, labels in T.step_iter(
-                train, config.budget_batches, config.finetune.batch_size, seed, env
-            )
-        ]
-        ranks, extra["asi_ranks"] = _asi_ranks(model, names, batches, config.threshold, env)
+        assert threshold is not None
+        if asi_ranks is None or threshold not in asi_ranks:
+            batches = _budget_batches(train, config, seed, env)
+            asi_ranks = _asi_ranks(model, names, batches, [threshold], env)
+        ranks, extra["asi_ranks"] = asi_ranks[threshold]
         rank = {n: ranks[n] for n in names}
     if method != "vanilla":
         convert(model, method=method, rank=rank, layers=names, patch=config.patch, seed=seed)
     return model, names, extra
 
 
-def _run_one(
-    method: str,
-    layers: str,
+@dataclass
+class _Replay:
+    """The frozen prefixes of one seed (one plan per N), recorded for every batch."""
+
+    prefix: FrozenPrefix
+    states: dict[str, dict[str, torch.Tensor]]
+
+
+def _record_prefix(
+    depths: Sequence[str],
     seed: int,
     config: RunConfig,
     state: dict[str, torch.Tensor],
-    train: D.ImageData,
-    test: D.ImageData,
+    data: tuple[D.ImageData, D.ImageData],
+    example: torch.Tensor,
+    env: T.DistEnv,
+) -> _Replay | None:
+    """The frozen prefix of every N of ``depths`` on every training and test batch of ``seed``.
+
+    One model runs the training batches in training order (in training mode,
+    as the configurations will, so its frozen BatchNorms' running averages
+    follow the same updates) and then the test batches (in eval mode); one
+    forward records the prefix of every N. None when nothing is frozen, or
+    when the recording would pass :data:`REPLAY_LIMIT_BYTES`.
+    """
+    train, test = data
+    model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
+    trainable = {
+        n: fine_tuned_modules(model, T.tuned_convs(model, n, example), example) for n in depths
+    }
+    prefix = FrozenPrefix(model, trainable, example)
+    if not any(prefix.replays(n) for n in depths):
+        return None
+    with torch.no_grad():
+        model.train()
+        for index in T.epoch_batches(len(train), config.finetune, seed, env):
+            for images, _ in D.iterate(train, index):
+                prefix.record(model, D.to_input(images, env.device))
+                if prefix.nbytes > REPLAY_LIMIT_BYTES:
+                    return None
+        with T.eval_mode(model):
+            for _, x in T.eval_batches(test, env):
+                prefix.record(model, x)
+    return _Replay(prefix, {n: prefix.state(model, n) for n in depths})
+
+
+def _run_one(
+    key: tuple[str, str, float | None],
+    seed: int,
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    data: tuple[D.ImageData, D.ImageData],
     measure: tuple[torch.Tensor, torch.Tensor],
     env: T.DistEnv,
     progress: str | None,
+    asi_ranks: AsiRanks | None,
+    replay: _Replay | None,
 ) -> _Trained:
+    method, layers, threshold = key
+    train, test = data
     device = env.device
     x_measure = D.to_input(measure[0], device)
     y_measure = measure[1].to(device)
-    model, names, extra = prepare(method, layers, seed, config, state, train, x_measure, env)
+    model, names, extra = prepare(
+        method, layers, threshold, seed, config, state, train, x_measure, env, asi_ranks
+    )
     net: nn.Module = model
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if replay is not None and not replay.prefix.replays(layers):
+        replay = None
+    replaying = (
+        contextlib.nullcontext() if replay is None else replay.prefix.replaying(model, layers)
+    )
     start = time.perf_counter()
-    log, stepper = T.fine_tune(net, train, config.finetune, seed=seed, env=env, progress=progress)
-    train_seconds = time.perf_counter() - start
-    accuracy = T.evaluate(model, test, env)
+    with replaying:
+        log, stepper = T.fine_tune(
+            net, train, config.finetune, seed=seed, env=env, progress=progress
+        )
+        train_seconds = time.perf_counter() - start
+        accuracy = T.evaluate(model, test, env)
+    if replay is not None:
+        # What the replay skipped: the frozen BatchNorms' running averages.
+        _, unexpected = model.load_state_dict(replay.states[layers], strict=False)
+        if unexpected:
+            raise RuntimeError(f"the recorded prefix state names no module here: {unexpected[:3]}")
 
-    # Measured after training: ASI is in its steady state (warm start), and
-    # HOSVD's ranks are those of the trained weights.
+    # Measured after training, on the whole model: ASI is in its steady state
+    # (warm start), and HOSVD's ranks are those of the trained weights.
     memory = activation_memory(model, x_measure, layers=names)
     step = training_step_flops(
         model, x_measure, loss_fn=lambda out: F.cross_entropy(out, y_measure)
     )
     result = {
         "method": method,
-        "label": _label(method, config),
+        "label": _label(method, config, threshold),
         "layers": layers,
+        "threshold": threshold,
         "seed": seed,
         "accuracy": accuracy,
         "mem_bytes": memory.kept_bytes,
@@ -357,7 +530,7 @@ def _run_one(
             "backward": step.backward / 1e9,
         },
         "train_seconds": train_seconds,
-        "train_step_seconds": log.median_step(),
+        "replayed_prefix": replay is not None,
         "final_loss": sum(log.losses[-5:]) / len(log.losses[-5:]),
         "steps": len(log.losses),
         "layer_names": names,
@@ -366,7 +539,7 @@ def _run_one(
         },
         **extra,
     }
-    return _Trained(method, layers, stepper, result)
+    return _Trained(key, stepper, result)
 
 
 def _interleaved_timing(
@@ -403,14 +576,21 @@ class Experiment:
     Attributes
     ----------
     config : RunConfig
+        The experiment.
     rows : list of Row
         Aggregated over seeds.
     notes : list of str
-        Provenance: data, pretraining, rank source, machine.
+        Provenance: data, pretraining, rank source, machine; and the findings.
     results : list of dict
-        Per (seed, method, layers).
+        Per (seed, method, layers, threshold).
     meta : dict
         Configuration, environment and pretraining info for results.json.
+    equal : list of EqualAccuracy
+        The equal-accuracy comparison (:func:`~tensorcompress.experiments.frontier.equal_accuracy`).
+    tolerances : dict
+        Its tolerance per layers, in accuracy points.
+    tolerance_source : str
+        Where the tolerances come from.
     """
 
     config: RunConfig
@@ -418,10 +598,24 @@ class Experiment:
     notes: list[str]
     results: list[dict[str, Any]]
     meta: dict[str, Any]
+    equal: list[FR.EqualAccuracy] = field(default_factory=list)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    tolerance_source: str = ""
 
     def table(self) -> str:
-        """The printed table."""
-        return R.format_table(self.rows, self.notes, seeds=self.config.seeds)
+        """The printed table, then the equal-accuracy comparison."""
+        text = R.format_table(self.rows, self.notes, seeds=self.config.seeds)
+        if self.equal:
+            text += "\n\n" + R.format_equal_accuracy(self.equal, self.tolerance_source)
+        return text
+
+    def summary(self) -> dict[str, Any]:
+        """results.json's ``summary``: the equal-accuracy comparison and its tolerance."""
+        return {
+            "equal_accuracy": [e.to_dict() for e in self.equal],
+            "tolerance": self.tolerances,
+            "tolerance_source": self.tolerance_source,
+        }
 
 
 def _target_data(config: RunConfig) -> tuple[D.ImageData, D.ImageData, str]:
@@ -473,19 +667,32 @@ def run_experiment(config: RunConfig, env: T.DistEnv | None = None) -> Experimen
 def _backbone(
     config: RunConfig, seed: int, env: T.DistEnv, progress: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The pretrained state of ``seed`` (process 0 trains or loads it, the others receive it)."""
+    """The pretrained state of ``seed`` (process 0 trains or loads it, the others receive it).
+
+    A cached checkpoint of one of ``config.reuse_pretrain`` comes first;
+    otherwise ``config.pretrain``'s, from the cache or pretrained now.
+    """
     cache = None if config.cache_dir is None else Path(config.cache_dir)
     shared = None
     if env.main:
-        shared = T.pretrained_state(
-            config.model,
-            config.resolution,
-            seed,
-            config.pretrain,
-            cache,
-            device=env.device,
-            progress=progress,
-        )
+        for other in config.reuse_pretrain:
+            found = T.cached_pretrained(
+                config.model, config.resolution, seed, other, cache, env.device.type
+            )
+            if found is not None:
+                shared = (found[0], {**found[1], "reused": True, "steps": other.steps})
+                break
+        if shared is None:
+            state, info = T.pretrained_state(
+                config.model,
+                config.resolution,
+                seed,
+                config.pretrain,
+                cache,
+                device=env.device,
+                progress=progress,
+            )
+            shared = (state, {**info, "steps": config.pretrain.steps})
     state, info = env.broadcast(shared)
     return state, {**info, "seed": seed}
 
@@ -508,10 +715,12 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
             "lower --batch-size"
         )
     measure = (train.images[first[0]], train.labels[first[0]])
+    example = D.to_input(measure[0], env.device)
 
     runs = config.rows()
     results: list[dict[str, Any]] = []
     pre_info: list[dict[str, Any]] = []
+    replayed: list[str] = []
     for seed in range(config.seed, config.seed + config.seeds):
         # Each seed has its own pretrained backbone (cached per seed), so the
         # spread over seeds covers pretraining as well as fine-tuning.
@@ -520,43 +729,69 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         else:
             state, info = user_state, {"weights": config.weights, "seed": seed}
         pre_info.append(info)
-        trained: list[_Trained] = []
-        for k, (method, layers) in enumerate(runs):
-            label = f"{_label(method, config)}, {layers} layers"
-            desc = f"[{k + 1}/{len(runs)}] {label}" + (
-                f" (seed {seed})" if config.seeds > 1 else ""
-            )
-            t = _run_one(
-                method,
-                layers,
-                seed,
-                config,
-                state,
-                train,
-                test,
-                measure,
-                env,
-                desc if progress else None,
-            )
-            trained.append(t)
-            if progress:
-                r = t.result
-                tqdm.write(
-                    f"{desc}: accuracy {100 * r['accuracy']:.1f}%, "
-                    f"Mem {r['mem_bytes'] / R.MB:.3f} MB, trained in {r['train_seconds']:.1f} s",
-                    file=sys.stderr,
+        trained: dict[tuple[str, str, float | None], _Trained] = {}
+        # Configurations with the same last N share the frozen prefix (recorded
+        # once for every N) and ASI's budget measurement (once per N).
+        depths = [n for n in config.layers if n != "all"]
+        replay = None
+        if config.replay and not env.distributed and sum(key[1] != "all" for key in runs) > 1:
+            replay = _record_prefix(depths, seed, config, state, (train, test), example, env)
+            if replay is not None and seed == config.seed:
+                replayed += [n for n in depths if replay.prefix.replays(n)]
+        for layers in config.layers:
+            group = [key for key in runs if key[1] == layers]
+            asi: AsiRanks | None = None
+            if any(m == "asi" for m, _, _ in group):
+                model, names, _ = prepare(
+                    "vanilla", layers, None, seed, config, state, train, example, env
                 )
-        _interleaved_timing(trained, measure, config.timing_rounds)
-        results += [t.result for t in trained]
-        del trained
+                asi = _asi_ranks(
+                    model, names, _budget_batches(train, config, seed, env), config.thresholds, env
+                )
+                del model
+            for key in group:
+                method, _, threshold = key
+                k = runs.index(key)
+                desc = f"[{k + 1}/{len(runs)}] {_label(method, config, threshold)}, {layers} layers"
+                desc += f" (seed {seed})" if config.seeds > 1 else ""
+                t = _run_one(
+                    key,
+                    seed,
+                    config,
+                    state,
+                    (train, test),
+                    measure,
+                    env,
+                    desc if progress else None,
+                    asi,
+                    replay,
+                )
+                trained[key] = t
+                if progress:
+                    r = t.result
+                    tqdm.write(
+                        f"{desc}: accuracy {100 * r['accuracy']:.1f}%, "
+                        f"Mem {r['mem_bytes'] / R.MB:.3f} MB, "
+                        f"trained in {r['train_seconds']:.1f} s",
+                        file=sys.stderr,
+                    )
+        del replay
+        in_order = [trained[key] for key in runs]
+        _interleaved_timing(in_order, measure, config.timing_rounds)
+        results += [t.result for t in in_order]
+        del trained, in_order
 
     rows = R.summarise(results)
-    notes = _notes(config, env, source, train, test, pre_info, rows)
+    tolerances, tolerance_source = _tolerances(config, rows, len(test))
+    equal = FR.equal_accuracy(rows, tolerances)
+    notes = _notes(config, env, source, train, test, pre_info, replayed)
+    notes += _findings(rows, len(test))
     meta = {
         "config": {
             **asdict(config),
             "layers": list(config.layers),
             "methods": list(config.methods),
+            "thresholds": list(config.thresholds),
         },
         "environment": {
             "torch": torch.__version__,
@@ -576,7 +811,29 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         "notes": notes,
         "wall_seconds": time.perf_counter() - wall,
     }
-    return Experiment(config, rows, notes, results, meta)
+    return Experiment(config, rows, notes, results, meta, equal, tolerances, tolerance_source)
+
+
+def _tolerances(
+    config: RunConfig, rows: Sequence[R.Row], n_test: int
+) -> tuple[dict[str, float], str]:
+    """Accuracy tolerance of the equal-accuracy comparison, per layers, and its source.
+
+    ``--tolerance`` when given; otherwise the run's own noise on vanilla's
+    accuracy with those layers: the larger of its binomial standard error on
+    the test set and, with several seeds, its spread over seeds.
+    """
+    depths = [n for n in config.layers if n != "all"]
+    if config.tolerance is not None:
+        return {n: float(config.tolerance) for n in depths}, "--tolerance"
+    out = {}
+    for r in rows:
+        if r.method == "vanilla" and r.layers in depths:
+            out[r.layers] = max(FR.binomial_se(r.accuracy, n_test), r.accuracy_std)
+    how = f"vanilla's accuracy noise: binomial standard error on the {n_test} test images"
+    if config.seeds > 1:
+        how += f", or its spread over the {config.seeds} seeds if larger"
+    return out, how
 
 
 def _notes(
@@ -586,7 +843,7 @@ def _notes(
     train: D.ImageData,
     test: D.ImageData,
     pre: Sequence[dict[str, Any]],
-    rows: Sequence[R.Row],
+    replayed: Sequence[str],
 ) -> list[str]:
     ft = config.finetune
     notes = [
@@ -600,16 +857,26 @@ def _notes(
         notes.append(f"backbone: {config.weights} (--weights)")
     else:
         for p in pre:
-            how = "cached" if p.get("cached") else f"pretrained in {p['seconds']:.0f} s"
+            how = (
+                "cached (a default run's)"
+                if p.get("reused")
+                else "cached"
+                if p.get("cached")
+                else f"pretrained in {p['seconds']:.0f} s"
+            )
             notes.append(
-                f"backbone: {how} on procedural shapes and glyphs ({config.pretrain.steps} "
-                f"steps, seed {p['seed']}), held-out source accuracy "
-                f"{100 * p['source_accuracy']:.1f}%"
+                f"backbone: {how}, procedural shapes and glyphs ({p['steps']} steps, seed "
+                f"{p['seed']}), held-out source accuracy {100 * p['source_accuracy']:.1f}%"
             )
     if "asi" in config.methods:
         notes.append(
-            f"ASI ranks: budget allocation at HOSVD's memory (hosvd@{config.threshold}) on "
+            "ASI ranks: budget allocation at HOSVD's memory at the same ε (hosvd@ε) on "
             f"{config.budget_batches} training batches"
+        )
+    if replayed:
+        notes.append(
+            f"frozen prefix (last {', '.join(replayed)} layers) computed once per seed and "
+            "replayed in every method's training; memory, GFLOPs and step times on the whole model"
         )
     if config.seeds > 1:
         notes.append(
@@ -617,53 +884,55 @@ def _notes(
             "backbone (unless --weights) and fine-tunes with its own order, classifier init and "
             "ASI seed; the train/test split is the base seed's"
         )
-    notes += _findings(rows)
     return notes
 
 
-def _paired_gap(a: R.Row, b: R.Row) -> tuple[float, float, int]:
-    """Accuracy of ``a`` minus ``b`` in points, seed by seed: mean, sample std, seed count."""
+def _paired_gaps(a: R.Row, b: R.Row) -> list[float]:
+    """Accuracy of ``a`` minus ``b`` in points, seed by seed."""
     acc_b = {s["seed"]: s["accuracy"] for s in b.seeds}
-    gaps = [100 * (s["accuracy"] - acc_b[s["seed"]]) for s in a.seeds if s["seed"] in acc_b]
-    if not gaps:
-        return a.accuracy - b.accuracy, math.nan, 0
-    mean = statistics.fmean(gaps)
-    return mean, statistics.stdev(gaps) if len(gaps) > 1 else 0.0, len(gaps)
+    return [100 * (s["accuracy"] - acc_b[s["seed"]]) for s in a.seeds if s["seed"] in acc_b]
 
 
-def _findings(rows: Sequence[R.Row]) -> list[str]:
-    """Plain statements comparing ASI with vanilla and HOSVD at each depth (no spin).
+def _gap_text(a: R.Row, b: R.Row, name: str, n_test: int) -> str:
+    """``a``'s accuracy against ``b``'s, or that they do not differ beyond the run's noise."""
+    gap = a.accuracy - b.accuracy
+    noise = FR.gap_noise(a.accuracy, b.accuracy, n_test, _paired_gaps(a, b))
+    if abs(gap) <= noise:
+        return f"accuracy within noise of {name}'s (±{noise:.1f} points)"
+    return f"accuracy {gap:+.1f} points vs {name} (noise ±{noise:.1f})"
 
-    Accuracy gaps are paired by seed (same backbone, same data order), so the
-    spread is that of the difference, not of either method.
+
+def _findings(rows: Sequence[R.Row], n_test: int) -> list[str]:
+    """Plain statements comparing ASI with vanilla and HOSVD, per layers and ε (no spin).
+
+    Memory and GFLOPs are measured, not sampled: their ratios are stated as
+    they are. An accuracy gap is stated only beyond the run's noise
+    (:func:`~tensorcompress.experiments.frontier.gap_noise`: the test set's
+    sampling error of the difference, or the spread of the gaps paired by
+    seed when larger); otherwise the line says it is within noise.
     """
-    by = {(r.method, r.layers): r for r in rows}
+    by = {(r.method, r.layers, r.threshold): r for r in rows}
     out = []
-    for (method, layers), asi in by.items():
+    for (method, layers, eps), asi in by.items():
         if method != "asi":
             continue
-        van, hos = by.get(("vanilla", layers)), by.get(("hosvd", layers))
+        van, hos = by.get(("vanilla", layers, None)), by.get(("hosvd", layers, eps))
         parts = []
         if van is not None and van.mem_mb > 0:
-            gap, spread, n = _paired_gap(asi, van)
             parts.append(
-                f"Mem {100 * asi.mem_mb / van.mem_mb:.1f}% of vanilla's, accuracy "
-                f"{gap:+.1f}" + (f"±{spread:.1f}" if n > 1 else "") + " points vs vanilla"
+                f"Mem {100 * asi.mem_mb / van.mem_mb:.1f}% of vanilla's, "
+                + _gap_text(asi, van, "vanilla", n_test)
             )
         if hos is not None and hos.mem_mb > 0:
-            gap, spread, n = _paired_gap(asi, hos)
-            parts.append(
-                f"Mem {asi.mem_mb / hos.mem_mb:.2f}x HOSVD's, accuracy {gap:+.1f}"
-                + (f"±{spread:.1f}" if n > 1 else "")
-                + " points vs HOSVD"
-            )
-            if hos.gflops > 0 and hos.decomp_gflops > 0:  # False when not counted (NaN)
-                parts.append(
-                    f"GFLOPs {asi.gflops / hos.gflops:.2f}x HOSVD's (decomposition "
+            part = f"Mem {asi.mem_mb / hos.mem_mb:.2f}x HOSVD's"
+            if hos.gflops > 0 and hos.decomp_gflops > 0:
+                part += (
+                    f", GFLOPs {asi.gflops / hos.gflops:.2f}x (decomposition "
                     f"{asi.decomp_gflops / hos.decomp_gflops:.3f}x)"
                 )
+            parts.append(part + ", " + _gap_text(asi, hos, "HOSVD", n_test))
         if parts:
-            out.append(f"ASI, {layers} layers: " + "; ".join(parts))
+            out.append(f"ASI ε={eps:g}, {layers} layers: " + "; ".join(parts))
     return out
 
 
@@ -671,25 +940,31 @@ def _findings(rows: Sequence[R.Row]) -> list[str]:
 # Command line
 # ---------------------------------------------------------------------------
 
-_FULL = {
+_FULL: dict[str, Any] = {
     "resolution": 48,
     "layers": ["all", "2", "4"],
     "epochs": 8,
     "batch_size": 64,
+    "lr": 0.1,
     "pretrain_steps": 600,
+    "pretrain_eval": 1000,
     "train_samples": None,
     "test_samples": None,
     "timing_rounds": 5,
+    "thresholds": list(DEFAULT_THRESHOLDS),
 }
-_QUICK = {
-    "resolution": 32,
-    "layers": ["all", "2", "4"],
-    "epochs": 1,
+_QUICK: dict[str, Any] = {
+    "resolution": 48,
+    "layers": ["2"],
+    "epochs": 4,
     "batch_size": 32,
-    "pretrain_steps": 40,
-    "train_samples": 320,
-    "test_samples": 200,
+    "lr": 0.2,
+    "pretrain_steps": 150,
+    "pretrain_eval": 500,
+    "train_samples": None,
+    "test_samples": None,
     "timing_rounds": 2,
+    "thresholds": [0.8],
 }
 
 
@@ -697,27 +972,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``tensorcompress run``."""
     g = parser.add_argument_group("experiment")
     g.add_argument("--model", default="mcunet_in1", help=f"one of {', '.join(MODEL_NAMES)}")
-    g.add_argument("--resolution", type=int, help="input side in pixels (48; --quick 32)")
+    g.add_argument("--resolution", type=int, help="input side in pixels (48)")
     g.add_argument(
         "--layers",
         nargs="+",
-        help="'all' (vanilla only) and numbers of fine-tuned last convs (all 2 4)",
+        help="'all' (vanilla only) and numbers of fine-tuned last convs (all 2 4; --quick 2)",
     )
     g.add_argument(
         "--methods", nargs="+", default=list(METHODS), help=f"among {', '.join(METHODS)}"
     )
     g.add_argument(
-        "--threshold", type=float, default=0.8, help="HOSVD/SVD explained variance (0.8)"
+        "--thresholds",
+        "--threshold",
+        dest="thresholds",
+        nargs="*",
+        metavar="EPS",
+        help="explained variances of HOSVD/SVD and ASI's HOSVD budget, one row each "
+        f"({' '.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)}; --quick 0.8)",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        help="accuracy points below vanilla's counted as equal (the run's noise)",
     )
     g.add_argument("--patch", type=int, default=2, help="gradient filter patch R (2)")
-    g.add_argument("--epochs", type=int, help="fine-tuning epochs (8; --quick 1)")
+    g.add_argument("--epochs", type=int, help="fine-tuning epochs (8; --quick 4)")
     g.add_argument("--batch-size", type=int, help="per process (64; --quick 32)")
-    g.add_argument("--lr", type=float, default=0.1, help="fine-tuning learning rate (0.1)")
-    g.add_argument("--pretrain-steps", type=int, help="source-task steps (600; --quick 40)")
+    g.add_argument("--lr", type=float, help="fine-tuning learning rate (0.1; --quick 0.2)")
+    g.add_argument("--pretrain-steps", type=int, help="source-task steps (600; --quick 150)")
     g.add_argument("--seed", type=int, default=0, help="base seed (0)")
     g.add_argument("--seeds", type=int, default=1, help="fine-tuning repeats; mean and spread")
     g.add_argument("--timing-rounds", type=int, help="interleaved timing rounds (5; --quick 2)")
-    g.add_argument("--quick", action="store_true", help="smaller everything (about a minute)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="last 2 layers, ε=0.8, 4 epochs of 32; a 150-step backbone unless a default "
+        "run's is cached",
+    )
+    g.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="compute the frozen prefix in every run instead of replaying it (same results)",
+    )
     d = parser.add_argument_group("data and weights")
     d.add_argument("--data", help="image folder (one subfolder per class) or .npz with x, y")
     d.add_argument("--weights", help="a state_dict for --model instead of pretraining")
@@ -736,28 +1032,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` of parsed arguments (``--quick`` fills the unset sizes)."""
+    """The :class:`RunConfig` of parsed arguments (``--quick`` fills the unset sizes).
+
+    ``--quick`` pretrains its own shorter backbone, but uses a default run's
+    (same model, resolution and seed) when that one is cached.
+    """
     preset = _QUICK if args.quick else _FULL
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)
         return preset[name] if value is None else value
 
-    pretrain = T.PretrainConfig(steps=pick("pretrain_steps"))
-    if args.quick:
-        pretrain = replace(pretrain, batch_size=32, eval_samples=200)
+    pretrain = T.PretrainConfig(steps=pick("pretrain_steps"), eval_samples=preset["pretrain_eval"])
+    reuse: tuple[T.PretrainConfig, ...] = ()
+    if args.quick and getattr(args, "pretrain_steps", None) is None:
+        reuse = (
+            T.PretrainConfig(steps=_FULL["pretrain_steps"], eval_samples=_FULL["pretrain_eval"]),
+        )
     cache = None if args.no_cache else str(args.cache_dir or T.default_cache_dir())
     return RunConfig(
         model=args.model,
         resolution=pick("resolution"),
         layers=tuple(str(x) for x in pick("layers")),
         methods=tuple(args.methods),
-        threshold=args.threshold,
+        thresholds=tuple(pick("thresholds")),
         patch=args.patch,
-        finetune=T.FineTuneConfig(epochs=pick("epochs"), batch_size=pick("batch_size"), lr=args.lr),
+        finetune=T.FineTuneConfig(
+            epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr")
+        ),
         pretrain=pretrain,
+        reuse_pretrain=reuse,
         seed=args.seed,
         seeds=args.seeds,
+        tolerance=args.tolerance,
         data=args.data,
         weights=args.weights,
         test_fraction=args.test_fraction,
@@ -765,6 +1072,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         test_samples=pick("test_samples"),
         cache_dir=cache,
         timing_rounds=pick("timing_rounds"),
+        replay=not args.no_replay,
         device=args.device,
         quiet=args.quiet,
     )
@@ -784,7 +1092,7 @@ def main(args: argparse.Namespace) -> int:
         exp = run_experiment(config, env)
         if env.main:
             table = exp.table()
-            files = R.write_results(out, exp.rows, exp.meta, table)
+            files = R.write_results(out, exp.rows, exp.meta, table, exp.summary())
             print(table)
             pre = exp.meta["pretraining"]
             fresh = sum(p["seconds"] for p in pre if "weights" not in p and not p.get("cached"))

@@ -48,11 +48,11 @@ ResNet18 at batch 64, 224x224, 8 rows: about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import numbers
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,7 +60,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from tensorcompress.experiments import train as T
 from tensorcompress.experiments.paper import (
@@ -72,9 +71,10 @@ from tensorcompress.experiments.paper import (
     paper_flops,
     paper_mem_bytes,
 )
+from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import convert, fine_tuned_modules
-from tensorcompress.torch.flops import COUNTER_FLOPS, StepFlops, training_step_flops
+from tensorcompress.torch.flops import StepFlops, training_step_flops
 from tensorcompress.torch.measure import MB, activation_memory
 from tensorcompress.torch.state import preserved_training_state
 
@@ -391,172 +391,16 @@ def _check_rank(rank: Any) -> float:
     return float(rank)
 
 
-# ---------------------------------------------------------------------------
-# The frozen prefix, computed once
-# ---------------------------------------------------------------------------
-#
-# Everything that runs before the first trainable module is frozen and fed by
-# the input alone: autograd keeps nothing for it and runs no backward through
-# it, and its values are the same in every row. So it is computed once, at the
-# full batch (in training mode, as the rows run), its outputs kept and replayed
-# in each row, and its counted forward flops added back to each row's forward.
-# Only the outermost such modules are replayed; each row's memory and flops are
-# the same as without the replay (a test holds them equal).
-
-
-def _module_events(
-    model: nn.Module, resolution: int
-) -> tuple[list[tuple[bool, str]], Counter[str]]:
-    """``(is_pre, name)`` of every module call in a batch-1 forward, and calls per module."""
-    names = {id(m): n for n, m in model.named_modules()}
-    events: list[tuple[bool, str]] = []
-    calls: Counter[str] = Counter()
-
-    def pre(module: nn.Module, args: Any) -> None:
-        events.append((True, names[id(module)]))
-        calls[names[id(module)]] += 1
-
-    def post(module: nn.Module, args: Any, out: Any) -> None:
-        events.append((False, names[id(module)]))
-
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    try:
-        with T.eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, 3, resolution, resolution))
-    finally:
-        for h in handles:
-            h.remove()
-    return events, calls
-
-
-def _prefix_modules(
-    model: nn.Module,
-    events: Sequence[tuple[bool, str]],
-    calls: Counter[str],
-    trainable: Sequence[str],
-) -> list[str]:
-    """Outermost modules, called once, that finish before any trainable parameter is used."""
-    named = dict(model.named_modules())
-    users = {n for n in trainable if any(True for _ in named[n].parameters(recurse=False))}
-    first = next((i for i, (is_pre, n) in enumerate(events) if is_pre and n in users), len(events))
-    done = {n for i, (is_pre, n) in enumerate(events[:first]) if not is_pre and calls[n] == 1}
-    done.discard("")
-
-    def parent(name: str) -> str:
-        return name.rpartition(".")[0]
-
-    return [n for n in named if n in done and parent(n) not in done]
-
-
-class _Prefix:
-    """Outputs and counted forward flops of the prefix modules, from one full-batch forward.
-
-    Only an output that a module which still runs receives as input is kept
-    (a block's input, say); the others are replayed as ``meta`` tensors of the
-    right shape, which cost nothing and fail loudly if anything computes with
-    them.
-    """
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, plans: dict[int, list[str]]) -> None:
-        candidates = {m for plan in plans.values() for m in plan}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.flops: dict[str, int] = {}
-        self.by_op: dict[str, dict[str, int]] = {}
-        out_ptr: dict[str, int] = {}
-        inputs: list[tuple[str, set[int]]] = []  # every call: module name, input storages
-        calls: Counter[str] = Counter()
-        counter = FlopCounterMode(display=False, custom_mapping=COUNTER_FLOPS)
-        started: dict[str, tuple[int, dict[Any, int]]] = {}
-        names = {id(m): n for n, m in model.named_modules()}
-
-        def snapshot() -> tuple[int, dict[Any, int]]:
-            return counter.get_total_flops(), dict(counter.get_flop_counts().get("Global", {}))
-
-        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-            name = names[id(module)]
-            ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            inputs.append((name, ptrs))
-            calls[name] += 1
-            if name in candidates:
-                started[name] = snapshot()
-
-        def post(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            name = names[id(module)]
-            if name not in candidates:
-                return
-            total, ops = started.pop(name)
-            now_total, now_ops = snapshot()
-            self.flops[name] = now_total - total
-            self.by_op[name] = {
-                str(op): v - ops.get(op, 0) for op, v in now_ops.items() if v != ops.get(op, 0)
-            }
-            if isinstance(out, torch.Tensor):
-                # A copy: a later in-place op (ReLU(inplace=True)) must not change it.
-                self.outputs[name] = out.detach().clone()
-                out_ptr[name] = out.untyped_storage().data_ptr()
-
-        handles = []
-        for m in model.modules():
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
-        try:
-            with preserved_training_state(model), torch.no_grad(), counter:
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
-
-        # A module whose output is not one tensor, or that ran more than once at
-        # this batch, is computed as usual.
-        self.plans = {
-            n: [m for m in plan if m in self.outputs and calls[m] == 1] for n, plan in plans.items()
-        }
-        self.needed: dict[int, set[str]] = {}
-        for n, plan in self.plans.items():
-
-            def replayed(name: str, plan: list[str] = plan) -> bool:
-                return any(name == m or name.startswith(m + ".") for m in plan)
-
-            live = set().union(*(ptrs for name, ptrs in inputs if not replayed(name)))
-            self.needed[n] = {m for m in plan if out_ptr[m] in live}
-        keep = set().union(*self.needed.values())
-        self.outputs = {
-            m: t if m in keep else torch.empty(t.shape, dtype=t.dtype, device="meta")
-            for m, t in self.outputs.items()
-        }
-
-    def install(self, model: nn.Module, layers: int) -> None:
-        """Replay the prefix of the ``layers`` row in ``model`` (a copy)."""
-        named = dict(model.named_modules())
-        for name in self.plans[layers]:
-            out = self.outputs[name]
-            if name in self.needed[layers]:
-
-                def replay(*args: Any, _out: torch.Tensor = out, **kwargs: Any) -> torch.Tensor:
-                    return _out.clone()  # a fresh tensor: the row may modify it in place
-
-            else:
-
-                def replay(*args: Any, _out: torch.Tensor = out, **kwargs: Any) -> torch.Tensor:
-                    return _out  # meta: only replayed modules receive it
-
-            named[name].forward = replay  # an instance attribute shadows the class's forward
-
-    def add_to(self, flops: StepFlops, layers: int) -> StepFlops:
-        """``flops`` with the replayed modules' forward added back."""
-        plan = self.plans[layers]
-        by_op = dict(flops.forward_by_op)
-        for name in plan:
-            for op, v in self.by_op[name].items():
-                by_op[op] = by_op.get(op, 0) + v
-        return replace(
-            flops,
-            forward=flops.forward + sum(self.flops[n] for n in plan),
-            forward_by_op=tuple(sorted(by_op.items())),
-        )
+def _with_prefix_flops(flops: StepFlops, prefix: dict[str, int]) -> StepFlops:
+    """``flops`` with the replayed prefix's counted forward (by op) added back."""
+    by_op = dict(flops.forward_by_op)
+    for op, v in prefix.items():
+        by_op[op] = by_op.get(op, 0) + v
+    return replace(
+        flops,
+        forward=flops.forward + sum(prefix.values()),
+        forward_by_op=tuple(sorted(by_op.items())),
+    )
 
 
 class _Runner:
@@ -579,40 +423,50 @@ class _Runner:
         self.convs = {c.name: c for c in convs}
         self.batch = int(x.shape[0])
         self.resolution = int(x.shape[-1])
-        self.prefix: _Prefix | None = None
+        # Everything below the first trainable module is frozen and the same in
+        # every row: computed once (at the full batch, in training mode, as the
+        # rows run), replayed in each row, its counted forward flops added back.
+        self.prefix: FrozenPrefix | None = None
         if reuse_prefix:
-            events, calls = _module_events(model, self.resolution)
-            plans = {}
-            for n in counts:
-                tuned = T.tuned_convs(model, n, self.example)
-                trainable = fine_tuned_modules(model, tuned, self.example)
-                plans[n] = _prefix_modules(model, events, calls, trainable)
-            self.prefix = _Prefix(model, x, plans)
+            trainable = {
+                n: fine_tuned_modules(model, T.tuned_convs(model, n, self.example), self.example)
+                for n in counts
+            }
+            self.prefix = FrozenPrefix(model, trainable, self.example)
+            with preserved_training_state(model), torch.no_grad():
+                self.prefix.record(model, x, count_flops=True)
 
     def prepared(self, layers: int, method: str, rank: Any = None) -> tuple[nn.Module, list[str]]:
         """A copy of the model fine-tuning the last ``layers`` convs with ``method``."""
         model = copy.deepcopy(self.model)
         names = T.freeze_for(model, layers, self.example)
-        if self.prefix is not None:
-            self.prefix.install(model, layers)
         if method != "vanilla":
             convert(model, method=method, rank=rank, layers=names, patch=PATCH)
         return model, names
 
+    def replaying(self, model: nn.Module, layers: int) -> contextlib.AbstractContextManager[None]:
+        """Replay the frozen prefix of the ``layers`` rows in ``model`` (when reused)."""
+        if self.prefix is None:
+            return contextlib.nullcontext()
+        return self.prefix.replaying(model, layers)
+
     def asi_ranks(self, layers: int, threshold: float) -> dict[str, tuple[int, ...]]:
         model, names = self.prepared(layers, "vanilla")
         targets = torch.zeros(self.batch, dtype=torch.long)
-        return T.asi_budget_ranks(model, [(self.x, targets)], names, [threshold])[threshold].ranks
+        with self.replaying(model, layers):
+            alloc = T.asi_budget_ranks(model, [(self.x, targets)], names, [threshold])
+        return alloc[threshold].ranks
 
     def row(self, layers: int, method: str, rank: Any) -> TableRow:
         start = time.perf_counter()
         model, names = self.prepared(layers, method, rank)
         # For ASI this forward is the cold start (HOSVD at the fixed ranks), so
         # the counted step below is a steady-state warm step.
-        report = activation_memory(model, self.x, layers=names)
-        flops = training_step_flops(model, self.x)
+        with self.replaying(model, layers):
+            report = activation_memory(model, self.x, layers=names)
+            flops = training_step_flops(model, self.x)
         if self.prefix is not None:
-            flops = self.prefix.add_to(flops, layers)
+            flops = _with_prefix_flops(flops, self.prefix.forward_flops(layers, self.x))
         seconds = time.perf_counter() - start
         by_name = {layer.name: layer for layer in report.layers}
         missing = [n for n in names if n not in by_name]

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -63,7 +62,10 @@ __all__ = [
     "PretrainConfig",
     "TrainLog",
     "asi_budget_ranks",
+    "cached_pretrained",
     "default_cache_dir",
+    "epoch_batches",
+    "eval_batches",
     "eval_mode",
     "evaluate",
     "fine_tune",
@@ -78,7 +80,7 @@ __all__ = [
 
 # Bump when the source task or the pretraining loop changes: old cache
 # entries then no longer match.
-_PRETRAIN_VERSION = 2
+_PRETRAIN_VERSION = 3
 
 
 # ---------------------------------------------------------------------------
@@ -339,11 +341,6 @@ class TrainLog:
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
-    def median_step(self, skip: int = 1) -> float:
-        """Median step time, ignoring the first ``skip`` steps (warm-up, ASI's cold start)."""
-        times = self.step_seconds[skip:] or self.step_seconds
-        return statistics.median(times) if times else math.nan
-
 
 @dataclass(frozen=True)
 class FineTuneConfig:
@@ -418,6 +415,33 @@ class Stepper:
         return float(loss.detach()), seconds
 
 
+def epoch_batches(
+    n: int, config: FineTuneConfig, seed: int, env: DistEnv
+) -> list[list[torch.Tensor]]:
+    """The sample indices of every training batch of :func:`fine_tune`, epoch by epoch.
+
+    Parameters
+    ----------
+    n : int
+        Training samples.
+    config : FineTuneConfig
+        Epochs and batch size.
+    seed : int
+        Seeds the sample order of every epoch.
+    env : DistEnv
+        This process's shard.
+
+    Returns
+    -------
+    list of list of Tensor
+        Per epoch, the index tensor of each batch, in training order.
+    """
+    return [
+        D.batch_indices(n, config.batch_size, seed=seed, epoch=e, rank=env.rank, world=env.world)
+        for e in range(config.epochs)
+    ]
+
+
 def fine_tune(
     model: nn.Module,
     train: D.ImageData,
@@ -450,12 +474,7 @@ def fine_tune(
         The :class:`TrainLog` and the :class:`Stepper` (its optimiser, to time
         further steps).
     """
-    epochs = [
-        D.batch_indices(
-            len(train), config.batch_size, seed=seed, epoch=e, rank=env.rank, world=env.world
-        )
-        for e in range(config.epochs)
-    ]
+    epochs = epoch_batches(len(train), config, seed, env)
     total = sum(len(e) for e in epochs)
     if total == 0:
         raise ValueError(
@@ -491,17 +510,27 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+EVAL_BATCH = 256
+"""Images per forward in :func:`evaluate`."""
+
+
+def eval_batches(data: D.ImageData, env: DistEnv) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The sample indices and network inputs :func:`evaluate` runs, this process's shard."""
+    shard = torch.arange(env.rank, len(data), env.world)
+    for start in range(0, len(shard), EVAL_BATCH):
+        idx = shard[start : start + EVAL_BATCH]
+        yield idx, D.to_input(data.images[idx], env.device)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: D.ImageData, env: DistEnv, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, data: D.ImageData, env: DistEnv) -> float:
     """Top-1 accuracy (in [0, 1]) on ``data``, each process scoring its shard."""
     correct = 0
-    shard = torch.arange(env.rank, len(data), env.world)
     with eval_mode(model):
-        for start in range(0, len(shard), batch_size):
-            idx = shard[start : start + batch_size]
-            out = model(D.to_input(data.images[idx], env.device))
-            correct += int((out.argmax(dim=1).cpu() == data.labels[idx]).sum())
-    right, total = env.sum([correct, len(shard)])
+        for idx, x in eval_batches(data, env):
+            correct += int((model(x).argmax(dim=1).cpu() == data.labels[idx]).sum())
+    shard = len(range(env.rank, len(data), env.world))
+    right, total = env.sum([correct, shard])
     return right / total if total else math.nan
 
 
@@ -683,17 +712,48 @@ def pretrained_state(
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(f"--cache-dir {str(cache_dir)!r} is not writable")
         path = folder / cache_key(model_name, resolution, seed, config, device.type)
-    if path is not None and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            state, info = saved["state_dict"], dict(saved["info"])
-            return state, {**info, "cached": True, "path": str(path)}
-        except Exception:  # a truncated or foreign file: pretrain again and overwrite it
-            pass
+        found = _load_checkpoint(path)
+        if found is not None:
+            return found
     state, info = pretrain(model_name, resolution, seed, config, device=device, progress=progress)
     if path is not None:
         _atomic_save({"state_dict": state, "info": info}, path)
     return state, {**info, "cached": False, "path": None if path is None else str(path)}
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A cached checkpoint, or None when missing, truncated or foreign."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, info = saved["state_dict"], dict(saved["info"])
+    except Exception:  # a truncated or foreign file: pretrain again and overwrite it
+        return None
+    return state, {**info, "cached": True, "path": str(path)}
+
+
+def cached_pretrained(
+    model_name: str,
+    resolution: int,
+    seed: int,
+    config: PretrainConfig,
+    cache_dir: Path | None,
+    device_type: str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint :func:`pretrained_state` would load for these arguments, if cached.
+
+    Never pretrains and never writes. Returns ``None`` when ``cache_dir`` is
+    None or holds no readable checkpoint for them.
+    """
+    if cache_dir is None:
+        return None
+    path = (
+        Path(cache_dir)
+        / "pretrained"
+        / cache_key(model_name, resolution, seed, config, device_type)
+    )
+    return _load_checkpoint(path)
 
 
 def load_backbone(

@@ -47,18 +47,33 @@ def test_quick_run_end_to_end_cached_and_reproducible(
         capsys, *TINY, "--layers", "all", "2", "--cache-dir", cache, "--out", first
     )
     assert code == 0
-    for label in ("vanilla", "gradient filter R2", "HOSVD ε=0.8", "SVD ε=0.8", "ASI"):
+    for label in ("vanilla", "gradient filter R2", "HOSVD ε=0.8", "SVD ε=0.8", "ASI ε=0.8"):
         assert label in stdout
+    assert "Equal accuracy" in stdout
     assert sorted(p.name for p in first.iterdir()) == sorted(R.FILES)
     for png in ("accuracy_vs_memory.png", "accuracy_vs_gflops.png"):
         assert (first / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (first / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("method,label,layers,accuracy")
+    assert len(csv_lines) == 1 + 6
+    assert csv_lines[0].startswith("method,label,layers,threshold,accuracy")
 
     doc = json.loads((first / "results.json").read_text())
     assert [p["cached"] for p in doc["pretraining"]] == [False]
     rows = _rows(first)
     assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in METHODS}
+    for (method, _), row in rows.items():
+        assert row["threshold"] == (0.8 if method in run_mod.THRESHOLD_METHODS else None)
+    # One comparison per non-vanilla method with 2 layers, with the keys promised.
+    equal = doc["summary"]["equal_accuracy"]
+    assert sorted(e["method"] for e in equal) == sorted(m for m in METHODS if m != "vanilla")
+    for e in equal:
+        assert {"method", "layers", "accuracy", "memory_ratio", "gflops_ratio", "tolerance"} <= set(
+            e
+        )
+        assert e["layers"] == "2" and e["tolerance"] > 0
+        assert e["accuracy"] == pytest.approx(rows["vanilla", "2"]["accuracy"] - e["tolerance"])
+        if e["memory_ratio"] is not None:
+            assert 0 < e["memory_ratio"] <= 1.0 and e["gflops_ratio"] > 0
     van = rows["vanilla", "2"]
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 100.0 and row["step_ms"] > 0
@@ -92,6 +107,88 @@ def test_quick_run_end_to_end_cached_and_reproducible(
         for field in ("accuracy", "mem_bytes", "mem_full_bytes", "final_loss", "ranks"):
             assert seeds[0][field] == row["seeds"][0][field], (key, field)
         assert again[key]["n_seeds"] == 2 and again[key]["accuracy_std"] is not None
+
+
+def _tiny(tmp_path: Path, **changes: Any) -> run_mod.RunConfig:
+    base = {
+        "resolution": 32,
+        "layers": ("2",),
+        "methods": ("vanilla", "hosvd", "asi"),
+        "thresholds": (0.8,),
+        "finetune": run_mod.T.FineTuneConfig(epochs=2, batch_size=16),
+        "pretrain": run_mod.T.PretrainConfig(steps=3, batch_size=16, eval_samples=40),
+        "train_samples": 64,
+        "test_samples": 40,
+        "timing_rounds": 1,
+        "cache_dir": str(tmp_path / "cache"),
+        "quiet": True,
+    }
+    return run_mod.RunConfig(**{**base, **changes})
+
+
+def test_replaying_the_frozen_prefix_changes_no_result(tmp_path: Path, single_thread: None) -> None:
+    # One recording serves both depths; each configuration's results are those
+    # of computing the frozen prefix (bit for bit).
+    changes: dict[str, Any] = {"layers": ("2", "4"), "methods": ("vanilla", "asi")}
+    replayed = run_mod.run_experiment(_tiny(tmp_path, **changes))
+    computed = run_mod.run_experiment(_tiny(tmp_path, replay=False, **changes))
+    assert [r["replayed_prefix"] for r in replayed.results] == [True] * 4
+    assert [r["replayed_prefix"] for r in computed.results] == [False] * 4
+    fields = ("accuracy", "final_loss", "mem_bytes", "mem_full_bytes", "gflops", "ranks", "steps")
+    for a, b in zip(replayed.results, computed.results):
+        assert (a["method"], a["threshold"]) == (b["method"], b["threshold"])
+        for field in fields:
+            assert a[field] == b[field], (a["method"], field)
+    assert any("replayed" in note for note in replayed.notes)
+
+
+def test_frontier_over_thresholds(tmp_path: Path, single_thread: None) -> None:
+    exp = run_mod.run_experiment(
+        _tiny(tmp_path, methods=("vanilla", "hosvd", "asi"), thresholds=(0.5, 0.95))
+    )
+    by = {(r.method, r.threshold): r for r in exp.rows}
+    assert set(by) == {
+        ("vanilla", None),
+        ("hosvd", 0.5),
+        ("hosvd", 0.95),
+        ("asi", 0.5),
+        ("asi", 0.95),
+    }
+    # More explained variance keeps more; ASI fits HOSVD's memory at the same threshold.
+    assert by["hosvd", 0.5].mem_mb < by["hosvd", 0.95].mem_mb < by["vanilla", None].mem_mb
+    for t in (0.5, 0.95):
+        seed = by["asi", t].seeds[0]
+        assert seed["asi_ranks"]["source"] == f"budget.plan_ranks(budget='hosvd@{t}')"
+        assert seed["asi_ranks"]["allocated_bytes"] <= seed["asi_ranks"]["budget_bytes"]
+    assert [(e.method, e.layers) for e in exp.equal] == [("hosvd", "2"), ("asi", "2")]
+    tol = exp.tolerances["2"]
+    van = by["vanilla", None].accuracy
+    assert tol == pytest.approx(100 * math.sqrt(van / 100 * (1 - van / 100) / 40))
+    summary = exp.summary()
+    assert summary["tolerance"] == {"2": tol} and len(summary["equal_accuracy"]) == 2
+
+
+def test_findings_state_the_noise() -> None:
+    def res(method: str, acc: float, mem: float, threshold: float | None) -> dict[str, Any]:
+        return {"method": method, "label": method, "layers": "2", "seed": 0, "accuracy": acc,
+                "mem_bytes": mem * 2**20, "mem_full_bytes": 2**21, "gflops": 1.0,
+                "decomp_gflops": 0.1, "step_seconds": 0.1, "threshold": threshold}  # fmt: skip
+
+    rows = R.summarise(
+        [
+            res("vanilla", 0.90, 4.0, None),
+            res("hosvd", 0.895, 0.5, 0.8),
+            res("asi", 0.80, 0.25, 0.8),
+        ]
+    )
+    (line,) = run_mod._findings(rows, n_test=450)
+    # ASI vs vanilla: 10 points, beyond the sampling noise of 450 images (2.4).
+    assert "Mem 6.2% of vanilla's, accuracy -10.0 points vs vanilla (noise ±2.4)" in line
+    # ASI vs HOSVD: 9.5 points, beyond noise too; HOSVD vs vanilla would be within it.
+    assert "accuracy -9.5 points vs HOSVD" in line
+    rows = R.summarise([res("vanilla", 0.90, 4.0, None), res("asi", 0.895, 0.25, 0.8)])
+    (line,) = run_mod._findings(rows, n_test=450)
+    assert "accuracy within noise of vanilla's (±2.0 points)" in line and "-0.5" not in line
 
 
 def test_weights_replace_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,6 +225,11 @@ def _bad_inputs(tmp: Path) -> dict[str, list[str]]:
         "all layers only": ["--methods", "asi", "--layers", "all"],
         "bad layers": ["--layers", "two"],
         "bad threshold": ["--threshold", "1.5"],
+        "zero threshold": ["--thresholds", "0.5", "0"],
+        "no thresholds": ["--thresholds"],
+        "repeated thresholds": ["--thresholds", "0.8", "0.9", "0.80"],
+        "threshold not a number": ["--thresholds", "high"],
+        "negative tolerance": ["--tolerance", "-1"],
         "no cuda": ["--device", "cuda:99"]
         if not torch.cuda.is_available()
         else ["--device", "tpu"],
@@ -137,7 +239,8 @@ def _bad_inputs(tmp: Path) -> dict[str, list[str]]:
 BAD_CASES = [
     "missing data", "one class", "npz without y", "mismatched weights", "unreadable weights",
     "missing weights", "unknown method", "unknown model", "out is a file", "out under a file",
-    "all layers only", "bad layers", "bad threshold", "no cuda",
+    "all layers only", "bad layers", "bad threshold", "zero threshold", "no thresholds",
+    "repeated thresholds", "threshold not a number", "negative tolerance", "no cuda",
 ]  # fmt: skip
 
 
@@ -180,6 +283,22 @@ def test_failed_write_leaves_nothing_in_out(
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
+def test_summary_groups_by_threshold() -> None:
+    def res(method: str, threshold: float | None, acc: float) -> dict[str, Any]:
+        return {"method": method, "label": method, "layers": "2", "seed": 0, "accuracy": acc,
+                "mem_bytes": 2**20, "mem_full_bytes": 2**20, "gflops": 1.0,
+                "step_seconds": 1.0, "threshold": threshold}  # fmt: skip
+
+    rows = R.summarise([res("vanilla", None, 0.9), res("asi", 0.7, 0.5), res("asi", 0.9, 0.7)])
+    assert [(r.method, r.threshold, r.accuracy) for r in rows] == [
+        ("vanilla", None, 90.0),
+        ("asi", 0.7, 50.0),
+        ("asi", 0.9, 70.0),
+    ]
+    assert [r.to_dict()["threshold"] for r in rows] == [None, 0.7, 0.9]
+    assert R.csv_text(rows).splitlines()[0].startswith("method,label,layers,threshold,accuracy")
+
+
 def test_summary_ratios_spread_and_missing_flops() -> None:
     def res(method: str, seed: int, acc: float, step: float) -> dict[str, Any]:
         return {"method": method, "label": method, "layers": "2", "seed": seed, "accuracy": acc,
@@ -203,8 +322,71 @@ def test_config_validation() -> None:
         run_mod.RunConfig(methods=("vanilla", "nope"))
     with pytest.raises(ValueError, match="vanilla only"):
         run_mod.RunConfig(methods=("asi",), layers=("all",))
-    cfg = run_mod.RunConfig(methods=("asi", "vanilla"), layers=("all", "2", "2"))
-    assert cfg.rows() == [("asi", "2"), ("vanilla", "all"), ("vanilla", "2")]
+    cfg = run_mod.RunConfig(methods=("asi", "vanilla"), layers=("all", "2", "2"), thresholds=(0.8,))
+    assert cfg.rows() == [("asi", "2", 0.8), ("vanilla", "all", None), ("vanilla", "2", None)]
+    cfg = run_mod.RunConfig(
+        methods=("gradient_filter", "hosvd"), layers=("2", "4"), thresholds=(0.9, 0.5)
+    )
+    assert cfg.thresholds == (0.5, 0.9)
+    assert cfg.rows() == [
+        ("gradient_filter", "2", None),
+        ("gradient_filter", "4", None),
+        ("hosvd", "2", 0.5),
+        ("hosvd", "2", 0.9),
+        ("hosvd", "4", 0.5),
+        ("hosvd", "4", 0.9),
+    ]
+    # The error message prints the canonical tuple.
+    with pytest.raises(ValueError) as info:
+        run_mod.RunConfig(methods=("lora",))
+    assert str(METHODS) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [(["0.8"], (0.8,)), (["0.95", "0.5", "0.7"], (0.5, 0.7, 0.95)), ([1], (1.0,))],
+)
+def test_thresholds_parse(values: list[Any], expected: tuple[float, ...]) -> None:
+    assert run_mod.parse_thresholds(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ([], "empty"),
+        (["1.5"], r"in \(0, 1\], got '1.5'"),
+        (["0"], r"in \(0, 1\], got '0'"),
+        (["-0.2"], "got '-0.2'"),
+        (["nan"], "got 'nan'"),
+        (["0.8", "0.8"], "0.8 twice"),
+        (["0.5", "0.50"], "0.5 twice"),
+        (["x"], "takes numbers"),
+    ],
+)
+def test_thresholds_refused(values: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        run_mod.parse_thresholds(values)
+    assert "\n" not in str(info.value)
+
+
+def test_threshold_is_the_one_element_case() -> None:
+    parser = __import__("argparse").ArgumentParser()
+    run_mod.add_arguments(parser)
+    one = run_mod.config_from_args(parser.parse_args(["--threshold", "0.9", "--no-cache"]))
+    many = run_mod.config_from_args(parser.parse_args(["--thresholds", "0.9", "--no-cache"]))
+    assert one.thresholds == many.thresholds == (0.9,)
+    assert run_mod.config_from_args(parser.parse_args(["--no-cache"])).thresholds == (
+        run_mod.DEFAULT_THRESHOLDS
+    )
+    quick = run_mod.config_from_args(parser.parse_args(["--quick", "--no-cache"]))
+    assert quick.thresholds == (0.8,)
+    # --quick reuses a default run's cached backbone (and only without --pretrain-steps).
+    assert quick.reuse_pretrain == (run_mod.T.PretrainConfig(),)
+    assert quick.pretrain.steps < run_mod.T.PretrainConfig().steps
+    own = run_mod.config_from_args(
+        parser.parse_args(["--quick", "--no-cache", "--pretrain-steps", "7"])
+    )
+    assert own.reuse_pretrain == () and own.pretrain.steps == 7
 
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_run_and_table_train_the_same_parameters(model: str) -> None:
         # Each command's own preparation step, converted as for HOSVD.
         table_model, table_convs = runner.prepared(n, "hosvd", 0.8)
         run_model, run_convs, _ = run_mod.prepare(
-            "hosvd", str(n), 0, config, net.state_dict(), train, x[:1], T.DistEnv()
+            "hosvd", str(n), 0.8, 0, config, net.state_dict(), train, x[:1], T.DistEnv()
         )
         assert table_convs == run_convs and len(run_convs) == n
         sets[n] = _trained(run_model)
