@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorcompress.torch import last_blocks, select_layers
 from tensorcompress.torch.lowrank import export_low_rank, factorize, low_rank_layers
 from tensorcompress.torch.measure import training_memory
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
@@ -98,14 +99,9 @@ def vit(seed: int = 0) -> nn.Module:
     return model.train()
 
 
-def block_prefixes() -> tuple[str, ...]:
-    n = CONFIG["num_hidden_layers"]
-    return tuple(f"vit.layers.{i}." for i in range(n - BLOCKS, n))
-
-
-def tuned_filter(module: nn.Module, name: str) -> bool:
-    """The Linear layers of the last ``BLOCKS`` blocks."""
-    return isinstance(module, nn.Linear) and name.startswith(block_prefixes())
+def tuned_names(model: nn.Module) -> list[str]:
+    """The Linear layers of the last ``BLOCKS`` blocks (``last_blocks``, module order)."""
+    return select_layers(model, last_blocks(BLOCKS))
 
 
 def images(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +130,10 @@ def images(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fraction_ranks(model: nn.Module) -> dict[str, int]:
     """``FRACTION * min(out, in)`` for every fine-tuned layer."""
+    modules = dict(model.named_modules())
     return {
-        name: max(1, round(FRACTION * min(m.in_features, m.out_features)))
-        for name, m in model.named_modules()
-        if tuned_filter(m, name)
+        name: max(1, round(FRACTION * min(modules[name].in_features, modules[name].out_features)))
+        for name in tuned_names(model)
     }
 
 
@@ -174,7 +170,7 @@ def _freeze_all_but(model: nn.Module, modules: list[nn.Module]) -> None:
 def build(method: str, rank: str = "threshold") -> Setup:
     """``method`` in vanilla, lora, wsi, wasi; ``rank`` in threshold, fraction (wsi/wasi)."""
     model = vit()
-    names = [name for name, m in model.named_modules() if tuned_filter(m, name)]
+    names = tuned_names(model)
     if method == "vanilla":
         modules = dict(model.named_modules())
         tuned = {n: modules[n] for n in names}
@@ -191,7 +187,7 @@ def build(method: str, rank: str = "threshold") -> Setup:
         tuned = {n: modules[n] for n in names}
         return Setup(f"LoRA r={LORA_RANK}", method, wrapped, tuned, f"r={LORA_RANK}")
     weight_rank: Any = THRESHOLD if rank == "threshold" else fraction_ranks(model)
-    to_wasi(model, method=method, rank=weight_rank, act_rank=ACT_RANK, layers=tuned_filter)
+    to_wasi(model, method=method, rank=weight_rank, act_rank=ACT_RANK, layers=names)
     tuned = dict(wasi_layers(model))
     _freeze_all_but(model, list(tuned.values()))
     ks = sorted({m.rank for m in tuned.values()})
