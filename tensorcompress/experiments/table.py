@@ -43,6 +43,10 @@ but only from the first trainable module on. The frozen layers below it are
 computed once for all rows (their outputs replayed, their counted forward
 flops added back; the figures are the same as without, which a test checks).
 ResNet18 at batch 64, 224x224, 8 rows: about a minute on 2 CPU cores.
+
+``--model tinyllama-1.1b`` prints another table: the memory of fine-tuning
+TinyLlama-1.1B's last N blocks by formula, checked against a measured step of
+its width/8 twin (:mod:`tensorcompress.experiments.transformer_table`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ import torch
 from torch import nn
 
 from tensorcompress.experiments import train as T
+from tensorcompress.experiments import transformer_table as LT
 from tensorcompress.experiments.paper import (
     PAPER_METHODS,
     PATCH,
@@ -659,8 +664,12 @@ def format_table(result: TableResult, *, paper: bool = False) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``tensorcompress table``."""
-    parser.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--batch", type=int, default=64, help="batch size")
+    parser.add_argument(
+        "--model",
+        default="resnet18",
+        help=f"one of {', '.join(MODEL_NAMES)}, or tinyllama-1.1b (its memory by formula)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (64; Llama 8)")
     parser.add_argument("--resolution", type=int, default=224, help="input side in pixels")
     parser.add_argument(
         "--layers", type=int, nargs="+", default=[2, 4], help="numbers of fine-tuned last convs"
@@ -685,14 +694,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the batch")
     parser.add_argument("--paper", action="store_true", help="show the paper's figures beside")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    LT.add_llama_arguments(
+        parser.add_argument_group(
+            "tinyllama-1.1b", "the memory of fine-tuning its last N blocks, by formula"
+        )
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``tensorcompress table``."""
+    if LT.is_llama_model(args.model):
+        return LT.main(args)
     start = time.perf_counter()
     result = run_table(
         args.model,
-        batch=args.batch,
+        batch=64 if args.batch is None else args.batch,
         resolution=args.resolution,
         layers=args.layers,
         methods=args.methods,

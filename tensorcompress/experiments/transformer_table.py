@@ -61,6 +61,7 @@ __all__ = [
     "LlamaMemory",
     "SavedTensor",
     "add_arguments",
+    "add_llama_arguments",
     "asi_ranks",
     "check_llama_memory",
     "format_check",
@@ -694,38 +695,42 @@ def format_check(checks: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of the Llama table (``tensorcompress table --model tinyllama-1.1b``).
-
-    ``tensorcompress table`` has its own; this is for a parser of the Llama table alone.
-    """
-    parser.add_argument("--model", default="tinyllama-1.1b", help="tinyllama-1.1b")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (8)")
-    parser.add_argument("--seq", type=int, default=512, help="sequence length (512)")
+def add_llama_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """The Llama table's own arguments (``tensorcompress table`` adds them in a group)."""
+    parser.add_argument("--seq", type=int, default=512, help="Llama: sequence length (512)")
     parser.add_argument(
-        "--layers", type=int, nargs="+", default=[2, 4], help="numbers of fine-tuned last blocks"
+        "--attention", choices=ATTENTIONS, default="sdpa", help="Llama: attention (sdpa)"
     )
     parser.add_argument(
-        "--attention", choices=ATTENTIONS, default="sdpa", help="attention implementation (sdpa)"
+        "--optimizer", choices=OPTIMIZERS, default="adamw", help="Llama: optimizer (adamw)"
     )
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(adamw)")
     parser.add_argument(
         "--rank-fractions",
         type=float,
         nargs=3,
         default=list(DEFAULT_RANK_FRACTIONS),
         metavar=("BATCH", "TOKENS", "CHANNELS"),
-        help="ASI ranks as fractions of each mode "
+        help="Llama: ASI ranks as fractions of each mode "
         f"({' '.join(f'{x:g}' for x in DEFAULT_RANK_FRACTIONS)})",
     )
     parser.add_argument(
         "--check-seq",
         type=int,
         default=32,
-        help="sequence length of the measured check on the width/8 model (32; 0: no check)",
+        help="Llama: tokens of the measured check on the width/8 model (32; 0: none)",
     )
-    parser.add_argument("--tensors", action="store_true", help="list every saved tensor")
+    parser.add_argument("--tensors", action="store_true", help="Llama: list every saved tensor")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the Llama table alone (``tensorcompress table`` has its own, and these)."""
+    parser.add_argument("--model", default="tinyllama-1.1b", help="tinyllama-1.1b")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (8)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[2, 4], help="numbers of fine-tuned last blocks"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_llama_arguments(parser)
 
 
 def run(
@@ -794,9 +799,10 @@ def run(
 def main(args: argparse.Namespace) -> int:
     """Print the Llama table (and its measured check)."""
     start = time.perf_counter()
+    batch = 8 if args.batch is None else args.batch
     rows, checks = run(
         args.model,
-        batch=args.batch,
+        batch=batch,
         seq=args.seq,
         layers=args.layers,
         attention=args.attention,
@@ -824,7 +830,7 @@ def main(args: argparse.Namespace) -> int:
         f"{args.model}: hidden {shape.hidden_size}, {shape.num_layers} blocks, {shape.num_heads} "
         f"heads ({shape.num_kv_heads} key/value), MLP {shape.intermediate_size}, vocabulary "
         f"{shape.vocab_size}; {shape.num_parameters():,} parameters",
-        f"one training step, batch {args.batch} x {args.seq} tokens, float32, {args.attention} "
+        f"one training step, batch {batch} x {args.seq} tokens, float32, {args.attention} "
         f"attention, {'AdamW' if args.optimizer == 'adamw' else 'SGD with momentum'}, "
         "language-modelling loss; last N blocks fine-tuned",
         "ASI ranks (r_B, r_T, r_C) = ceil(fraction x (B, T, C)) with fractions "
@@ -839,7 +845,7 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"\nChecked against a measured step (training_memory) of the width/8 model "
             f"(tiny_llama: hidden {checks[0].analytic.shape.hidden_size}, the same blocks), "
-            f"{args.batch} x {checks[0].analytic.seq} tokens:"
+            f"{batch} x {checks[0].analytic.seq} tokens:"
         )
         print(format_check(checks))
     print(f"({time.perf_counter() - start:.1f} s)")

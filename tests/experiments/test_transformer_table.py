@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import replace
 
 import pytest
 
 from tensorcompress.experiments import transformer_table as TT
+from tensorcompress.experiments.cli import main
 from tensorcompress.models import LlamaShape, tinyllama_1b
 from tensorcompress.torch.measure import MB
 from tensorcompress.torch.measure.training import KINDS
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small(num_layers: int = 3, **fields: int) -> LlamaShape:
-    """TinyLlama's blocks at width / 8 (as tiny_llama builds them), few layers, a small vocabulary."""
+    """TinyLlama's blocks at width / 8 (as tiny_llama builds them), a small vocabulary."""
     return replace(tinyllama_1b().narrowed(8), num_layers=num_layers, vocab_size=256, **fields)
 
 
@@ -103,19 +105,30 @@ def test_rows_and_output() -> None:
     ]
     assert checks == []
     text = TT.format_table(rows, ["a note"])
-    assert text.startswith("a note") and "ASI" in text and f"{rows[0].weights_bytes / MB:.0f}" in text
+    assert (
+        text.startswith("a note") and "ASI" in text and f"{rows[0].weights_bytes / MB:.0f}" in text
+    )
     assert "log-softmax" in TT.format_tensors(rows[0])
     assert TT.is_llama_model("TinyLlama-1.1B") and not TT.is_llama_model("resnet18")
 
 
-def test_main_prints_the_check(capsys: pytest.CaptureFixture[str]) -> None:
+def test_table_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """``tensorcompress table --model tinyllama-1.1b`` prints the table and the measured check."""
+    # A short check: the width/8 model has 22 blocks and TinyLlama's vocabulary.
+    args = ["table", "--model", "TinyLlama-1.1B", "--layers", "1", "--batch", "2"]
+    assert main([*args, "--check-seq", "4", "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("equal to the byte") == 2
+    assert "batch 2 x 512 tokens" in out and "log-softmax" in out
+
+
+def test_alone_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     TT.add_arguments(parser)
-    # A short check: the width/8 model has 22 blocks and TinyLlama's vocabulary.
-    code = TT.main(parser.parse_args(["--layers", "1", "--batch", "2", "--check-seq", "4"]))
-    out = capsys.readouterr().out
-    assert code == 0
-    assert out.count("equal to the byte") == 2
+    assert TT.main(parser.parse_args(["--check-seq", "0", "--json"])) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["blocks"] for r in doc["rows"]] == [2, 2, 4, 4] and doc["checks"] == []
+    assert doc["rows"][0]["batch"] == 8 and doc["rows"][0]["seq"] == 512
 
 
 # ---------------------------------------------------------------------------
