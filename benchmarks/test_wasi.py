@@ -66,6 +66,8 @@ from tensorcompress.torch.measure import training_memory
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
 transformers = pytest.importorskip("transformers")
+# peft asks transformers a deprecated question; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
 CONFIG: dict[str, Any] = {
     "hidden_size": 192,
