@@ -38,7 +38,10 @@ and with it the optimizer's per-coordinate state -- barely moves. The
 refresh runs at the start of a training forward when the factors changed
 since the last one (an optimizer step, ``load_state_dict``), and costs
 ``O(k^2 (in + out))``. ``L`` is the factor kept orthonormal; ``R`` carries
-the scale.
+the scale. ``refresh=False`` lets the factors evolve freely instead: on a
+small fitting problem (``python benchmarks/test_wasi.py --refresh-study``)
+free factors converged faster, most with SGD, and both factored variants
+better than the paper's dense mechanism; see the WSI/WASI guide.
 
 Ranks: the weight rank ``k`` is fixed at conversion (the paper's choice); the
 activation ranks are fixed by ASI's cold start on the first batch (see
