@@ -10,6 +10,12 @@ Importing this package imports torch; ``import tensorcompress`` does not.
 from tensorcompress.torch.convert import compressed_layers, convert, input_groups, restore
 from tensorcompress.torch.functions import ConvSpec
 from tensorcompress.torch.gradient_filter import PatchAverage
+from tensorcompress.torch.lowrank import (
+    LowRankConv2d,
+    LowRankLinear,
+    export_low_rank,
+    to_dense,
+)
 from tensorcompress.torch.modules import (
     METHODS,
     CompressedConv1d,
@@ -30,6 +36,7 @@ from tensorcompress.torch.selection import (
     shared_inputs,
     trainable_only,
 )
+from tensorcompress.torch.wasi import WASIConfig, WASIConv2d, WASILinear, to_wasi
 
 __all__ = [
     "METHODS",
@@ -41,10 +48,16 @@ __all__ = [
     "ConvSpec",
     "LastBlocks",
     "LastLayers",
+    "LowRankConv2d",
+    "LowRankLinear",
     "PatchAverage",
     "SharedInput",
+    "WASIConfig",
+    "WASIConv2d",
+    "WASILinear",
     "compressed_layers",
     "convert",
+    "export_low_rank",
     "find_blocks",
     "fine_tuned_modules",
     "input_groups",
@@ -53,5 +66,7 @@ __all__ = [
     "restore",
     "select_layers",
     "shared_inputs",
+    "to_dense",
+    "to_wasi",
     "trainable_only",
 ]

@@ -40,7 +40,7 @@ from tensorcompress.torch.selection import (
     trainable_only,
 )
 
-__all__ = ["compressed_layers", "convert", "input_groups", "restore"]
+__all__ = ["compressed_layers", "convert", "input_groups", "replace_module", "restore"]
 
 _WRAPPERS: dict[type[nn.Module], type[CompressedModule]] = {
     nn.Conv1d: CompressedConv1d,
@@ -54,8 +54,11 @@ _FROZEN: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Parameter, bool]]] =
 )
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is a child (a shared layer is replaced everywhere)."""
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child of a module of ``model``, in place.
+
+    A layer registered under several parents (shared) is replaced everywhere.
+    """
     for parent in model.modules():
         for key, child in list(parent._modules.items()):
             if child is old:
@@ -175,7 +178,7 @@ def convert(
         if name == "":
             root = new
         else:
-            _replace(model, old, new)
+            replace_module(model, old, new)
     if share_inputs and example_input is not None and len(new_layers) > 1:
         _group(root, new_layers, example_input)
     if freeze_others:
@@ -221,7 +224,7 @@ def restore(model: nn.Module) -> nn.Module:
         return model.to_plain()
     for _name, m in list(model.named_modules()):
         if isinstance(m, CompressedModule):
-            _replace(model, m, m.to_plain())
+            replace_module(model, m, m.to_plain())
     return model
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorcompress import rank as _rank
+from tensorcompress.torch.convert import replace_module
 from tensorcompress.torch.functions import ConvSpec
 
 __all__ = [
@@ -517,14 +518,6 @@ def low_rank_layers(model: nn.Module) -> dict[str, LowRankModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankModule)}
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is a child (a shared layer is replaced everywhere)."""
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[key] = new
-
-
 def _swap(model: nn.Module, make: Any) -> nn.Module:
     if isinstance(model, LowRankModule):
         out: nn.Module = make(model)
@@ -533,7 +526,7 @@ def _swap(model: nn.Module, make: Any) -> nn.Module:
     for m in list(low_rank_layers(model).values()):
         if id(m) not in done:
             done[id(m)] = make(m)
-            _replace(model, m, done[id(m)])
+            replace_module(model, m, done[id(m)])
     return model
 
 

@@ -72,6 +72,7 @@ from torch.autograd.function import once_differentiable
 from tensorcompress import asi, hosvd, tenalg
 from tensorcompress import rank as _rank
 from tensorcompress.results import TuckerResult
+from tensorcompress.torch.convert import replace_module
 from tensorcompress.torch.functions import (
     ConvSpec,
     autocast_dtype,
@@ -682,13 +683,6 @@ def _convert_one(module: nn.Module, name: str, rank: Any, config: WASIConfig) ->
     )
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[key] = new
-
-
 def to_wasi(
     model: nn.Module,
     method: str = "wasi",
@@ -773,5 +767,5 @@ def to_wasi(
         if name == "":
             root = new[name]
         else:
-            _replace(model, modules[name], new[name])
+            replace_module(model, modules[name], new[name])
     return root
