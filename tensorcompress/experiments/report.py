@@ -87,6 +87,14 @@ class Row:
         ``None`` for methods without one.
     seeds : tuple of dict
         The per-seed measurements behind the row.
+    peak_act_mb : float
+        Transformer rows: the highest memory over the step's forward and
+        backward held by anything but weights, gradients and optimizer state
+        (:func:`~tensorcompress.torch.measure.training_memory`); NaN when not
+        measured (the CNN rows).
+    peak_mb : float
+        Transformer rows: the step's peak, ``peak_act_mb`` plus the weights,
+        buffers, gradients and optimizer state; NaN when not measured.
     """
 
     method: str
@@ -104,6 +112,8 @@ class Row:
     step_ratio: float
     threshold: float | None = None
     seeds: tuple[Mapping[str, Any], ...] = field(default=())
+    peak_act_mb: float = math.nan
+    peak_mb: float = math.nan
 
     def to_dict(self, per_seed: bool = True) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes None)."""
@@ -122,6 +132,8 @@ class Row:
             "step_ms": self.step_ms,
             "step_ms_std": self.step_ms_std,
             "step_ratio": self.step_ratio,
+            "peak_act_mb": self.peak_act_mb,
+            "peak_mb": self.peak_mb,
             "n_seeds": len(self.seeds),
         }
         if per_seed:
@@ -171,6 +183,8 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
         flops = _mean_std([r["gflops"] for r in rs])
         decomp = _mean_std([r.get("decomp_gflops", math.nan) for r in rs])
         step = _mean_std([1e3 * r["step_seconds"] for r in rs])
+        peak_act = _mean_std([r.get("peak_activation_bytes", math.nan) / MB for r in rs])
+        peak = _mean_std([r.get("peak_bytes", math.nan) / MB for r in rs])
         ratios = [
             r["step_seconds"] / vanilla_step[(layers, r["seed"])]
             for r in rs
@@ -193,6 +207,8 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
                 step_ratio=_mean_std(ratios)[0] if ratios else math.nan,
                 threshold=threshold,
                 seeds=tuple(_json_safe(dict(r)) for r in rs),
+                peak_act_mb=peak_act[0],
+                peak_mb=peak[0],
             )
         )
     return rows
@@ -210,11 +226,16 @@ def _num(value: float, fmt: str, spread: float | None = None) -> str:
 def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int = 1) -> str:
     """The rows as aligned text, with ``notes`` above and a legend below."""
     spread = seeds > 1
-    head = (
+    # Transformer rows carry the whole step's peak memory: two more columns.
+    peaks = any(not math.isnan(r.peak_mb) for r in rows)
+    head: tuple[str, ...] = (
         "method", "layers", "acc %", "Mem MB", "full MB", "GFLOPs", "decomp", "step ms", "x vanilla"
     )  # fmt: skip
-    body = [
-        (
+    if peaks:
+        head = (*head[:5], "peak act MB", "peak MB", *head[5:])
+    body = []
+    for r in rows:
+        cells = [
             r.label,
             r.layers,
             _num(r.accuracy, ".1f", r.accuracy_std if spread else None),
@@ -224,9 +245,10 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
             _num(r.decomp_gflops, ".3f"),
             _num(r.step_ms, ".1f", r.step_ms_std if spread else None),
             _num(r.step_ratio, ".2f"),
-        )
-        for r in rows
-    ]
+        ]
+        if peaks:
+            cells[5:5] = [_num(r.peak_act_mb, ".2f"), _num(r.peak_mb, ".1f")]
+        body.append(tuple(cells))
     widths = [max(len(str(line[k])) for line in [head, *body]) for k in range(len(head))]
 
     def fmt(line: Sequence[str]) -> str:
@@ -241,7 +263,14 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
         + (f" (mean±std over {seeds} seeds)" if spread else "")
         + ". Mem: what the fine-tuned convs keep for their weight gradients (paper convention), "
         "measured from autograd's saved tensors on one training batch; full: every activation "
-        "autograd keeps for the step. MB = 2**20 bytes.",
+        "autograd keeps for the step. MB = 2**20 bytes."
+        + (
+            " peak act: the highest memory over the step's forward and backward held by "
+            "anything but weights, gradients and optimizer state; peak: that plus them "
+            "(training_memory, same batch)."
+            if peaks
+            else ""
+        ),
         "GFLOPs: one training step (forward of the whole network + decomposition + backward), "
         "counted by torch's FlopCounterMode plus QR/eigh/SVD formulas; decomp: the decomposition "
         "part. step ms: median wall time of a training step, interleaved across methods after "
@@ -307,8 +336,20 @@ _COLOURS = {
     "hosvd": "tab:blue",
     "svd": "tab:purple",
     "asi": "tab:red",
+    "checkpoint": "tab:green",
+    "lora": "tab:olive",
+    "lora+asi": "tab:brown",
 }
-_MARKERS = {"vanilla": "*", "gradient_filter": "D", "hosvd": "s", "svd": "v", "asi": "o"}
+_MARKERS = {
+    "vanilla": "*",
+    "gradient_filter": "D",
+    "hosvd": "s",
+    "svd": "v",
+    "asi": "o",
+    "checkpoint": "P",
+    "lora": "^",
+    "lora+asi": "X",
+}
 _HOLLOW = {"hosvd", "svd"}  # drawn open, so ASI (at HOSVD's memory) shows through
 _STYLES = ("-", "--", ":", "-.")
 
@@ -464,7 +505,7 @@ def write_results(
         _plot(
             rows,
             "mem_mb",
-            "activation memory of the fine-tuned convs (MB, log)",
+            "activation memory of the fine-tuned layers (MB, log)",
             "accuracy vs activation memory",
             tmp / "accuracy_vs_memory.png",
         )

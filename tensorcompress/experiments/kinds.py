@@ -1,0 +1,290 @@
+"""Model kinds of ``tensorcompress run``: a CNN's last convs, or a transformer's last blocks.
+
+One run loop (:mod:`tensorcompress.experiments.run`) fine-tunes both; what
+differs between them is gathered here, behind :func:`kind_of`:
+
+- **what is fine-tuned**: the last N convs in execution order
+  (:func:`~tensorcompress.torch.last_layers`) or the Linear layers of the last
+  N blocks (:func:`~tensorcompress.torch.last_blocks`); either way the adapter's
+  one freeze rule (:func:`~tensorcompress.torch.fine_tuned_modules`) trains
+  them and everything that runs after the first of them;
+- **the methods**: the CNN's are :data:`tensorcompress.torch.METHODS`; a
+  transformer's are those of :func:`tensorcompress.torch.transformer.prepare`
+  (:data:`TRANSFORMER_METHODS`): vanilla, activation checkpointing, LoRA
+  (``peft``), LoRA+ASI, and HOSVD, SVD, ASI on the blocks' Linear inputs,
+  these three with the block options of :class:`BlockSettings` (the
+  attention through SDPA, and the other tensors the blocks save kept as
+  per-block int8);
+- **the optimizer**: SGD with Nesterov momentum for the CNNs (the paper's),
+  AdamW for transformers (SGD barely moves a ViT in a few hundred steps);
+- **the output**: Hugging Face models return an output object, whose
+  ``logits`` the loss and the accuracy read (:func:`logits`);
+- **what is measured**: transformers also get the whole step's memory
+  (:func:`~tensorcompress.torch.measure.training_memory`: weights, gradients,
+  optimizer state and the peak over forward and backward), because the
+  Linear inputs are a minority of what their blocks keep.
+
+ASI's ranks differ too: the CNN rows fit ASI's per-layer ranks to HOSVD's
+memory at the same threshold (the paper's protocol, a sensitivity
+measurement per N); the transformer rows give ASI the threshold itself, from
+which its cold start fixes each input's ranks (as HOSVD's are chosen), so
+that the layers reading one input (q/k/v, gate/up) keep one decomposition
+with one set of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorcompress.models import TRANSFORMER_NAMES
+from tensorcompress.torch import (
+    METHODS,
+    last_blocks,
+    last_layers,
+    select_layers,
+)
+from tensorcompress.torch.measure import TrainingMemory, training_memory
+from tensorcompress.torch.selection import plain_type
+
+__all__ = [
+    "CNN_METHODS",
+    "COMPRESSED_METHODS",
+    "TRANSFORMER_METHODS",
+    "BlockSettings",
+    "cross_entropy",
+    "is_transformer",
+    "logits",
+    "optimizer_for",
+    "prepare_blocks",
+    "trained_layers",
+    "transformer_measurements",
+    "tuned_layers",
+]
+
+CNN_METHODS: tuple[str, ...] = METHODS
+"""Methods of a CNN run: :data:`tensorcompress.torch.METHODS`."""
+
+TRANSFORMER_METHODS: tuple[str, ...] = (
+    "vanilla",
+    "checkpoint",
+    "lora",
+    "lora+asi",
+    "hosvd",
+    "svd",
+    "asi",
+)
+"""Methods of a transformer run, those of :func:`tensorcompress.torch.transformer.prepare`."""
+
+COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi")
+"""Methods that compress the blocks' Linear inputs at an explained-variance threshold."""
+
+
+def is_transformer(model: str) -> bool:
+    """Whether ``model`` names one of :data:`tensorcompress.models.TRANSFORMER_NAMES`."""
+    return model.lower().replace("-", "_") in TRANSFORMER_NAMES
+
+
+def logits(out: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, "logits", None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"the model returned a {type(out).__name__} without a logits tensor")
+    return value
+
+
+def cross_entropy(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a model's output (tensor or Hugging Face output) against ``target``."""
+    return F.cross_entropy(logits(out), target)
+
+
+def optimizer_for(
+    model_name: str, params: Sequence[nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The optimizer of a model kind: SGD with Nesterov momentum 0.9, or AdamW for transformers.
+
+    AdamW decays the matrices only (not biases, norms, embeddings' vectors),
+    as transformer training usually does.
+    """
+    if not is_transformer(model_name):
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+# ---------------------------------------------------------------------------
+# What is fine-tuned
+# ---------------------------------------------------------------------------
+
+
+def _is_layer(module: nn.Module, name: str) -> bool:
+    return plain_type(module) is not None
+
+
+def tuned_layers(
+    model: nn.Module, layers: int | str, example_input: Any, *, blocks: bool
+) -> list[str]:
+    """The layers that define "the last N" of a CNN (``blocks=False``) or a transformer.
+
+    ``"all"``: every Conv/Linear. A number: a CNN's last N convs in execution
+    order (:func:`~tensorcompress.torch.last_layers`); a transformer's Linear
+    layers of its last N blocks (:func:`~tensorcompress.torch.last_blocks`).
+    Pass the result to :func:`~tensorcompress.torch.fine_tuned_modules` for
+    what trains.
+    """
+    if str(layers) == "all":
+        return select_layers(model, _is_layer)
+    n = int(layers)
+    selector = last_blocks(n) if blocks else last_layers(n)
+    return select_layers(model, selector, example_input)
+
+
+def trained_layers(model: nn.Module) -> list[str]:
+    """Conv/Linear layers of ``model`` whose weight trains (LoRA's adapters, compressed layers)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if plain_type(m) is not None
+        and getattr(m, "weight", None) is not None
+        and m.weight.requires_grad
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Transformer configurations
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """The block options of a transformer run (see ``torch.transformer.BlockOptions``).
+
+    Attributes
+    ----------
+    attention : {"sdpa", "eager"}
+        Attention of every row (SDPA: exact, and it keeps no probabilities).
+    saved : {"int8"} or None
+        Compact form of the tensors the blocks save that are not Linear
+        inputs (attention, norm, GELU), for the compressed methods
+        (:data:`COMPRESSED_METHODS`); ``None`` keeps them as they are.
+    lora_r : int
+        LoRA's rank.
+    """
+
+    attention: str = "sdpa"
+    saved: str | None = "int8"
+    lora_r: int = 8
+
+    def options(self, method: str, threshold: float | None) -> Any:
+        """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row."""
+        from tensorcompress.torch.transformer import BlockOptions
+
+        return BlockOptions(
+            attention=self.attention,
+            saved=self.saved if method in COMPRESSED_METHODS else None,
+            rank=0.8 if threshold is None else threshold,
+            lora_r=self.lora_r,
+            lora_alpha=2 * self.lora_r,
+        )
+
+
+def prepare_blocks(
+    model: nn.Module,
+    method: str,
+    layers: str,
+    threshold: float | None,
+    example_input: torch.Tensor,
+    settings: BlockSettings,
+    *,
+    seed: int,
+) -> tuple[nn.Module, list[str]]:
+    """A transformer ready to fine-tune one row: the model to train and its trained layers.
+
+    ``layers="all"`` (vanilla only) trains every parameter. A number of blocks goes through
+    :func:`tensorcompress.torch.transformer.prepare` with
+    :meth:`BlockSettings.options` (LoRA's initialisation seeded by ``seed``).
+
+    Returns
+    -------
+    tuple
+        The model to train (a ``peft`` model for LoRA) and the Conv/Linear
+        layers whose weights train inside the fine-tuned blocks (for the
+        paper's memory convention: what they keep for their weight gradients).
+    """
+    from tensorcompress.torch.transformer import iter_blocks, prepare
+
+    if method not in TRANSFORMER_METHODS:
+        raise ValueError(f"method must be one of {TRANSFORMER_METHODS}, got {method!r}")
+    if layers == "all":
+        if method != "vanilla":
+            raise ValueError(f"layers='all' is for vanilla only, got method {method!r}")
+        # Every parameter: the class token and position embeddings too (they
+        # belong to the embeddings module, which runs before the patch conv).
+        model.requires_grad_(True)
+        return model, trained_layers(model)
+    n = int(layers)
+    blocks = list(iter_blocks(model, n))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = prepare(
+            model,
+            method,
+            n,
+            example_input=example_input,
+            options=settings.options(method, threshold),
+        )
+    # After prepare: the blocks hold LoRA's adapters or the compressed layers.
+    inside = {id(m) for b in blocks for m in b.modules()}
+    trains = set(trained_layers(net))
+    return net, [name for name, m in net.named_modules() if id(m) in inside and name in trains]
+
+
+def transformer_measurements(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: Sequence[str],
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, Any], TrainingMemory]:
+    """The whole step's memory of a transformer row, as result fields.
+
+    :func:`~tensorcompress.torch.measure.training_memory` with the row's own
+    optimizer and loss: ``mem_bytes`` (what ``layers`` keep for their weight
+    gradients), ``mem_full_bytes`` (everything saved), the weights,
+    gradients, optimizer state, the peak activation memory over forward and
+    backward and the step's peak, and the saved bytes by kind.
+    """
+    mem = training_memory(
+        model,
+        x,
+        optimizer,
+        loss_fn=lambda out: cross_entropy(out, y),
+        layers=list(layers),
+        attribute=False,
+    )
+    fields = {
+        "mem_bytes": mem.kept_bytes,
+        "mem_analytic_bytes": mem.saved.analytic_bytes,
+        "mem_vanilla_bytes": mem.saved.vanilla_bytes,
+        "mem_full_bytes": mem.activations_bytes,
+        "weights_bytes": mem.weights_bytes + mem.buffers_bytes,
+        "gradients_bytes": mem.gradients_bytes,
+        "optimizer_bytes": mem.optimizer_bytes,
+        "peak_activation_bytes": mem.peak_activation_bytes,
+        "peak_bytes": mem.peak_bytes,
+        "activations_by_kind": dict(mem.activations_by_kind),
+    }
+    return fields, mem

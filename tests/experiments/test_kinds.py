@@ -1,0 +1,153 @@
+"""Model kinds of ``tensorcompress run``: what trains, the transformer rows, their measurements."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from tensorcompress.experiments import kinds as K
+from tensorcompress.experiments import report as R
+from tensorcompress.models import mcunet_in1, vit_tiny
+from tensorcompress.torch.measure import MB
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def small_vit() -> torch.nn.Module:
+    """Hidden 32, 2 heads, MLP 64, 3 blocks, 16x16 images in 4x4 patches (17 tokens)."""
+    torch.manual_seed(0)
+    return vit_tiny(
+        num_classes=4, image_size=16, num_layers=3, hidden_size=32, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+
+
+def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_kind_and_logits() -> None:
+    assert K.is_transformer("vit_tiny") and K.is_transformer("ViT-Tiny")
+    assert not K.is_transformer("mcunet_in1")
+    x, y = batch()
+    out = small_vit()(x)
+    assert K.logits(out) is out.logits
+    t = torch.randn(2, 3)
+    assert K.logits(t) is t
+    assert torch.allclose(K.cross_entropy(out, y), torch.nn.functional.cross_entropy(out.logits, y))
+    with pytest.raises(TypeError, match="logits"):
+        K.logits((t,))
+
+
+def test_optimizers() -> None:
+    model = small_vit()
+    params = list(model.parameters())
+    adam = K.optimizer_for("vit_tiny", params, 1e-3, 0.05)
+    assert isinstance(adam, torch.optim.AdamW)
+    decayed = {id(p) for p in adam.param_groups[0]["params"]}
+    assert (
+        adam.param_groups[0]["weight_decay"] == 0.05 and adam.param_groups[1]["weight_decay"] == 0
+    )
+    assert all(p.ndim >= 2 for p in params if id(p) in decayed)
+    sgd = K.optimizer_for("mcunet_in1", params, 0.1, 0.0)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+
+
+def test_tuned_layers_by_kind() -> None:
+    x, _ = batch(1)
+    vit = small_vit()
+    assert K.tuned_layers(vit, 1, x, blocks=True) == [
+        "vit.layers.2.attention.q_proj",
+        "vit.layers.2.attention.k_proj",
+        "vit.layers.2.attention.v_proj",
+        "vit.layers.2.attention.o_proj",
+        "vit.layers.2.mlp.fc1",
+        "vit.layers.2.mlp.fc2",
+    ]
+    assert (
+        K.tuned_layers(vit, "all", x, blocks=True)[0]
+        == "vit.embeddings.patch_embeddings.projection"
+    )
+    cnn = mcunet_in1(num_classes=3)
+    convs = K.tuned_layers(cnn, 2, torch.randn(1, 3, 48, 48), blocks=False)
+    assert len(convs) == 2 and all("conv" in n or "features" in n or "." in n for n in convs)
+
+
+@pytest.mark.parametrize("method", K.TRANSFORMER_METHODS)
+def test_prepare_blocks(method: str) -> None:
+    x, y = batch()
+    settings = K.BlockSettings(lora_r=2)
+    net, names = K.prepare_blocks(small_vit(), method, "1", 0.9, x, settings, seed=0)
+    assert names, "the fine-tuned block has layers whose weights train"
+    assert all(".layers.2." in n for n in names)
+    if method.startswith("lora"):
+        assert all("lora_" in n for n in names)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert not any(".layers.0." in n or ".layers.1." in n for n in trainable)
+    assert any("classifier" in n for n in trainable)
+    opt = K.optimizer_for("vit_tiny", [p for p in net.parameters() if p.requires_grad], 1e-3, 0)
+    fields, mem = K.transformer_measurements(net, x, y, names, opt)
+    assert fields["peak_bytes"] == mem.peak_bytes > fields["peak_activation_bytes"] > 0
+    assert fields["mem_full_bytes"] == mem.activations_bytes >= fields["mem_bytes"]
+    if method in K.COMPRESSED_METHODS:
+        # int8 saved form: the attention, norm and GELU tensors are kept compact.
+        assert mem.kind_bytes("compressed") > 0
+    if method == "checkpoint":
+        assert fields["mem_bytes"] == 0  # the block keeps its input only
+
+
+def test_prepare_all_layers() -> None:
+    x, _ = batch()
+    net, names = K.prepare_blocks(small_vit(), "vanilla", "all", None, x, K.BlockSettings(), seed=0)
+    assert all(p.requires_grad for p in net.parameters())
+    assert names[0] == "vit.embeddings.patch_embeddings.projection" and names[-1] == "classifier"
+    with pytest.raises(ValueError, match="vanilla only"):
+        K.prepare_blocks(small_vit(), "asi", "all", 0.8, x, K.BlockSettings(), seed=0)
+    with pytest.raises(ValueError, match="method must be"):
+        K.prepare_blocks(small_vit(), "gradient_filter", "1", None, x, K.BlockSettings(), seed=0)
+
+
+def test_block_settings_options() -> None:
+    s = K.BlockSettings()
+    assert s.options("asi", 0.9).saved == "int8" and s.options("asi", 0.9).rank == 0.9
+    assert s.options("lora", None).saved is None and s.options("lora", None).lora_alpha == 16
+    assert K.BlockSettings(saved=None).options("hosvd", 0.8).saved is None
+    assert all(s.options(m, 0.8).attention == "sdpa" for m in K.TRANSFORMER_METHODS)
+
+
+# ---------------------------------------------------------------------------
+# The report carries the peak columns of transformer rows
+# ---------------------------------------------------------------------------
+
+
+def _result(method: str, peak: float | None) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "method": method,
+        "label": method,
+        "layers": "2",
+        "seed": 0,
+        "accuracy": 0.9,
+        "mem_bytes": MB,
+        "mem_full_bytes": 2 * MB,
+        "gflops": 1.0,
+        "step_seconds": 0.1,
+    }
+    if peak is not None:
+        r["peak_activation_bytes"] = peak * MB
+        r["peak_bytes"] = (peak + 10) * MB
+    return r
+
+
+def test_report_peak_columns() -> None:
+    rows = R.summarise([_result("vanilla", 3.0), _result("checkpoint", 1.0)])
+    assert rows[1].peak_act_mb == 1.0 and rows[1].peak_mb == 11.0
+    text = R.format_table(rows)
+    assert "peak act MB" in text and "11.0" in text
+    assert rows[0].to_dict()["peak_mb"] == 13.0
+    cnn = R.summarise([_result("vanilla", None)])
+    assert math.isnan(cnn[0].peak_mb) and "peak act MB" not in R.format_table(cnn)
+    assert cnn[0].to_dict()["peak_mb"] is None
