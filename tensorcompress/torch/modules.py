@@ -62,6 +62,7 @@ __all__ = [
     "CompressedModule",
     "CompressionConfig",
     "SharedInput",
+    "tucker_step",
 ]
 
 METHODS = ("vanilla", "asi", "hosvd", "svd", "gradient_filter")
@@ -166,6 +167,84 @@ def _permute_tucker(res: TuckerResult, perm: Sequence[int]) -> TuckerResult:
         explained_variance=tuple(res.explained_variance[p] for p in perm),
         n_iter=res.n_iter,
     )
+
+
+def tucker_step(
+    x: torch.Tensor,
+    rank: Any,
+    *,
+    warm: Any,
+    fixed_ranks: tuple[int | None, ...] | None,
+    track: bool,
+    n_iter: int,
+    rng: np.random.Generator,
+    layer: str,
+) -> tuple[TuckerResult, tuple[int | None, ...] | None]:
+    """One training step's Tucker decomposition of a layer input.
+
+    The one implementation of the layers' compression state machine (the
+    compressed layers and the WASI layers both call it). With ``track``
+    (ASI), a previous result ``warm`` and the ranks its cold start fixed, it
+    runs one warm ASI step; otherwise the exact ST-HOSVD at ``rank``, and with
+    ``track`` it fixes the ranks for the warm steps that follow.
+
+    Returns
+    -------
+    result : TuckerResult
+        In ``x``'s mode order, its tensors compact (no view of a larger buffer).
+    fixed_ranks : tuple or None
+        The ranks the next warm step uses (``None`` entries keep a mode whole).
+    """
+    shape = tuple(int(n) for n in x.shape)
+    # Decompose in memory order: a channels-last input is a contiguous
+    # (B, H, W, C) tensor, so the core never makes a permuted copy.
+    perm = _fn.memory_order(x)
+    inv = [perm.index(k) for k in range(x.ndim)]
+    xs = x.permute(*perm)
+    if not xs.is_contiguous():
+        xs = xs.contiguous()
+    if (
+        track
+        and isinstance(warm, TuckerResult)
+        and len(warm.factors) == x.ndim
+        and fixed_ranks is not None
+    ):
+        if warm.core.device != x.device:
+            warm = replace(
+                warm,
+                core=warm.core.to(x.device),
+                factors=tuple(u.to(x.device) for u in warm.factors),
+            )
+        # The one place a layer caps a rank: these were fixed by ASI's own
+        # cold start (from a threshold, or from the user's rank on the first
+        # batch), so a later, smaller batch (the last of an epoch) caps them,
+        # and they come back with the next full batch.
+        ranks = tuple(n if r is None else min(r, n) for r, n in zip(fixed_ranks, shape))
+        res = asi.decompose(
+            xs,
+            [ranks[p] for p in perm],
+            warm_start=_permute_tucker(warm, perm),
+            n_iter=n_iter,
+            seed=rng,
+            check_finite=False,
+        )
+    else:
+        entries = _mode_ranks(rank, shape, layer)
+        res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
+        if track:
+            # Thresholds are resolved once, by the cold start (as in the paper).
+            # A mode kept whole (None) stays whole if it grows: the user's None,
+            # or a threshold that kept the whole mode.
+            given = rank if isinstance(rank, tuple) else (rank,) * x.ndim
+            if isinstance(rank, _rank.RankPolicy):
+                given = entries
+            fixed_ranks = tuple(
+                None if g is None or (not isinstance(e, numbers.Integral) and r == n) else r
+                for g, e, r, n in zip(given, entries, (res.ranks[i] for i in inv), shape)
+            )
+    res = _permute_tucker(res, inv)
+    compact = replace(res, core=_compact(res.core), factors=tuple(_compact(u) for u in res.factors))
+    return compact, fixed_ranks
 
 
 class CompressedModule(nn.Module):
@@ -311,58 +390,18 @@ class CompressedModule(nn.Module):
 
     def _tucker(self, x: torch.Tensor) -> TuckerResult:
         cfg = self.compression
-        shape = tuple(int(n) for n in x.shape)
-        # Decompose in memory order: a channels-last input is a contiguous
-        # (B, H, W, C) tensor, so the core never makes a permuted copy.
-        perm = _fn.memory_order(x)
-        inv = [perm.index(k) for k in range(x.ndim)]
-        xs = x.permute(*perm)
-        if not xs.is_contiguous():
-            xs = xs.contiguous()
-        warm = self.last_result
-        use_warm = (
-            cfg.method == "asi"
-            and isinstance(warm, TuckerResult)
-            and len(warm.factors) == x.ndim
-            and self._fixed_ranks is not None
+        res, fixed = tucker_step(
+            x,
+            cfg.rank,
+            warm=self.last_result if cfg.method == "asi" else None,
+            fixed_ranks=self._fixed_ranks,
+            track=cfg.method == "asi",
+            n_iter=cfg.n_iter,
+            rng=self._rng,
+            layer=self.layer_name or "<unnamed>",
         )
-        if use_warm:
-            assert isinstance(warm, TuckerResult) and self._fixed_ranks is not None
-            if warm.core.device != x.device:
-                warm = replace(
-                    warm,
-                    core=warm.core.to(x.device),
-                    factors=tuple(u.to(x.device) for u in warm.factors),
-                )
-            # The one place the layer caps a rank: these were fixed by ASI's
-            # own cold start (from a threshold, or from the user's rank on the
-            # first batch), so a later, smaller batch (the last of an epoch)
-            # caps them, and they come back with the next full batch.
-            ranks = tuple(n if r is None else min(r, n) for r, n in zip(self._fixed_ranks, shape))
-            res = asi.decompose(
-                xs,
-                [ranks[p] for p in perm],
-                warm_start=_permute_tucker(warm, perm),
-                n_iter=cfg.n_iter,
-                seed=self._rng,
-                check_finite=False,
-            )
-        else:
-            entries = _mode_ranks(cfg.rank, shape, self.layer_name or "<unnamed>")
-            res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
-            if cfg.method == "asi":
-                # Thresholds are resolved once, by the cold start (as in the paper).
-                # A mode kept whole (None) stays whole if it grows: the user's None,
-                # or a threshold that kept the whole mode.
-                given = cfg.rank if isinstance(cfg.rank, tuple) else (cfg.rank,) * x.ndim
-                self._fixed_ranks = tuple(
-                    None if g is None or (not isinstance(e, numbers.Integral) and r == n) else r
-                    for g, e, r, n in zip(given, entries, (res.ranks[i] for i in inv), shape)
-                )
-        res = _permute_tucker(res, inv)
-        return replace(
-            res, core=_compact(res.core), factors=tuple(_compact(u) for u in res.factors)
-        )
+        self._fixed_ranks = fixed
+        return res
 
     def _svd(self, x: torch.Tensor, mode: int) -> SVDResult:
         try:

@@ -55,12 +55,11 @@ forward (q/k/v projections) decompose it once and share one compressed form.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,15 +68,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tensorcompress import asi, hosvd, tenalg
 from tensorcompress import rank as _rank
+from tensorcompress import tenalg
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch.convert import replace_module
 from tensorcompress.torch.functions import (
     ConvSpec,
     autocast_dtype,
     conv_input_grad,
-    memory_order,
     project_mode0,
 )
 from tensorcompress.torch.lowrank import (
@@ -86,6 +84,7 @@ from tensorcompress.torch.lowrank import (
     LowRankModule,
     conv_with,
 )
+from tensorcompress.torch.modules import tucker_step
 from tensorcompress.torch.selection import LayerSelection, select_layers
 
 __all__ = [
@@ -175,23 +174,6 @@ def _no_autocast(device_type: str) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    # A slice keeps its whole base alive; keep a tight copy instead.
-    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
-
-
-def _permute_tucker(res: TuckerResult, perm: Sequence[int]) -> TuckerResult:
-    """The decomposition of ``x.permute(perm)`` from that of ``x``."""
-    return TuckerResult(
-        core=res.core.permute(*perm),
-        factors=tuple(res.factors[p] for p in perm),
-        explained_variance=tuple(res.explained_variance[p] for p in perm),
-        n_iter=res.n_iter,
-    )
 
 
 def _padded(x: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -495,49 +477,17 @@ class WASIModule(LowRankModule):
 
     def _decompose(self, x: torch.Tensor) -> TuckerResult:
         cfg = self.config
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        shape = tuple(int(n) for n in x.shape)
-        perm = memory_order(x)  # decompose in memory order: no permuted copy
-        inv = [perm.index(k) for k in range(x.ndim)]
-        xs = x.permute(*perm)
-        if not xs.is_contiguous():
-            xs = xs.contiguous()
-        warm = self.last_result
-        if warm is not None and len(warm.factors) == x.ndim and self._fixed_ranks is not None:
-            if warm.core.device != x.device:
-                warm = replace(
-                    warm,
-                    core=warm.core.to(x.device),
-                    factors=tuple(u.to(x.device) for u in warm.factors),
-                )
-            # Ranks fixed by the cold start; a smaller batch caps them for one step.
-            ranks = tuple(n if r is None else min(r, n) for r, n in zip(self._fixed_ranks, shape))
-            res = asi.decompose(
-                xs,
-                [ranks[p] for p in perm],
-                warm_start=_permute_tucker(warm, perm),
-                n_iter=cfg.n_iter,
-                seed=self._rng,
-                check_finite=False,
-            )
-        else:
-            try:
-                entries = _rank.resolve(cfg.act_rank, shape, name="act_rank")
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"layer {self.layer_name or '<unnamed>'!r}: {err}") from None
-            res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
-            given = cfg.act_rank if isinstance(cfg.act_rank, tuple) else (cfg.act_rank,) * x.ndim
-            if isinstance(cfg.act_rank, _rank.RankPolicy):
-                given = entries
-            self._fixed_ranks = tuple(
-                None if g is None or (not isinstance(e, numbers.Integral) and r == n) else r
-                for g, e, r, n in zip(given, entries, (res.ranks[i] for i in inv), shape)
-            )
-        res = _permute_tucker(res, inv)
-        return replace(
-            res, core=_compact(res.core), factors=tuple(_compact(u) for u in res.factors)
+        res, self._fixed_ranks = tucker_step(
+            x.unsqueeze(0) if x.ndim == 1 else x,
+            cfg.act_rank,
+            warm=self.last_result,
+            fixed_ranks=self._fixed_ranks,
+            track=True,
+            n_iter=cfg.n_iter,
+            rng=self._rng,
+            layer=self.layer_name or "<unnamed>",
         )
+        return res
 
     def _cast(
         self, x: torch.Tensor
