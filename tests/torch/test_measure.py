@@ -447,8 +447,8 @@ def test_compressing_forward_has_no_transient_blow_up(method: str) -> None:
     at 2.59x on Gaussian noise (ranks (50, 50, 12, 12): almost nothing to
     cut, the worst case, used here). The decomposition runs after the conv
     has freed its workspace and adds about one unfolding copy to the output.
-    (For comparison, not tested: the channel-unfolding SVD peaks at 4.01x.
-    On an H200, torch 2.11: vanilla 3.08x, ASI/HOSVD 4.06x, SVD 10.2x.)
+    (For comparison, not tested: the channel-unfolding SVD peaks higher,
+    since ``torch.linalg.svd`` works on the whole unfolding.)
     """
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1)

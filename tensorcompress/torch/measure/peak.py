@@ -259,13 +259,13 @@ def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -
     The forward is tracked by :func:`track_memory` on ``x.device`` (see there
     for how, and why CPU figures are upper bounds).
 
-    Measured for a 3x3 conv, 64 channels, input 64x64x14x14 float32, rank 0.8
-    on Gaussian input (the worst case: ranks (50, 50, 12, 12)), one warm-up
-    step: vanilla 2.05 (CPU, torch 2.13) / 3.08 (H200, torch 2.11); ASI and
-    HOSVD 2.59 / 4.06; channel-unfolding SVD 4.01 / 10.2; gradient filter
-    2.05 / 3.08. On CUDA the Tucker transient is the batched Gram product of a
-    spatial mode (``tenalg.cross_gram``, 3x the input), the SVD's
-    ``torch.linalg.svd`` of the 64 x 12544 unfolding (9.1x).
+    Where the transient comes from: the conv's own workspace for a vanilla
+    layer; for the Tucker methods, about one unfolding-sized copy after the
+    conv has freed its workspace (on CUDA, the batched Gram product of a
+    spatial mode, ``tenalg.cross_gram``); for the channel-unfolding SVD,
+    ``torch.linalg.svd`` of the whole unfolding, several times the input.
+    The figures depend on the machine and the torch build: measure them with
+    this function rather than quoting them.
     """
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
