@@ -34,6 +34,7 @@ with one set of ranks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,15 +54,19 @@ from tensorcompress.torch.measure import TrainingMemory, training_memory
 from tensorcompress.torch.selection import plain_type
 
 __all__ = [
+    "ASI_METHODS",
     "CNN_METHODS",
     "COMPRESSED_METHODS",
     "TRANSFORMER_METHODS",
     "BlockSettings",
+    "TargetCheck",
     "cross_entropy",
     "is_transformer",
     "logits",
     "optimizer_for",
     "prepare_blocks",
+    "recommended_threshold",
+    "target_checks",
     "trained_layers",
     "transformer_measurements",
     "tuned_layers",
@@ -288,3 +293,135 @@ def transformer_measurements(
         "activations_by_kind": dict(mem.activations_by_kind),
     }
     return fields, mem
+
+
+# ---------------------------------------------------------------------------
+# The transformer targets
+# ---------------------------------------------------------------------------
+
+ASI_METHODS: tuple[str, ...] = ("asi", "lora+asi")
+"""The ASI-based methods of a transformer run."""
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """An ASI-based row against the transformer targets, from the run's own measurements.
+
+    The targets: accuracy within ``accuracy_points`` of vanilla's with the
+    same blocks; peak activation memory at most checkpointing's and at most
+    ``peak_fraction`` of vanilla's; step time at most checkpointing's.
+
+    Attributes
+    ----------
+    label, layers : str
+        The row.
+    threshold : float or None
+        Its threshold.
+    accuracy_gap : float
+        Accuracy minus vanilla's, in points.
+    peak_vs_vanilla, peak_vs_checkpoint, step_vs_checkpoint : float
+        Ratios of the peak activation memory and step time (NaN when the
+        other row is missing).
+    accuracy_points, peak_fraction : float
+        The targets.
+    """
+
+    label: str
+    layers: str
+    threshold: float | None
+    accuracy_gap: float
+    peak_vs_vanilla: float
+    peak_vs_checkpoint: float
+    step_vs_checkpoint: float
+    accuracy_points: float = 1.0
+    peak_fraction: float = 0.3
+
+    @property
+    def accuracy_met(self) -> bool:
+        """Within ``accuracy_points`` of vanilla."""
+        return self.accuracy_gap >= -self.accuracy_points
+
+    @property
+    def memory_met(self) -> bool:
+        """Peak activation memory at most checkpointing's and ``peak_fraction`` of vanilla's."""
+        return self.peak_vs_checkpoint <= 1.0 and self.peak_vs_vanilla <= self.peak_fraction
+
+    @property
+    def time_met(self) -> bool:
+        """Step time at most checkpointing's."""
+        return self.step_vs_checkpoint <= 1.0
+
+    @property
+    def all_met(self) -> bool:
+        """Every target."""
+        return self.accuracy_met and self.memory_met and self.time_met
+
+    def text(self) -> str:
+        """One line: the figures, each with its target, met or missed."""
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "missed"
+
+        return (
+            f"{self.label}, last {self.layers}: accuracy {self.accuracy_gap:+.1f} points vs "
+            f"vanilla (target >= -{self.accuracy_points:g}: {verdict(self.accuracy_met)}); "
+            f"peak activation memory {self.peak_vs_vanilla:.2f}x vanilla's and "
+            f"{self.peak_vs_checkpoint:.2f}x checkpointing's (targets <= {self.peak_fraction:g} "
+            f"and <= 1: {verdict(self.memory_met)}); step time {self.step_vs_checkpoint:.2f}x "
+            f"checkpointing's (target <= 1: {verdict(self.time_met)})"
+        )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def target_checks(
+    rows: Sequence[Any],
+    layers: str = "4",
+    *,
+    accuracy_points: float = 1.0,
+    peak_fraction: float = 0.3,
+) -> list[TargetCheck]:
+    """Every ASI-based row with ``layers`` against the targets (see :class:`TargetCheck`).
+
+    ``rows`` are :class:`~tensorcompress.experiments.report.Row` s (``method``,
+    ``label``, ``layers``, ``threshold``, ``accuracy``, ``peak_act_mb``,
+    ``step_ms``); empty when the run has no vanilla row with those layers.
+    """
+    by = {(r.method, r.layers): r for r in rows if r.threshold is None}
+    van, ckpt = by.get(("vanilla", layers)), by.get(("checkpoint", layers))
+    if van is None:
+        return []
+    nan = math.nan
+    return [
+        TargetCheck(
+            label=r.label,
+            layers=layers,
+            threshold=r.threshold,
+            accuracy_gap=r.accuracy - van.accuracy,
+            peak_vs_vanilla=_ratio(r.peak_act_mb, van.peak_act_mb),
+            peak_vs_checkpoint=nan if ckpt is None else _ratio(r.peak_act_mb, ckpt.peak_act_mb),
+            step_vs_checkpoint=nan if ckpt is None else _ratio(r.step_ms, ckpt.step_ms),
+            accuracy_points=accuracy_points,
+            peak_fraction=peak_fraction,
+        )
+        for r in rows
+        if r.method in ASI_METHODS and r.layers == layers
+    ]
+
+
+def recommended_threshold(checks: Sequence[TargetCheck], method: str = "ASI") -> float | None:
+    """The smallest threshold whose ``method`` row (label prefix) meets the accuracy target.
+
+    The cheapest point of the frontier within the accuracy tolerance; when
+    none is, the threshold of the most accurate row. ``None`` without rows.
+    """
+    own = [c for c in checks if c.label.startswith(method + " ") and c.threshold is not None]
+    if not own:
+        return None
+    good = [c for c in own if c.accuracy_met]
+    if good:
+        return min(c.threshold for c in good if c.threshold is not None)
+    best = max(own, key=lambda c: c.accuracy_gap)
+    return best.threshold

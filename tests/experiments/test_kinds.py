@@ -151,3 +151,42 @@ def test_report_peak_columns() -> None:
     cnn = R.summarise([_result("vanilla", None)])
     assert math.isnan(cnn[0].peak_mb) and "peak act MB" not in R.format_table(cnn)
     assert cnn[0].to_dict()["peak_mb"] is None
+
+
+# ---------------------------------------------------------------------------
+# The targets of the transformer rows
+# ---------------------------------------------------------------------------
+
+
+def _row(method: str, label: str, eps: float | None, acc: float, peak: float, ms: float) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        method=method, label=label, layers="4", threshold=eps, accuracy=acc, peak_act_mb=peak,
+        step_ms=ms,
+    )  # fmt: skip
+
+
+def test_target_checks_and_recommended_threshold() -> None:
+    rows = [
+        _row("vanilla", "vanilla", None, 95.0, 10.0, 100.0),
+        _row("checkpoint", "checkpointing", None, 95.0, 3.0, 130.0),
+        _row("asi", "ASI ε=0.8", 0.8, 93.5, 2.5, 120.0),
+        _row("asi", "ASI ε=0.9", 0.9, 94.5, 2.9, 125.0),
+        _row("asi", "ASI ε=0.95", 0.95, 95.2, 3.5, 140.0),
+        _row("lora+asi", "LoRA+ASI ε=0.9", 0.9, 90.0, 4.0, 90.0),
+    ]
+    checks = K.target_checks(rows)
+    assert [c.label for c in checks] == ["ASI ε=0.8", "ASI ε=0.9", "ASI ε=0.95", "LoRA+ASI ε=0.9"]
+    c8, c9, c95, lora = checks
+    assert not c8.accuracy_met and c8.memory_met and c8.time_met
+    assert c9.all_met and math.isclose(c9.peak_vs_vanilla, 0.29)
+    assert c95.accuracy_met and not c95.memory_met and not c95.time_met
+    assert lora.time_met and not lora.accuracy_met
+    assert "missed" in c8.text() and "+0.2 points" in c95.text()
+    assert K.recommended_threshold(checks) == 0.9
+    assert K.recommended_threshold(checks[:1]) == 0.8  # none within 1 point: the best
+    assert K.recommended_threshold([]) is None
+    assert K.target_checks(rows[1:]) == []  # no vanilla row
+    no_ckpt = K.target_checks([rows[0], rows[3]])[0]
+    assert math.isnan(no_ckpt.step_vs_checkpoint) and not no_ckpt.time_met
