@@ -416,8 +416,11 @@ def _plot(rows: Sequence[Row], x_key: str, x_label: str, title: str, path: Path)
                 )
     if shown:
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        xs_all = [getattr(r, x_key) for r in shown]
+        # Within one decade the only ticks are minor ones: label them then.
+        ax.xaxis.set_minor_formatter(plain if max(xs_all) < 10 * min(xs_all) else NullFormatter())
         ax.legend(fontsize=7, loc="best", ncols=2)
     else:
         ax.text(

@@ -80,7 +80,7 @@ __all__ = [
 
 # Bump when the source task or the pretraining loop changes: old cache
 # entries then no longer match.
-_PRETRAIN_VERSION = 3
+_PRETRAIN_VERSION = 4
 
 
 # ---------------------------------------------------------------------------
@@ -358,9 +358,9 @@ class FineTuneConfig:
         L2 penalty on the trained parameters.
     """
 
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 0.1
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 0.2
     weight_decay: float = 0.0
 
 
@@ -377,13 +377,21 @@ class Stepper:
         Hyper-parameters.
     device : torch.device
         Where the batches go.
+    memory_format : torch.memory_format, optional
+        Layout of the batches (``torch.channels_last`` for a model converted to it).
     """
 
     def __init__(
-        self, model: nn.Module, total_steps: int, config: FineTuneConfig, device: torch.device
+        self,
+        model: nn.Module,
+        total_steps: int,
+        config: FineTuneConfig,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.model = model
         self.device = device
+        self.memory_format = memory_format
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter is frozen")
@@ -402,7 +410,7 @@ class Stepper:
         self.model.train()
         _sync(self.device)
         start = time.perf_counter()
-        x = D.to_input(images, self.device)
+        x = D.to_input(images, self.device).contiguous(memory_format=self.memory_format)
         y = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.model(x), y)
@@ -605,10 +613,13 @@ def pretrain(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_model(model_name, num_classes=len(D.SHAPE_CLASSES)).to(device)
+    # Channels-last runs these small depthwise/pointwise convs about a quarter
+    # faster on a CPU; fine-tuning keeps the default layout the adapter expects.
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ft = FineTuneConfig(
         epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay
     )
-    stepper = Stepper(model, config.steps, ft, device)
+    stepper = Stepper(model, config.steps, ft, device, memory_format=torch.channels_last)
     desc = f"pretraining {model_name} {resolution}px on shapes"
     with tqdm(total=config.steps, desc=desc, disable=not progress, leave=False) as bar:
         for step in range(config.steps):
@@ -628,7 +639,7 @@ def pretrain(
         "device": str(device),
         "config": asdict(config),
     }
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, info
 
 
 def default_cache_dir() -> Path:
