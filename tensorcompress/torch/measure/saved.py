@@ -52,7 +52,7 @@ from torch import nn
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch.functions import autocast_dtype
 from tensorcompress.torch.gradient_filter import PatchAverage
-from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.modules import METHODS, CompressedModule
 from tensorcompress.torch.selection import (
     SUPPORTED_LAYERS,
     LayerSelection,
@@ -350,9 +350,7 @@ def analytic_bytes(
             )
         spatial = tuple(int(n) for n in output_shape[2:])
         return shape[0] * shape[1] * math.prod(-(-s // patch) for s in spatial) * itemsize
-    raise ValueError(
-        f"method must be one of 'vanilla', 'asi', 'hosvd', 'svd', 'gradient_filter', got {method!r}"
-    )
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 # ---------------------------------------------------------------------------
