@@ -16,7 +16,7 @@ differs between them is gathered here, behind :func:`kind_of`:
   attention through SDPA, and the other tensors the blocks save kept as
   per-block int8);
 - **the optimizer**: SGD with Nesterov momentum for the CNNs (the paper's),
-  AdamW for transformers (SGD barely moves a ViT in a few hundred steps);
+  AdamW for transformers (:func:`optimizer_name`);
 - **the output**: Hugging Face models return an output object, whose
   ``logits`` the loss and the accuracy read (:func:`logits`);
 - **what is measured**: transformers also get the whole step's memory
@@ -46,12 +46,13 @@ from torch import nn
 from tensorcompress.models import TRANSFORMER_NAMES
 from tensorcompress.torch import (
     METHODS,
+    fine_tuned_modules,
     last_blocks,
     last_layers,
     select_layers,
 )
 from tensorcompress.torch.measure import TrainingMemory, training_memory
-from tensorcompress.torch.selection import plain_type
+from tensorcompress.torch.selection import execution_order, plain_type
 
 __all__ = [
     "ASI_METHODS",
@@ -63,11 +64,12 @@ __all__ = [
     "cross_entropy",
     "is_transformer",
     "logits",
-    "optimizer_for",
+    "optimizer_name",
     "prepare_blocks",
     "recommended_threshold",
     "target_checks",
     "trained_layers",
+    "trained_modules",
     "transformer_measurements",
     "tuned_layers",
 ]
@@ -110,24 +112,12 @@ def cross_entropy(out: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(out), target)
 
 
-def optimizer_for(
-    model_name: str, params: Sequence[nn.Parameter], lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """The optimizer of a model kind: SGD with Nesterov momentum 0.9, or AdamW for transformers.
+def optimizer_name(model_name: str) -> str:
+    """The optimizer of a model kind: ``"sgd"`` (Nesterov momentum) or ``"adamw"`` for transformers.
 
-    AdamW decays the matrices only (not biases, norms, embeddings' vectors),
-    as transformer training usually does.
+    See :func:`tensorcompress.experiments.train.make_optimizer`.
     """
-    if not is_transformer(model_name):
-        return torch.optim.SGD(
-            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-        )
-    decay = [p for p in params if p.ndim >= 2]
-    other = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr)
+    return "adamw" if is_transformer(model_name) else "sgd"
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +145,30 @@ def tuned_layers(
     n = int(layers)
     selector = last_blocks(n) if blocks else last_layers(n)
     return select_layers(model, selector, example_input)
+
+
+def trained_modules(
+    model: nn.Module, layers: int | str, example_input: Any, *, blocks: bool
+) -> list[str]:
+    """The modules that train when the last N convs (or blocks) are fine-tuned.
+
+    The adapter's one freeze rule (:func:`~tensorcompress.torch.fine_tuned_modules`:
+    every module with parameters that runs at or after a first one). A CNN:
+    from the first of its last N convs. A transformer: from the first module
+    of its last N blocks that runs, the block's first norm included, as
+    :func:`tensorcompress.torch.transformer.prepare` trains them. ``"all"``:
+    from the first Conv/Linear.
+    """
+    if not blocks or str(layers) == "all":
+        return fine_tuned_modules(
+            model, tuned_layers(model, layers, example_input, blocks=blocks), example_input
+        )
+    from tensorcompress.torch.transformer import block_names
+
+    names = block_names(model, int(layers))
+    order = execution_order(model, example_input)
+    first = next(o for o in order if any(o.startswith(b + ".") for b in names))
+    return fine_tuned_modules(model, [first], example_input)
 
 
 def trained_layers(model: nn.Module) -> list[str]:
@@ -229,7 +243,7 @@ def prepare_blocks(
         layers whose weights train inside the fine-tuned blocks (for the
         paper's memory convention: what they keep for their weight gradients).
     """
-    from tensorcompress.torch.transformer import iter_blocks, prepare
+    from tensorcompress.torch.transformer import block_names, prepare
 
     if method not in TRANSFORMER_METHODS:
         raise ValueError(f"method must be one of {TRANSFORMER_METHODS}, got {method!r}")
@@ -241,7 +255,8 @@ def prepare_blocks(
         model.requires_grad_(True)
         return model, trained_layers(model)
     n = int(layers)
-    blocks = list(iter_blocks(model, n))
+    modules = dict(model.named_modules())
+    blocks = [modules[name] for name in block_names(model, n)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = prepare(

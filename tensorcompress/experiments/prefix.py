@@ -176,6 +176,10 @@ class FrozenPrefix:
         outputs: dict[str, torch.Tensor] = {}
         out_ptr: dict[str, int] = {}
         inputs: list[tuple[str, set[int]]] = []  # every call: module name, input storages
+        # The first recording matches outputs to later inputs by storage address:
+        # the outputs stay referenced until it ends, so that no freed address is
+        # reused by an unrelated tensor (a false match would keep that output).
+        alive: list[torch.Tensor] = []
         calls: Counter[str] = Counter()
         counter = FlopCounterMode(display=False, custom_mapping=COUNTER_FLOPS)
         started: dict[str, dict[str, int]] = {}
@@ -208,6 +212,8 @@ class FrozenPrefix:
                     # A copy: a later in-place op (ReLU(inplace=True)) must not change it.
                     outputs[name] = out.detach().clone()
                     out_ptr[name] = out.untyped_storage().data_ptr()
+                    if not self._recorded:
+                        alive.append(out)
 
         handles = []
         for m in model.modules():
@@ -221,6 +227,7 @@ class FrozenPrefix:
                 h.remove()
         if not self._recorded:
             self._plan(outputs, out_ptr, inputs, calls)
+            alive.clear()
         self._outputs[input_key(x)] = {
             m: t if m in self._keep else torch.empty(t.shape, dtype=t.dtype, device="meta")
             for m, t in outputs.items()

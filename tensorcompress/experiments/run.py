@@ -54,22 +54,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from tensorcompress.experiments import data as D
 from tensorcompress.experiments import frontier as FR
+from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch import METHODS, convert, fine_tuned_modules
+from tensorcompress.torch import METHODS, convert
 from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "RUN_MODELS",
     "THRESHOLD_METHODS",
     "Experiment",
     "RunConfig",
@@ -88,6 +89,9 @@ threshold (ASI through HOSVD's memory at it): one row per threshold."""
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.8, 0.9, 0.95)
 """Thresholds of a default run: three points of each frontier, from the paper's 0.8 up
 towards vanilla's accuracy."""
+
+RUN_MODELS: tuple[str, ...] = (*MODEL_NAMES, "vit_tiny")
+"""Models ``tensorcompress run`` fine-tunes: the CNNs, and ViT-Tiny (its last blocks)."""
 
 REPLAY_LIMIT_BYTES = 2**30
 """Largest recorded frozen prefix (per seed and N) kept for replay; above it, computed."""
@@ -128,15 +132,19 @@ class RunConfig:
     Attributes
     ----------
     model : str
-        A :data:`tensorcompress.models.MODEL_NAMES` name.
+        One of :data:`RUN_MODELS`: a CNN of :data:`tensorcompress.models.MODEL_NAMES`,
+        or ``"vit_tiny"`` (a transformer: N counts its last blocks, see
+        :mod:`tensorcompress.experiments.kinds`).
     resolution : int
         Input side in pixels.
     layers : tuple of str
         ``"all"`` (vanilla only: the full fine-tuning reference) and numbers
-        of fine-tuned last convs, as strings (``("all", "2", "4")``).
+        of fine-tuned last convs (blocks for a transformer), as strings
+        (``("all", "2", "4")``).
     methods : tuple of str
-        Among :data:`tensorcompress.torch.METHODS` (all of them, in that order,
-        by default).
+        Among the model kind's methods (:data:`tensorcompress.torch.METHODS`
+        for a CNN, :data:`~tensorcompress.experiments.kinds.TRANSFORMER_METHODS`
+        for a transformer); empty: all of them, in that order.
     thresholds : tuple of float
         Explained variances of HOSVD and SVD, and the budgets
         ``hosvd@threshold`` of ASI: one row per threshold for each of
@@ -183,12 +191,16 @@ class RunConfig:
         ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
     quiet : bool
         No progress bars or per-run lines.
+    blocks : BlockSettings
+        Transformers: the attention, the saved form of the compressed
+        methods' other tensors and LoRA's rank
+        (:class:`~tensorcompress.experiments.kinds.BlockSettings`).
     """
 
     model: str = "mcunet_in1"
     resolution: int = 48
     layers: tuple[str, ...] = ("all", "2", "4")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ()
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     patch: int = 2
     finetune: T.FineTuneConfig = field(default_factory=T.FineTuneConfig)
@@ -208,19 +220,21 @@ class RunConfig:
     replay: bool = True
     device: str = "cpu"
     quiet: bool = False
+    blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
         key = self.model.lower().replace("-", "_")
-        if key not in MODEL_NAMES:
+        if key not in RUN_MODELS:
             raise ValueError(
-                f"unknown model {self.model!r}; valid names are: {', '.join(MODEL_NAMES)}"
+                f"unknown model {self.model!r}; valid names are: {', '.join(RUN_MODELS)}"
             )
         object.__setattr__(self, "model", key)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(
-                f"unknown method(s) {unknown or list(self.methods)}; valid methods are: {METHODS}"
-            )
+        valid = self.valid_methods
+        if not self.methods:
+            object.__setattr__(self, "methods", valid)
+        unknown = [m for m in self.methods if m not in valid]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown} for {key}; valid methods are: {valid}")
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
         object.__setattr__(self, "thresholds", parse_thresholds(self.thresholds))
         layers = []
@@ -267,11 +281,26 @@ class RunConfig:
         ):
             raise ValueError(f"--tolerance must be a non-negative number, got {self.tolerance}")
 
+    @property
+    def transformer(self) -> bool:
+        """Whether the model is a transformer (N counts blocks)."""
+        return K.is_transformer(self.model)
+
+    @property
+    def valid_methods(self) -> tuple[str, ...]:
+        """The model kind's methods."""
+        return K.TRANSFORMER_METHODS if self.transformer else METHODS
+
+    @property
+    def threshold_methods(self) -> tuple[str, ...]:
+        """The methods with one row per threshold: :data:`THRESHOLD_METHODS`, and LoRA+ASI."""
+        return (*THRESHOLD_METHODS, "lora+asi") if self.transformer else THRESHOLD_METHODS
+
     def rows(self) -> list[tuple[str, str, float | None]]:
         """The (method, layers, threshold) configurations, in table order.
 
         Vanilla runs on every ``layers`` entry, the other methods on the
-        numbers only; :data:`THRESHOLD_METHODS` once per threshold, the
+        numbers only; :attr:`threshold_methods` once per threshold, the
         others with threshold None.
         """
         return [
@@ -279,7 +308,7 @@ class RunConfig:
             for m in self.methods
             for n in self.layers
             if n != "all" or m == "vanilla"
-            for t in (self.thresholds if m in THRESHOLD_METHODS else (None,))
+            for t in (self.thresholds if m in self.threshold_methods else (None,))
         ]
 
 
@@ -289,12 +318,16 @@ LABELS = {
     "hosvd": "HOSVD ε={eps:g}",
     "svd": "SVD ε={eps:g}",
     "asi": "ASI ε={eps:g}",
+    "checkpoint": "checkpointing",
+    "lora": "LoRA r{r}",
+    "lora+asi": "LoRA+ASI ε={eps:g}",
 }
-"""Display names; ASI's ε is that of the HOSVD memory budget it fits."""
+"""Display names; a CNN's ASI ε is that of the HOSVD memory budget it fits, a
+transformer's the explained variance its ranks keep."""
 
 
 def _label(method: str, config: RunConfig, threshold: float | None) -> str:
-    return LABELS[method].format(patch=config.patch, eps=threshold)
+    return LABELS[method].format(patch=config.patch, eps=threshold, r=config.blocks.lora_r)
 
 
 # ---------------------------------------------------------------------------
@@ -400,8 +433,16 @@ def prepare(
     -------
     tuple
         The model, the fine-tuned convs and extra result fields (ASI's ranks).
+        A transformer's model comes from
+        :func:`~tensorcompress.experiments.kinds.prepare_blocks` (a ``peft``
+        model for LoRA), with the layers whose weights train in its blocks.
     """
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
+    if config.transformer:
+        net, names = K.prepare_blocks(
+            model, method, layers, threshold, example, config.blocks, seed=seed
+        )
+        return net, names, {}
     names = T.freeze_for(model, layers, example)
     extra: dict[str, Any] = {}
     rank: Any = threshold
@@ -444,9 +485,7 @@ def _record_prefix(
     """
     train, test = data
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
-    trainable = {
-        n: fine_tuned_modules(model, T.tuned_convs(model, n, example), example) for n in depths
-    }
+    trainable = {n: K.trained_modules(model, n, example, blocks=config.transformer) for n in depths}
     prefix = FrozenPrefix(model, trainable, example)
     if not any(prefix.replays(n) for n in depths):
         return None
@@ -490,8 +529,11 @@ def _run_one(
         )
     if replay is not None and not replay.prefix.replays(layers):
         replay = None
+    # A peft model wraps the recorded model's modules under its own names.
+    getter = getattr(model, "get_base_model", None)
+    base: nn.Module = getter() if callable(getter) else model
     replaying = (
-        contextlib.nullcontext() if replay is None else replay.prefix.replaying(model, layers)
+        contextlib.nullcontext() if replay is None else replay.prefix.replaying(base, layers)
     )
     start = time.perf_counter()
     with replaying:
@@ -502,15 +544,23 @@ def _run_one(
         accuracy = T.evaluate(model, test, env)
     if replay is not None:
         # What the replay skipped: the frozen BatchNorms' running averages.
-        _, unexpected = model.load_state_dict(replay.states[layers], strict=False)
+        _, unexpected = base.load_state_dict(replay.states[layers], strict=False)
         if unexpected:
             raise RuntimeError(f"the recorded prefix state names no module here: {unexpected[:3]}")
 
     # Measured after training, on the whole model: ASI is in its steady state
     # (warm start), and HOSVD's ranks are those of the trained weights.
-    memory = activation_memory(model, x_measure, layers=names)
+    whole: dict[str, Any] = {}
+    if config.transformer:
+        # The whole step too: the Linear inputs are a minority of what blocks keep.
+        whole, full = K.transformer_measurements(
+            model, x_measure, y_measure, names, stepper.optimizer
+        )
+        memory = full.saved
+    else:
+        memory = activation_memory(model, x_measure, layers=names)
     step = training_step_flops(
-        model, x_measure, loss_fn=lambda out: F.cross_entropy(out, y_measure)
+        model, x_measure, loss_fn=lambda out: K.cross_entropy(out, y_measure)
     )
     result = {
         "method": method,
@@ -523,6 +573,7 @@ def _run_one(
         "mem_analytic_bytes": memory.analytic_bytes,
         "mem_vanilla_bytes": memory.vanilla_bytes,
         "mem_full_bytes": memory.total_bytes,
+        **whole,
         "gflops": step.gflops,
         "decomp_gflops": step.decomposition / 1e9,
         "gflops_detail": {
@@ -742,7 +793,7 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         for layers in config.layers:
             group = [key for key in runs if key[1] == layers]
             asi: _AsiRanks | None = None
-            if any(m == "asi" for m, _, _ in group):
+            if any(m == "asi" for m, _, _ in group) and not config.transformer:
                 model, names, _ = prepare(
                     "vanilla", layers, None, seed, config, state, train, example, env
                 )
@@ -753,7 +804,8 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
             for key in group:
                 method, _, threshold = key
                 k = runs.index(key)
-                desc = f"[{k + 1}/{len(runs)}] {_label(method, config, threshold)}, {layers} layers"
+                unit = "blocks" if config.transformer else "layers"
+                desc = f"[{k + 1}/{len(runs)}] {_label(method, config, threshold)}, {layers} {unit}"
                 desc += f" (seed {seed})" if config.seeds > 1 else ""
                 t = _run_one(
                     key,
@@ -787,6 +839,8 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
     equal = FR.equal_accuracy(rows, tolerances)
     notes = _notes(config, env, source, train, test, pre_info, replayed)
     notes += _findings(rows, len(test))
+    if config.transformer:
+        notes += _target_findings(rows)
     meta = {
         "config": {
             **asdict(config),
@@ -847,10 +901,11 @@ def _notes(
     replayed: Sequence[str],
 ) -> list[str]:
     ft = config.finetune
+    opt = "AdamW" if ft.optimizer == "adamw" else "SGD"
     notes = [
         f"{config.model} at {config.resolution}x{config.resolution}, batch {ft.batch_size}"
         + (f" per process x {env.world} processes" if env.distributed else "")
-        + f", {ft.epochs} epoch{'s' if ft.epochs > 1 else ''}, SGD lr {ft.lr:g}, on {env.device}"
+        + f", {ft.epochs} epoch{'s' if ft.epochs > 1 else ''}, {opt} lr {ft.lr:g}, on {env.device}"
         + (f" ({torch.get_num_threads()} threads)" if env.device.type == "cpu" else ""),
         f"target: {source}: {len(train)} train / {len(test)} test, {train.num_classes} classes",
     ]
@@ -867,9 +922,26 @@ def _notes(
             )
             notes.append(
                 f"backbone: {how}, procedural shapes and glyphs ({p['steps']} steps, seed "
-                f"{p['seed']}), held-out source accuracy {100 * p['source_accuracy']:.1f}%"
+                f"{p['seed']}), held-out source accuracy {100 * p['source_accuracy']:.1f}% "
+                f"(chance {100 / len(D.SHAPE_CLASSES):.1f}%)"
             )
-    if "asi" in config.methods:
+    if config.transformer:
+        b = config.blocks
+        notes += [
+            "N = last blocks; trained: their Linear layers (LoRA: its adapters) and everything "
+            "after the blocks (final norm, classifier). Every row: "
+            f"{b.attention} attention. HOSVD, SVD, ASI: the blocks' Linear inputs compressed at ε"
+            + (
+                ", and every other tensor the blocks save (attention, norms, GELU) kept as "
+                "per-block int8 (approximate)"
+                if b.saved == "int8"
+                else ""
+            ),
+            "ASI ε, LoRA+ASI ε: ranks fixed at ASI's cold start by explained variance ε "
+            f"(q/k/v share one decomposition); LoRA: peft, r={b.lora_r}, alpha={2 * b.lora_r}; "
+            "peak act, peak: training_memory on the timing batch",
+        ]
+    elif "asi" in config.methods:
         notes.append(
             "ASI ranks: budget allocation at HOSVD's memory at the same ε (hosvd@ε) on "
             f"{config.budget_batches} training batches"
@@ -886,6 +958,24 @@ def _notes(
             "ASI seed; the train/test split is the base seed's"
         )
     return notes
+
+
+def _target_findings(rows: Sequence[R.Row]) -> list[str]:
+    """The transformer targets, for the deepest N: every ASI-based row and the recommended ε."""
+    depths = sorted({r.layers for r in rows if r.layers != "all"}, key=int)
+    if not depths:
+        return []
+    checks = K.target_checks(rows, depths[-1])
+    out = [c.text() for c in checks]
+    eps = K.recommended_threshold(checks)
+    if eps is not None:
+        good = [c for c in checks if c.threshold == eps and c.label.startswith("ASI ")]
+        met = "meets every target" if good and good[0].all_met else "misses a target"
+        out.append(
+            f"recommended ε = {eps:g} (the smallest whose ASI, last {depths[-1]} blocks, is "
+            f"within 1 point of vanilla's accuracy, else the most accurate): it {met}"
+        )
+    return out
 
 
 def _paired_gaps(a: R.Row, b: R.Row) -> list[float]:
@@ -947,8 +1037,7 @@ _FULL: dict[str, Any] = {
     "epochs": 4,
     "batch_size": 32,
     "lr": 0.2,
-    "pretrain_steps": 600,
-    "pretrain_eval": 1000,
+    "pretrain": T.PretrainConfig(steps=600, eval_samples=1000),
     "train_samples": None,
     "test_samples": None,
     "timing_rounds": 5,
@@ -960,8 +1049,7 @@ _QUICK: dict[str, Any] = {
     "epochs": 4,
     "batch_size": 32,
     "lr": 0.2,
-    "pretrain_steps": 300,
-    "pretrain_eval": 500,
+    "pretrain": T.PretrainConfig(steps=300, eval_samples=500),
     "train_samples": None,
     "test_samples": None,
     "timing_rounds": 2,
@@ -969,10 +1057,40 @@ _QUICK: dict[str, Any] = {
 }
 
 
+_VIT_FULL: dict[str, Any] = {
+    "resolution": 32,
+    "layers": ["all", "2", "4"],
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "pretrain": T.VIT_PRETRAINING,
+    "train_samples": None,
+    "test_samples": None,
+    "timing_rounds": 3,
+    "thresholds": [0.8, 0.9],
+}
+_VIT_QUICK: dict[str, Any] = {
+    **_VIT_FULL,
+    "layers": ["4"],
+    "epochs": 1,
+    "pretrain": T.VIT_PRETRAINING.with_steps(150),
+    "train_samples": 512,
+    "timing_rounds": 2,
+    "thresholds": [0.9],
+}
+_PRESETS = {
+    (False, False): _FULL,
+    (False, True): _QUICK,
+    (True, False): _VIT_FULL,
+    (True, True): _VIT_QUICK,
+}
+"""(transformer, quick) to the sizes a run takes when not given."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``tensorcompress run``."""
     g = parser.add_argument_group("experiment")
-    g.add_argument("--model", default="mcunet_in1", help=f"one of {', '.join(MODEL_NAMES)}")
+    g.add_argument("--model", default="mcunet_in1", help=f"one of {', '.join(RUN_MODELS)}")
     g.add_argument("--resolution", type=int, help="input side in pixels (48)")
     g.add_argument(
         "--layers",
@@ -980,7 +1098,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'all' (vanilla only) and numbers of fine-tuned last convs (all 2 4; --quick 2)",
     )
     g.add_argument(
-        "--methods", nargs="+", default=list(METHODS), help=f"among {', '.join(METHODS)}"
+        "--methods",
+        nargs="+",
+        help=f"CNN: among {', '.join(METHODS)}; vit_tiny: among "
+        f"{', '.join(K.TRANSFORMER_METHODS)} (all of them)",
     )
     g.add_argument(
         "--thresholds",
@@ -997,6 +1118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accuracy points below vanilla's counted as equal (the run's noise)",
     )
     g.add_argument("--patch", type=int, default=2, help="gradient filter patch R (2)")
+    g.add_argument(
+        "--saved",
+        choices=["int8", "none"],
+        default="int8",
+        help="vit_tiny: HOSVD/SVD/ASI keep the blocks' other saved tensors as int8 (int8)",
+    )
+    g.add_argument("--lora-r", type=int, default=8, help="vit_tiny: LoRA rank (8)")
     g.add_argument("--epochs", type=int, help="fine-tuning epochs (4)")
     g.add_argument("--batch-size", type=int, help="per process (32)")
     g.add_argument("--lr", type=float, help="fine-tuning learning rate (0.2)")
@@ -1037,28 +1165,34 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     ``--quick`` pretrains its own shorter backbone, but uses a default run's
     (same model, resolution and seed) when that one is cached.
     """
-    preset = _QUICK if args.quick else _FULL
+    transformer = K.is_transformer(args.model)
+    preset = _PRESETS[(transformer, bool(args.quick))]
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)
         return preset[name] if value is None else value
 
-    pretrain = T.PretrainConfig(steps=pick("pretrain_steps"), eval_samples=preset["pretrain_eval"])
+    pretrain: T.PretrainConfig = preset["pretrain"]
+    steps = getattr(args, "pretrain_steps", None)
+    if steps is not None:
+        pretrain = pretrain.with_steps(steps)
     reuse: tuple[T.PretrainConfig, ...] = ()
-    if args.quick and getattr(args, "pretrain_steps", None) is None:
-        reuse = (
-            T.PretrainConfig(steps=_FULL["pretrain_steps"], eval_samples=_FULL["pretrain_eval"]),
-        )
+    if args.quick and steps is None:
+        reuse = (_PRESETS[(transformer, False)]["pretrain"],)
     cache = None if args.no_cache else str(args.cache_dir or T.default_cache_dir())
     return RunConfig(
         model=args.model,
         resolution=pick("resolution"),
         layers=tuple(str(x) for x in pick("layers")),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods or ()),
         thresholds=tuple(pick("thresholds")),
         patch=args.patch,
         finetune=T.FineTuneConfig(
-            epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr")
+            epochs=pick("epochs"),
+            batch_size=pick("batch_size"),
+            lr=pick("lr"),
+            weight_decay=0.05 if transformer else 0.0,
+            optimizer=K.optimizer_name(args.model),
         ),
         pretrain=pretrain,
         reuse_pretrain=reuse,
@@ -1075,6 +1209,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         replay=not args.no_replay,
         device=args.device,
         quiet=args.quiet,
+        blocks=K.BlockSettings(
+            saved=None if getattr(args, "saved", "int8") == "none" else "int8",
+            lora_r=getattr(args, "lora_r", 8),
+        ),
     )
 
 

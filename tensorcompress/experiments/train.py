@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorcompress.experiments import data as D
+from tensorcompress.experiments import kinds as K
 from tensorcompress.models import get_model
 from tensorcompress.torch import fine_tuned_modules, last_layers, select_layers, trainable_only
 from tensorcompress.torch.budget import (
@@ -57,6 +58,8 @@ from tensorcompress.torch.budget import (
 from tensorcompress.torch.selection import plain_type
 
 __all__ = [
+    "OPTIMIZERS",
+    "VIT_PRETRAINING",
     "DistEnv",
     "FineTuneConfig",
     "PretrainConfig",
@@ -64,6 +67,7 @@ __all__ = [
     "asi_budget_ranks",
     "cached_pretrained",
     "default_cache_dir",
+    "default_pretraining",
     "epoch_batches",
     "eval_batches",
     "eval_mode",
@@ -73,6 +77,8 @@ __all__ = [
     "head_name",
     "init_distributed",
     "load_backbone",
+    "load_pretrained",
+    "make_optimizer",
     "pretrain",
     "pretrained_state",
     "tuned_convs",
@@ -311,11 +317,37 @@ def asi_budget_ranks(
 # ---------------------------------------------------------------------------
 
 
+OPTIMIZERS = ("sgd", "adamw")
+"""Optimizers of :class:`FineTuneConfig` and :class:`PretrainConfig`."""
+
+
+def make_optimizer(
+    name: str, params: Sequence[nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """``"sgd"``: SGD with Nesterov momentum 0.9; ``"adamw"``: AdamW decaying matrices only.
+
+    AdamW leaves biases, norm weights and other vectors undecayed, as
+    transformer training usually does.
+    """
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    if name != "adamw":
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def _optimizer(
-    params: Sequence[nn.Parameter], lr: float, steps: int, weight_decay: float
+    params: Sequence[nn.Parameter], lr: float, steps: int, weight_decay: float, name: str = "sgd"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with Nesterov momentum, linear warm-up over 5 % of the steps, then cosine to 0."""
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    """:func:`make_optimizer`, linear warm-up over 5 % of the steps, then cosine to 0."""
+    opt = make_optimizer(name, params, lr, weight_decay)
     warm = max(1, steps // 20)
 
     def factor(step: int) -> float:
@@ -353,15 +385,18 @@ class FineTuneConfig:
     batch_size : int
         Per process.
     lr : float
-        Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).
+        Peak learning rate (linear warm-up over 5 % of the steps, cosine to 0).
     weight_decay : float
         L2 penalty on the trained parameters.
+    optimizer : {"sgd", "adamw"}
+        SGD with Nesterov momentum 0.9, or AdamW (:func:`make_optimizer`).
     """
 
     epochs: int = 4
     batch_size: int = 32
     lr: float = 0.2
     weight_decay: float = 0.0
+    optimizer: str = "sgd"
 
 
 class Stepper:
@@ -396,7 +431,7 @@ class Stepper:
         if not params:
             raise ValueError("nothing to train: every parameter is frozen")
         self.optimizer, self.scheduler = _optimizer(
-            params, config.lr, total_steps, config.weight_decay
+            params, config.lr, total_steps, config.weight_decay, config.optimizer
         )
 
     def step(
@@ -413,7 +448,7 @@ class Stepper:
         x = D.to_input(images, self.device).contiguous(memory_format=self.memory_format)
         y = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss = K.cross_entropy(self.model(x), y)
         loss.backward()
         self.optimizer.step()
         _sync(self.device)
@@ -536,7 +571,7 @@ def evaluate(model: nn.Module, data: D.ImageData, env: DistEnv) -> float:
     correct = 0
     with eval_mode(model):
         for idx, x in eval_batches(data, env):
-            correct += int((model(x).argmax(dim=1).cpu() == data.labels[idx]).sum())
+            correct += int((K.logits(model(x)).argmax(dim=1).cpu() == data.labels[idx]).sum())
     shard = len(range(env.rank, len(data), env.world))
     right, total = env.sum([correct, shard])
     return right / total if total else math.nan
@@ -558,11 +593,21 @@ class PretrainConfig:
     batch_size : int
         Images per step.
     lr : float
-        Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).
+        Peak learning rate (linear warm-up over 5 % of the steps, cosine to 0).
     weight_decay : float
         L2 penalty.
     eval_samples : int
         Held-out source samples scored at the end.
+    optimizer : {"sgd", "adamw"}
+        SGD with Nesterov momentum 0.9 (the CNNs), or AdamW (transformers).
+    coarse_resolution : int or None
+        Transformers: the first ``coarse_steps`` steps run on images of this
+        side (a ViT's position embeddings interpolated to its patch grid,
+        Hugging Face's ``interpolate_pos_encoding``), the rest at the run's
+        resolution: progressive resizing, a quarter of the tokens per image
+        at half the side.
+    coarse_steps : int
+        Steps at ``coarse_resolution``.
     """
 
     steps: int = 600
@@ -570,6 +615,65 @@ class PretrainConfig:
     lr: float = 0.1
     weight_decay: float = 5e-5
     eval_samples: int = 1000
+    optimizer: str = "sgd"
+    coarse_resolution: int | None = None
+    coarse_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0 <= self.coarse_steps <= self.steps:
+            raise ValueError(
+                f"coarse_steps must be in [0, steps={self.steps}], got {self.coarse_steps}"
+            )
+        if self.coarse_steps and self.coarse_resolution is None:
+            raise ValueError("coarse_steps needs a coarse_resolution")
+
+    def with_steps(self, steps: int) -> PretrainConfig:
+        """The same recipe over ``steps`` steps (the coarse share of them kept)."""
+        coarse = round(self.coarse_steps * steps / self.steps) if self.steps else 0
+        return replace(self, steps=steps, coarse_steps=min(coarse, steps))
+
+
+VIT_PRETRAINING = PretrainConfig(
+    steps=600,
+    batch_size=64,
+    lr=5e-4,
+    weight_decay=0.05,
+    eval_samples=1000,
+    optimizer="adamw",
+    coarse_resolution=16,
+    coarse_steps=540,
+)
+"""ViT-Tiny's pretraining in a default ``tensorcompress run --model vit_tiny``: AdamW,
+most steps at 16x16 (17 tokens) and the rest at 32x32 (65 tokens)."""
+
+
+def default_pretraining(model_name: str) -> tuple[int, PretrainConfig]:
+    """The resolution and :class:`PretrainConfig` of a default ``tensorcompress run``.
+
+    ViT-Tiny: 32 pixels and :data:`VIT_PRETRAINING`; the CNNs: 48 pixels and
+    ``PretrainConfig()`` (600 SGD steps).
+    """
+    if K.is_transformer(model_name):
+        return 32, VIT_PRETRAINING
+    return 48, PretrainConfig()
+
+
+_KEY_DEFAULTS = {"optimizer": "sgd", "coarse_resolution": None, "coarse_steps": 0}
+"""Fields of :class:`PretrainConfig` left out of the cache key at these values, so the
+checkpoints cached before they existed keep their names."""
+
+
+class _Interpolating(nn.Module):
+    """A Hugging Face vision transformer called with ``interpolate_pos_encoding=True``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x, interpolate_pos_encoding=True)
 
 
 def pretrain(
@@ -617,13 +721,26 @@ def pretrain(
     # faster on a CPU; fine-tuning keeps the default layout the adapter expects.
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ft = FineTuneConfig(
-        epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay
+        epochs=1,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        optimizer=config.optimizer,
     )
     stepper = Stepper(model, config.steps, ft, device, memory_format=torch.channels_last)
+    coarse = None
+    if config.coarse_steps:
+        if not K.is_transformer(model_name):
+            raise ValueError(f"coarse_steps is for transformers, not {model_name!r}")
+        coarse = _Interpolating(model)
     desc = f"pretraining {model_name} {resolution}px on shapes"
     with tqdm(total=config.steps, desc=desc, disable=not progress, leave=False) as bar:
         for step in range(config.steps):
-            images, labels = D.shape_batch(config.batch_size, resolution, seed, step)
+            side = resolution
+            stepper.model = model
+            if coarse is not None and step < config.coarse_steps:
+                side, stepper.model = int(config.coarse_resolution or resolution), coarse
+            images, labels = D.shape_batch(config.batch_size, side, seed, step)
             loss, _ = stepper.step(images, labels)
             if not math.isfinite(loss):
                 raise RuntimeError(f"pretraining diverged at step {step} (loss {loss})")
@@ -656,11 +773,14 @@ def cache_key(
     The device type is part of the key: CPU and CUDA kernels round differently,
     so a checkpoint is only the same one on the same kind of device.
     """
+    fields = {
+        k: v for k, v in asdict(config).items() if k not in _KEY_DEFAULTS or _KEY_DEFAULTS[k] != v
+    }
     spec = {
         "model": model_name,
         "resolution": resolution,
         "seed": seed,
-        "config": asdict(config),
+        "config": fields,
         "device": device_type,
         "version": _PRETRAIN_VERSION,
     }
@@ -765,6 +885,73 @@ def cached_pretrained(
         / cache_key(model_name, resolution, seed, config, device_type)
     )
     return _load_checkpoint(path)
+
+
+def load_pretrained(
+    model_name: str = "vit_tiny",
+    *,
+    seed: int = 0,
+    num_classes: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    pretrain: bool = True,
+    progress: bool = False,
+) -> nn.Module:
+    """The backbone a default ``tensorcompress run --model MODEL`` pretrains, with its weights.
+
+    The checkpoint is the run's own (:func:`default_pretraining`, on the CPU,
+    from the same cache: ``cache_dir``, by default :func:`default_cache_dir`),
+    so a ``tensorcompress run --model vit_tiny`` leaves it there and this
+    loads it in a second. Other code (benchmarks, notebooks) gets the same
+    pretrained weights the run fine-tunes.
+
+    Parameters
+    ----------
+    model_name : str
+        ``"vit_tiny"`` or a CNN of :data:`tensorcompress.models.MODEL_NAMES`.
+    seed : int
+        The run's seed (``--seed``).
+    num_classes : int, optional
+        ``None``: the source task's classifier (40 classes, trained); an int:
+        a fresh classifier of that size, seeded by ``seed``
+        (:func:`load_backbone`).
+    cache_dir : path, optional
+        The checkpoint cache.
+    pretrain : bool, default True
+        Pretrain (and cache) when the checkpoint is missing; False raises
+        ``FileNotFoundError`` instead.
+    progress : bool
+        Progress bar while pretraining.
+
+    Returns
+    -------
+    nn.Module
+        The model (a Hugging Face model for ``vit_tiny``: ``model(x).logits``),
+        in training mode; ``model.pretraining`` is the checkpoint's info
+        (``source_accuracy``, ``path``...).
+
+    Examples
+    --------
+    >>> from tensorcompress.experiments.train import load_pretrained
+    >>> vit = load_pretrained("vit_tiny", num_classes=10)  # doctest: +SKIP
+    """
+    resolution, config = default_pretraining(model_name)
+    cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    found = cached_pretrained(model_name, resolution, seed, config, cache)
+    if found is None:
+        if not pretrain:
+            raise FileNotFoundError(
+                f"no pretrained {model_name} (seed {seed}) in {str(cache)!r}; run "
+                f"`tensorcompress run --model {model_name}` or pass pretrain=True"
+            )
+        found = pretrained_state(model_name, resolution, seed, config, cache, progress=progress)
+    state, info = found
+    if num_classes is None:
+        model = get_model(model_name, num_classes=len(D.SHAPE_CLASSES))
+        model.load_state_dict(state)
+    else:
+        model = load_backbone(model_name, num_classes, state, seed)
+    model.pretraining = info  # type: ignore[assignment]
+    return model
 
 
 def load_backbone(
