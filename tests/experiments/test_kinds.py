@@ -10,6 +10,7 @@ import torch
 
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import report as R
+from tensorcompress.experiments import train as T
 from tensorcompress.models import mcunet_in1, vit_tiny
 from tensorcompress.torch.measure import MB
 
@@ -44,17 +45,19 @@ def test_kind_and_logits() -> None:
 
 
 def test_optimizers() -> None:
-    model = small_vit()
-    params = list(model.parameters())
-    adam = K.optimizer_for("vit_tiny", params, 1e-3, 0.05)
+    assert K.optimizer_name("vit_tiny") == "adamw" and K.optimizer_name("mcunet_in1") == "sgd"
+    params = list(small_vit().parameters())
+    adam = T.make_optimizer("adamw", params, 1e-3, 0.05)
     assert isinstance(adam, torch.optim.AdamW)
     decayed = {id(p) for p in adam.param_groups[0]["params"]}
     assert (
         adam.param_groups[0]["weight_decay"] == 0.05 and adam.param_groups[1]["weight_decay"] == 0
     )
     assert all(p.ndim >= 2 for p in params if id(p) in decayed)
-    sgd = K.optimizer_for("mcunet_in1", params, 0.1, 0.0)
+    sgd = T.make_optimizer("sgd", params, 0.1, 0.0)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    with pytest.raises(ValueError, match="optimizer must be"):
+        T.make_optimizer("adam", params, 0.1, 0.0)
 
 
 def test_tuned_layers_by_kind() -> None:
@@ -89,7 +92,7 @@ def test_prepare_blocks(method: str) -> None:
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert not any(".layers.0." in n or ".layers.1." in n for n in trainable)
     assert any("classifier" in n for n in trainable)
-    opt = K.optimizer_for("vit_tiny", [p for p in net.parameters() if p.requires_grad], 1e-3, 0)
+    opt = T.make_optimizer("adamw", [p for p in net.parameters() if p.requires_grad], 1e-3, 0)
     fields, mem = K.transformer_measurements(net, x, y, names, opt)
     assert fields["peak_bytes"] == mem.peak_bytes > fields["peak_activation_bytes"] > 0
     assert fields["mem_full_bytes"] == mem.activations_bytes >= fields["mem_bytes"]
