@@ -235,33 +235,23 @@ def test_training_step(benchmark: Any, model: str, method: str) -> None:
 @dataclass
 class Row:
     name: str
-    memory: TrainingMemory
+    memory: TrainingMemory | None
     median_s: float
     ratio: float
     cpu_ratio: float
     error: float | None
 
 
-def measure(workload: Workload, names: list[str], rounds: int) -> list[Row]:
-    """Gradient error, memory, then interleaved step times for every method."""
+def measure(
+    workload: Workload, names: list[str], rounds: int, time_only: bool = False
+) -> list[Row]:
+    """Gradient error, memory, then interleaved step times for every method (or times only)."""
     runs = {name: Run.make(name, workload) for name in names}
-    # Gradient errors first: every model still has the initial weights. ASI warms up on
-    # the two batches (no optimizer step), then the gradient of batch 1 is compared.
-    grads = {}
-    for run in runs.values():
-        for _ in range(WARMUP):
-            run.gradient()
-        grads[run.name] = run.gradient()
-    errors = {
-        name: relative_error(grads[name], grads[REFERENCE[name]])
-        if REFERENCE[name] in grads and name != REFERENCE[name]
-        else None
-        for name in runs
-    }
-    if "asi+sdpa+int8" in grads and "asi+sdpa" in grads:
-        int8 = relative_error(grads["asi+sdpa+int8"], grads["asi+sdpa"])
-        print(f"int8 alone (asi+sdpa+int8 against asi+sdpa): gradient error {int8:.4f}")
-    memory = {name: run.memory() for name, run in runs.items()}
+    errors: dict[str, float | None] = dict.fromkeys(runs)
+    memory: dict[str, TrainingMemory | None] = dict.fromkeys(runs)
+    if not time_only:
+        errors, measured = _errors_and_memory(runs)
+        memory.update(measured)
     for _ in range(WARMUP):
         for run in runs.values():
             run.step()
@@ -282,8 +272,29 @@ def measure(workload: Workload, names: list[str], rounds: int) -> list[Row]:
     return rows
 
 
+def _errors_and_memory(
+    runs: dict[str, Run],
+) -> tuple[dict[str, float | None], dict[str, TrainingMemory]]:
+    # Gradient errors first: every model still has the initial weights. ASI warms up on
+    # the two batches (no optimizer step), then the gradient of batch 1 is compared.
+    grads = {}
+    for run in runs.values():
+        for _ in range(WARMUP):
+            run.gradient()
+        grads[run.name] = run.gradient()
+    errors: dict[str, float | None] = {
+        name: relative_error(grads[name], grads[REFERENCE[name]])
+        if REFERENCE[name] in grads and name != REFERENCE[name]
+        else None
+        for name in runs
+    }
+    if "asi+sdpa+int8" in grads and "asi+sdpa" in grads:
+        int8 = relative_error(grads["asi+sdpa+int8"], grads["asi+sdpa"])
+        print(f"int8 alone (asi+sdpa+int8 against asi+sdpa): gradient error {int8:.4f}")
+    return errors, {name: run.memory() for name, run in runs.items()}
+
+
 def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> None:
-    vanilla = next((r for r in rows if r.name == "vanilla"), None)
     print(f"\n{workload}")
     header = (
         f"{'method':<20} {'peak act':>8} {'x van':>6} {'saved':>7} {'kept':>7} {'weights':>7} "
@@ -292,16 +303,21 @@ def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> N
     )
     print(header)
     print("-" * len(header))
+    base = next((r.memory for r in rows if r.name == "vanilla"), None)
     for r in rows:
         m = r.memory
-        ratio = m.peak_activation_bytes / vanilla.memory.peak_activation_bytes if vanilla else 1
+        if m is None:
+            memory = f"{'':>8} {'':>6} {'':>7} {'':>7} {'':>7} {'':>6} {'':>6} {'':>7}"
+        else:
+            ratio = m.peak_activation_bytes / base.peak_activation_bytes if base else 1.0
+            memory = (
+                f"{m.peak_activation_bytes / MB:8.1f} {ratio:6.2f} "
+                f"{m.activations_bytes / MB:7.1f} {m.kept_bytes / MB:7.1f} "
+                f"{m.weights_bytes / MB:7.1f} {m.gradients_bytes / MB:6.1f} "
+                f"{m.optimizer_bytes / MB:6.1f} {m.peak_bytes / MB:7.1f}"
+            )
         err = "" if r.error is None else f"{r.error:.4f}"
-        print(
-            f"{r.name:<20} {m.peak_activation_bytes / MB:8.1f} {ratio:6.2f} "
-            f"{m.activations_bytes / MB:7.1f} {m.kept_bytes / MB:7.1f} {m.weights_bytes / MB:7.1f} "
-            f"{m.gradients_bytes / MB:6.1f} {m.optimizer_bytes / MB:6.1f} {m.peak_bytes / MB:7.1f} "
-            f"{r.median_s:7.2f} {r.ratio:6.2f} {r.cpu_ratio:6.2f} {err:>8}"
-        )
+        print(f"{r.name:<20} {memory} {r.median_s:7.2f} {r.ratio:6.2f} {r.cpu_ratio:6.2f} {err:>8}")
     print(
         "MB = 2**20 bytes. peak act: highest memory over forward+backward besides weights, "
         "gradients and optimizer state; saved: autograd's saved tensors after the forward; "
@@ -311,16 +327,19 @@ def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> N
         "error of the trainable parameters' gradient against the exact one of the same "
         "parameters (vanilla, or LoRA for the LoRA methods)."
     )
+    measured = [(r.name, r.memory) for r in rows if r.memory is not None]
+    if not measured:
+        return
     print("saved by kind (MB):")
-    for r in rows:
-        kinds = ", ".join(f"{k} {b / MB:.1f}" for k, b in r.memory.activations_by_kind if b)
-        print(f"  {r.name:<20} {kinds}")
+    for name, m in measured:
+        kinds = ", ".join(f"{k} {b / MB:.1f}" for k, b in m.activations_by_kind if b)
+        print(f"  {name:<20} {kinds}")
     print(f"live at the peak (largest {top} groups, MB):")
-    for r in rows:
+    for name, m in measured:
         groups = "; ".join(
-            f"{g.nbytes / MB:.1f} {g.phase} {g.kind} {g.where}" for g in r.memory.live_at_peak[:top]
+            f"{g.nbytes / MB:.1f} {g.phase} {g.kind} {g.where}" for g in m.live_at_peak[:top]
         )
-        print(f"  {r.name:<20} {groups}")
+        print(f"  {name:<20} {groups}")
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -333,12 +352,11 @@ def targets(rows: list[Row]) -> list[str]:
     for r in rows:
         if "asi" not in r.name:
             continue
-        peak = r.memory.peak_activation_bytes
-        checks = {
-            "peak <= checkpoint's": peak <= ckpt.memory.peak_activation_bytes,
-            "peak <= 0.3 x vanilla's": peak <= 0.3 * van.memory.peak_activation_bytes,
-            "time <= checkpoint's": r.median_s <= ckpt.median_s,
-        }
+        checks = {"time <= checkpoint's": r.median_s <= ckpt.median_s}
+        if r.memory is not None and van.memory is not None and ckpt.memory is not None:
+            peak = r.memory.peak_activation_bytes
+            checks["peak <= checkpoint's"] = peak <= ckpt.memory.peak_activation_bytes
+            checks["peak <= 0.3 x vanilla's"] = peak <= 0.3 * van.memory.peak_activation_bytes
         marks = ", ".join(f"{k}: {'ok' if v else 'MISS'}" for k, v in checks.items())
         lines.append(f"  {r.name:<20} {marks}")
     return lines
@@ -354,6 +372,8 @@ def plot(results: list[tuple[Workload, list[Row]]], path: str) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
     for ax, (workload, rows) in zip(axes[0], results):
         for r in rows:
+            if r.memory is None:
+                continue
             x, y = r.ratio, r.memory.peak_activation_bytes / MB
             ax.scatter(x, y, s=25)
             ax.annotate(r.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -381,6 +401,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--top", type=int, default=5, help="groups live at the peak shown")
     parser.add_argument("--plot", help="write the peak memory / step time plot here")
+    parser.add_argument(
+        "--time-only", action="store_true", help="step times only (no memory, no gradient error)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = ["vanilla", *[m for m in args.methods if m != "vanilla"]]
@@ -396,7 +419,7 @@ def main() -> None:
             workloads.append(WORKLOADS[model])
     results = []
     for workload in workloads:
-        rows = measure(workload, names, args.rounds)
+        rows = measure(workload, names, args.rounds, args.time_only)
         print_table(workload, rows, args.rounds, args.top)
         lines = targets(rows)
         if lines:

@@ -43,12 +43,12 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   statistics;
 - ``saved="int8"``: every other tensor the blocks (and the norms after them)
   save for backward (not a parameter, not a Linear/Conv layer's input, at
-  least ``int8_min_bytes``) is
-  kept as int8 with one float32 absmax scale per ``int8_block`` consecutive
-  elements (:class:`Int8Saved`, the per-block quantization of ActNN and Mesa,
-  through :func:`torch.autograd.graph.saved_tensors_hooks`), about 27 % of its
+  least ``int8_min_bytes``) is kept as int8 with one float32 absmax scale
+  per ``int8_block`` consecutive elements (:class:`Int8Saved`, the per-group
+  quantization of ActNN and Mesa, through
+  :func:`torch.autograd.graph.saved_tensors_hooks`), about 27 % of its
   float32 size. **Approximate**: the backward of the norms, the activation
-  function and attention then runs on the dequantized tensors, so the input
+  function and attention then runs on the dequantized tensors, so the
   gradients through them, and every gradient below, are approximate.
 
 :func:`restore_blocks` undoes ``checkpoint``, ``recompute`` and ``saved`` on a
@@ -62,7 +62,7 @@ import functools
 import math
 import types
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -90,7 +90,6 @@ __all__ = [
     "block_names",
     "checkpoint_modules",
     "dequantize_int8",
-    "iter_blocks",
     "prepare",
     "quantize_int8",
     "restore_blocks",
@@ -350,7 +349,9 @@ class Int8Saved:
     Parameters
     ----------
     blocks : sequence of nn.Module
-        The blocks.
+        The modules whose training forward is covered: the blocks, and any
+        module after them whose saved tensors should be compact too (a final
+        norm).
     block : int, default 64
         Elements per scale.
     min_bytes : int, default 65536
@@ -358,10 +359,10 @@ class Int8Saved:
 
     Notes
     -----
-    Packing costs one pass over each tensor in forward and one in backward;
-    both run a chunk at a time so that no full-size float temporary is
-    allocated. The error of one element is at most half a quantization step,
-    ``absmax(block) / 254``.
+    Packing costs a few passes over each tensor in forward, a chunk at a time,
+    and unpacking two in backward, written straight into the dequantized
+    tensor: neither allocates a full-size float temporary. The error of one
+    element is at most half a quantization step, ``absmax(block) / 254``.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], *, block: int = 64, min_bytes: int = 1 << 16):
@@ -500,8 +501,9 @@ def prepare(
         blocks :func:`block_names` finds or that you name); modified in place.
     method : str
         One of :data:`METHODS` (see the module docstring).
-    blocks : int or sequence of str
-        The last ``n`` blocks, or block names (:func:`block_names`).
+    blocks : int, LastBlocks or sequence of str
+        The last ``n`` blocks, :func:`~tensorcompress.torch.last_blocks`
+        ``(n)``, or block names (:func:`block_names`).
     example_input : tensor, tuple or dict
         A batch (a dict is passed as keyword arguments), to find what runs
         after the blocks.
@@ -640,10 +642,3 @@ def restore_blocks(model: nn.Module) -> nn.Module:
         if saver is not None:
             saver.remove()
     return model
-
-
-def iter_blocks(model: nn.Module, blocks: BlockSelection) -> Iterator[nn.Module]:
-    """The block modules :func:`block_names` names."""
-    modules = dict(model.named_modules())
-    for name in block_names(model, blocks):
-        yield modules[name]
