@@ -1193,6 +1193,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             lr=pick("lr"),
             weight_decay=0.05 if transformer else 0.0,
             optimizer=K.optimizer_name(args.model),
+            grad_clip=1.0 if transformer else None,
         ),
         pretrain=pretrain,
         reuse_pretrain=reuse,

@@ -1,0 +1,184 @@
+"""``tensorcompress run --model vit_tiny``: pretraining, the cache, the rows, the replay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tensorcompress.experiments import kinds as K
+from tensorcompress.experiments import run as run_mod
+from tensorcompress.experiments import train as T
+from tensorcompress.experiments.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Two pretraining steps of 4 images (one at 16x16), fine-tuning 2 steps of 16.
+TINY_PRETRAIN = replace(T.VIT_PRETRAINING, steps=2, batch_size=4, coarse_steps=1, eval_samples=8)
+
+
+def _tiny(tmp_path: Path, **changes: Any) -> run_mod.RunConfig:
+    base: dict[str, Any] = {
+        "model": "vit_tiny",
+        "resolution": 32,
+        "layers": ("1",),
+        "thresholds": (0.8,),
+        "finetune": T.FineTuneConfig(
+            epochs=1, batch_size=16, lr=1e-3, weight_decay=0.05, optimizer="adamw", grad_clip=1.0
+        ),
+        "pretrain": TINY_PRETRAIN,
+        "train_samples": 32,
+        "test_samples": 20,
+        "timing_rounds": 1,
+        "cache_dir": str(tmp_path / "cache"),
+        "quiet": True,
+    }
+    return run_mod.RunConfig(**{**base, **changes})
+
+
+# ---------------------------------------------------------------------------
+# Pretraining and its cache
+# ---------------------------------------------------------------------------
+
+
+def test_cnn_cache_key_unchanged_by_the_new_fields() -> None:
+    """The fields added for transformers stay out of a CNN checkpoint's name."""
+    config = T.PretrainConfig()
+    spec = {
+        "model": "mcunet_in1",
+        "resolution": 48,
+        "seed": 0,
+        "config": {
+            "steps": 600,
+            "batch_size": 64,
+            "lr": 0.1,
+            "weight_decay": 5e-5,
+            "eval_samples": 1000,
+        },
+        "device": "cpu",
+        "version": T._PRETRAIN_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    assert T.cache_key("mcunet_in1", 48, 0, config) == f"mcunet_in1-48px-seed0-{digest}.pt"
+    assert T.cache_key("vit_tiny", 32, 0, T.VIT_PRETRAINING) != T.cache_key(
+        "vit_tiny", 32, 0, replace(T.VIT_PRETRAINING, coarse_steps=0)
+    )
+
+
+def test_pretrain_config() -> None:
+    vit = T.VIT_PRETRAINING
+    assert vit.optimizer == "adamw" and vit.coarse_resolution == 16 and vit.grad_clip
+    short = vit.with_steps(vit.steps // 2)
+    assert short.steps == vit.steps // 2
+    assert short.coarse_steps == round(vit.coarse_steps / 2)
+    assert T.default_pretraining("vit_tiny") == (32, vit)
+    assert T.default_pretraining("mcunet_in1") == (48, T.PretrainConfig())
+    with pytest.raises(ValueError, match="optimizer must be"):
+        T.PretrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="coarse_steps must be"):
+        T.PretrainConfig(steps=5, coarse_steps=6, coarse_resolution=16)
+    with pytest.raises(ValueError, match="needs a coarse_resolution"):
+        T.PretrainConfig(coarse_steps=1)
+    with pytest.raises(ValueError, match="for transformers"):
+        T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, coarse_steps=1,
+                   coarse_resolution=16), progress=False)  # fmt: skip
+
+
+def test_vit_pretraining_and_load_pretrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(T, "VIT_PRETRAINING", TINY_PRETRAIN)
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match="tensorcompress run --model vit_tiny"):
+        T.load_pretrained("vit_tiny", cache_dir=cache, pretrain=False)
+    first = T.load_pretrained("vit_tiny", cache_dir=cache)
+    info = first.pretraining  # type: ignore[attr-defined]
+    assert not info["cached"] and 0.0 <= info["source_accuracy"] <= 1.0
+    assert info["config"]["coarse_steps"] == 1 and info["config"]["optimizer"] == "adamw"
+    again = T.load_pretrained("vit_tiny", cache_dir=cache, pretrain=False)
+    assert again.pretraining["cached"]  # type: ignore[attr-defined]
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    head = T.load_pretrained("vit_tiny", cache_dir=cache, num_classes=10, pretrain=False)
+    assert head.classifier.out_features == 10
+    body = {k: v for k, v in first.state_dict().items() if not k.startswith("classifier")}
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in body.items())
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def test_config_of_a_transformer_run() -> None:
+    config = run_mod.RunConfig(model="ViT-Tiny", resolution=32)
+    assert config.model == "vit_tiny" and config.transformer
+    assert config.methods == K.TRANSFORMER_METHODS
+    rows = config.rows()
+    assert ("vanilla", "all", None) in rows and ("checkpoint", "all", None) not in rows
+    assert ("lora+asi", "4", 0.9) in rows and ("lora", "4", None) in rows
+    with pytest.raises(ValueError, match="gradient_filter"):
+        run_mod.RunConfig(model="vit_tiny", methods=("gradient_filter",))
+    with pytest.raises(ValueError, match="unknown model"):
+        run_mod.RunConfig(model="tiny_llama")
+    assert run_mod.RunConfig().methods == run_mod.METHODS  # a CNN's default
+
+
+def test_every_transformer_method_runs(tmp_path: Path) -> None:
+    exp = run_mod.run_experiment(_tiny(tmp_path, layers=("all", "1")))
+    labels = [r.label for r in exp.rows]
+    assert labels == [
+        "vanilla",
+        "vanilla",
+        "checkpointing",
+        "LoRA r8",
+        "LoRA+ASI ε=0.8",
+        "HOSVD ε=0.8",
+        "SVD ε=0.8",
+        "ASI ε=0.8",
+    ]
+    by = {(r.method, r.layers): r for r in exp.rows}
+    assert all(r.peak_mb > r.peak_act_mb > 0 for r in exp.rows)
+    assert by["checkpoint", "1"].mem_mb == 0  # the block keeps its input only
+    assert by["asi", "1"].mem_mb < by["vanilla", "1"].mem_mb
+    assert by["vanilla", "all"].mem_mb > by["vanilla", "1"].mem_mb
+    seeds = {(r.method, r.layers): r.seeds[0] for r in exp.rows}
+    assert seeds["lora", "1"]["layer_names"][0].endswith("lora_A.default")
+    assert seeds["asi", "1"]["activations_by_kind"]["compressed"] > 0
+    text = exp.table()
+    assert "peak act MB" in text and "LoRA r8" in text
+    assert any("recommended ε = 0.8" in n for n in exp.notes)
+    assert any("sdpa attention" in n and "int8" in n for n in exp.notes)
+
+
+def test_replaying_the_frozen_blocks_changes_no_result(tmp_path: Path) -> None:
+    """The replayed prefix stops before the blocks' first norm, which trains."""
+    changes: dict[str, Any] = {"layers": ("1", "2"), "methods": ("vanilla", "checkpoint")}
+    replayed = run_mod.run_experiment(_tiny(tmp_path, **changes))
+    computed = run_mod.run_experiment(_tiny(tmp_path, replay=False, **changes))
+    assert [r["replayed_prefix"] for r in replayed.results] == [True] * 4
+    for a, b in zip(replayed.results, computed.results):
+        for field in ("accuracy", "final_loss", "mem_bytes", "mem_full_bytes", "steps"):
+            assert a[field] == b[field], (a["method"], a["layers"], field)
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "run", "--model", "vit_tiny", "--quick", "--quiet", "--threads", "1",
+        "--pretrain-steps", "2", "--epochs", "1", "--train-samples", "32",
+        "--test-samples", "20", "--batch-size", "16", "--layers", "1",
+        "--methods", "vanilla", "asi", "--saved", "none", "--lora-r", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "AdamW" in out and "peak MB" in out and "int8" not in out
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    config = doc["config"]
+    assert config["pretrain"]["steps"] == 2 and config["pretrain"]["coarse_steps"] <= 2
+    assert config["finetune"]["optimizer"] == "adamw" and config["blocks"]["saved"] is None
