@@ -47,9 +47,13 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   per ``int8_block`` consecutive elements (:class:`Int8Saved`, the per-group
   quantization of ActNN and Mesa, through
   :func:`torch.autograd.graph.saved_tensors_hooks`), about 27 % of its
-  float32 size. **Approximate**: the backward of the norms, the activation
-  function and attention then runs on the dequantized tensors, so the
-  gradients through them, and every gradient below, are approximate.
+  float32 size. The element-wise activation functions keep their input in
+  the same form through their own backward, which writes the derivative over
+  the dequantized input (:func:`int8_activations`): one full-size float
+  tensor fewer at the MLP's width, where a block's backward peaks.
+  **Approximate**: the backward of the norms, the activation function and
+  attention then runs on the dequantized tensors, so the gradients through
+  them, and every gradient below, are approximate.
 
 :func:`restore_blocks` undoes ``checkpoint``, ``recompute`` and ``saved`` on a
 prepared model (LoRA and compressed layers have their own undo:
@@ -90,6 +94,7 @@ __all__ = [
     "block_names",
     "checkpoint_modules",
     "dequantize_int8",
+    "int8_activations",
     "prepare",
     "quantize_int8",
     "restore_blocks",
@@ -163,6 +168,11 @@ class BlockOptions:
             raise ValueError(f"recompute kinds must be in {_RECOMPUTE_KINDS}, got {bad}")
         if self.saved not in (None, "int8"):
             raise ValueError(f"saved must be 'int8' or None, got {self.saved!r}")
+        if self.saved == "int8" and "activation" in recompute:
+            raise ValueError(
+                "saved='int8' already keeps each activation function's input only, as int8; "
+                "recompute='activation' does not combine with it"
+            )
         for name in ("lora_r", "lora_alpha", "int8_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -330,6 +340,110 @@ def dequantize_int8(
     return out.view(-1)[:n].view(tuple(shape))
 
 
+# Row-wise or parameterised activation modules: their backward is not one element's.
+_NOT_ELEMENTWISE = (
+    nn.Softmax,
+    nn.Softmin,
+    nn.LogSoftmax,
+    nn.Softmax2d,
+    nn.GLU,
+    nn.MultiheadAttention,
+)
+
+
+def _elementwise_activation(m: nn.Module) -> bool:
+    return (
+        module_kind(m) == "activation"
+        and not isinstance(m, _NOT_ELEMENTWISE)
+        and next(m.parameters(), None) is None
+    )
+
+
+class _Int8Elementwise(torch.autograd.Function):
+    """``fn(x)`` exactly, keeping ``x`` as int8; the backward writes into the dequantized input."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], block: int
+    ) -> torch.Tensor:
+        q, scale = quantize_int8(x, block)
+        ctx.save_for_backward(q, scale)
+        ctx.fn, ctx.shape, ctx.dtype = fn, x.shape, x.dtype
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, scale = ctx.saved_tensors
+        x = dequantize_int8(q, scale, ctx.shape, ctx.dtype)
+        flat, g = x.view(-1), grad.reshape(-1)
+        # The derivative a chunk at a time, written over the input it was taken at:
+        # one full-size float tensor besides the incoming gradient, not two.
+        with torch.enable_grad():
+            for i in range(0, flat.numel(), _CHUNK):
+                xc = flat[i : i + _CHUNK].detach().requires_grad_()
+                (gc,) = torch.autograd.grad(ctx.fn(xc), xc, g[i : i + _CHUNK])
+                flat[i : i + _CHUNK] = gc
+        return x, None, None
+
+
+class _Int8Forward:
+    """An element-wise activation's forward through :class:`_Int8Elementwise` (training only)."""
+
+    def __init__(self, module: nn.Module, block: int):
+        self.module = weakref.ref(module)
+        self.block = block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module()
+        assert module is not None  # the method lives on the module's instance
+        fn = functools.partial(type(module).forward, module)
+        if module.training and torch.is_grad_enabled() and x.requires_grad:
+            return _Int8Elementwise.apply(x, fn, self.block)
+        return fn(x)
+
+
+def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
+    """Make the element-wise activation modules among ``modules`` keep their input as int8.
+
+    Their forward stays exact; in training, the input is kept in
+    :func:`quantize_int8`'s form instead of float, and the backward computes
+    the derivative at the dequantized input a chunk at a time, writing it over
+    that input. The gradient through the activation is then approximate (as
+    with :class:`Int8Saved`), but its backward holds one full-size float
+    tensor besides the incoming gradient, where a saved-tensor hook's
+    dequantized input plus the activation's own backward hold two: at the
+    MLP's width, that difference is what sets a block's peak. Installed on
+    the instances (their ``forward``), so names and ``state_dict`` are
+    unchanged; :func:`restore_blocks` removes it.
+
+    Parameters
+    ----------
+    modules : sequence of nn.Module
+        Candidates; the activation modules among them that act element-wise
+        and own no parameters (GELU, SiLU, ReLU, Hugging Face's activation
+        classes; not softmax, GLU or PReLU) are changed.
+    block : int, default 64
+        Elements per scale.
+
+    Returns
+    -------
+    list of nn.Module
+        The modules changed.
+    """
+    changed = []
+    for m in modules:
+        if not _elementwise_activation(m):
+            continue
+        if "forward" in m.__dict__:
+            raise ValueError(
+                f"{type(m).__name__} already has its own forward on the instance "
+                "(recomputed, or patched elsewhere)"
+            )
+        m.forward = _Int8Forward(m, block)
+        changed.append(m)
+    return changed
+
+
 class Int8Saved:
     """Keep the blocks' saved tensors that are not layer inputs as per-block int8.
 
@@ -378,7 +492,11 @@ class Int8Saved:
             self.handles.append(b.register_forward_pre_hook(self._enter))
             self.handles.append(b.register_forward_hook(self._exit, always_call=True))
             for m in b.modules():
-                if plain_type(m) is not None or isinstance(m, (nn.Conv3d, CompressedModule)):
+                if (
+                    plain_type(m) is not None
+                    or isinstance(m, (nn.Conv3d, CompressedModule))
+                    or isinstance(m.__dict__.get("forward"), _Int8Forward)
+                ):
                     self.handles.append(m.register_forward_pre_hook(self._layer_enter))
                     self.handles.append(m.register_forward_hook(self._layer_exit, always_call=True))
 
@@ -584,6 +702,7 @@ def prepare(
         )
     if opts.saved == "int8":
         targets = [*block_modules, *head_modules]
+        int8_activations([m for b in targets for m in b.modules()], block=opts.int8_block)
         saver = Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
         for m in targets:
             _SAVERS[m] = saver
@@ -638,6 +757,8 @@ def restore_blocks(model: nn.Module) -> nn.Module:
     """
     _uncheckpoint(model)
     for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), _Int8Forward):
+            del m.forward
         saver = _SAVERS.pop(m, None)
         if saver is not None:
             saver.remove()

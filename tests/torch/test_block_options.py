@@ -15,13 +15,14 @@ from torch import nn
 
 from tensorcompress.models import tiny_llama, vit_tiny
 from tensorcompress.torch import CompressedLinear, compressed_layers, last_blocks
-from tensorcompress.torch.measure import activation_memory
+from tensorcompress.torch.measure import activation_memory, track_memory
 from tensorcompress.torch.transformer import (
     METHODS,
     BlockOptions,
     Int8Saved,
     block_names,
     dequantize_int8,
+    int8_activations,
     prepare,
     quantize_int8,
     restore_blocks,
@@ -335,6 +336,62 @@ def test_int8_composes_with_asi_and_restores() -> None:
     restore_blocks(model)
     assert not any(dtype == torch.int8 for _, dtype in saved_shapes(model, example))
     assert compressed_layers(model)  # restore_blocks leaves the compressed layers
+
+
+@pytest.mark.parametrize(
+    "act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU()], ids=str
+)
+def test_int8_activation_exact_forward_and_the_gradient_at_the_dequantized_input(
+    act: nn.Module,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 40, generator=g, requires_grad=True)
+    grad = torch.randn(3, 70, 40, generator=g)
+    reference = type(act)(**({"approximate": act.approximate} if isinstance(act, nn.GELU) else {}))
+    assert int8_activations([act, nn.Softmax(-1), nn.PReLU(), nn.Linear(2, 2)]) == [act]
+    y = act(x)
+    torch.testing.assert_close(y, reference(x), rtol=0, atol=0)  # the forward is exact
+    (got,) = torch.autograd.grad(y, x, grad)
+    # What the saved-tensor hook path gives: the derivative at the dequantized input.
+    x_hat = dequantize_int8(*quantize_int8(x.detach(), 64), x.shape, x.dtype).requires_grad_()
+    (want,) = torch.autograd.grad(reference(x_hat), x_hat, grad)
+    torch.testing.assert_close(got, want)
+    act.eval()  # evaluation keeps nothing: the module's own forward
+    assert act(x).grad_fn is not None and "Int8" not in type(act(x).grad_fn).__name__
+
+
+def test_int8_activation_backward_holds_one_float_tensor_besides_the_gradient() -> None:
+    n = 1 << 22
+    x = torch.randn(n, requires_grad=True)
+    grad = torch.randn(n)
+    act = nn.GELU()
+    int8_activations([act])
+    y = act(x)
+    _, mem = track_memory(lambda: torch.autograd.grad(y, x, grad), "cpu")
+    # The result (4n bytes) and a few chunk-sized temporaries; the saved-tensor hook
+    # path holds the dequantized input and the result (8n bytes).
+    assert mem.peak_bytes < 4 * n + 4 * (1 << 18) * 4 < 8 * n
+
+
+def test_int8_activation_errors_and_restore() -> None:
+    with pytest.raises(ValueError, match="recompute='activation' does not combine"):
+        BlockOptions(saved="int8", recompute=("activation",))
+    act = nn.GELU()
+    int8_activations([act])
+    with pytest.raises(ValueError, match="own forward"):
+        int8_activations([act])
+    example = vit_batch(torch.float32)
+    model = prepare(
+        small_vit(torch.float32),
+        "asi",
+        2,
+        example_input=example,
+        options=BlockOptions(saved="int8"),
+    )
+    acts = [m for m in model.modules() if "forward" in m.__dict__]
+    assert acts and all("Activation" in type(m).__name__ for m in acts)
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_int8_saved_only_while_training() -> None:
