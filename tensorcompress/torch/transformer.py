@@ -23,7 +23,11 @@ Methods (``method=``), each applied to the selected blocks:
   (``lora_A``, whose input is the frozen layer's input): LoRA cuts the weight
   gradients and optimizer state, ASI the activations LoRA keeps;
 - ``"asi"``, ``"hosvd"``, ``"svd"``: the blocks' Linear layers keep a compressed
-  input (:func:`~tensorcompress.torch.convert`); exact input gradient.
+  input (:func:`~tensorcompress.torch.convert`); exact input gradient;
+- ``"wsi"``, ``"wasi"``: the blocks' Linear weights train as factors
+  ``L R`` (:func:`~tensorcompress.torch.wasi.to_wasi`, rank ``weight_rank``),
+  keeping the input itself (WSI) or its ASI decomposition (WASI, rank
+  ``rank``); the optimizer state lives on the factors.
 
 Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
 
@@ -75,6 +79,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tensorcompress.torch.convert import convert
+from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure.training import module_kind
 from tensorcompress.torch.modules import CompressedModule
 from tensorcompress.torch.selection import (
@@ -100,10 +105,11 @@ __all__ = [
     "restore_blocks",
 ]
 
-METHODS = ("vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd")
+METHODS = ("vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd", "wsi", "wasi")
 """The methods :func:`prepare` accepts."""
 
 _COMPRESS = ("asi", "hosvd", "svd")
+_FACTOR = ("wsi", "wasi")
 _RECOMPUTE_KINDS = ("norm", "activation")
 
 BlockSelection: TypeAlias = int | LastBlocks | Sequence[str]
@@ -131,8 +137,13 @@ class BlockOptions:
         Compact saved form of the tensors that are not Linear/Conv inputs
         (:class:`Int8Saved`). Approximate gradients.
     rank : int, float, sequence or rank policy, default 0.8
-        Rank of ``"asi"``/``"hosvd"``/``"svd"`` and of ASI in ``"lora+asi"``
-        (as in :class:`~tensorcompress.torch.CompressionConfig`).
+        Rank of ``"asi"``/``"hosvd"``/``"svd"``, of ASI in ``"lora+asi"`` and
+        of the input in ``"wasi"`` (as in
+        :class:`~tensorcompress.torch.CompressionConfig`).
+    weight_rank : int or float, default 0.9
+        ``"wsi"``/``"wasi"``: each weight's rank, an int ``k`` or the
+        explained variance of its spectrum (as ``rank`` of
+        :func:`~tensorcompress.torch.wasi.to_wasi`).
     lora_r : int, default 8
         LoRA rank.
     lora_alpha : int, default 16
@@ -148,6 +159,7 @@ class BlockOptions:
     recompute: tuple[str, ...] = ()
     saved: str | None = None
     rank: Any = 0.8
+    weight_rank: int | float = 0.9
     lora_r: int = 8
     lora_alpha: int = 16
     int8_block: int = 64
@@ -450,9 +462,9 @@ class Int8Saved:
     While a selected block runs its training forward, a
     :func:`torch.autograd.graph.saved_tensors_hooks` pair packs every
     floating-point tensor an op saves for backward, unless it is a parameter
-    or shares storage with one, is saved inside a Conv/Linear layer (plain or
-    compressed: those inputs are the weight gradient's, which the methods
-    handle), or is smaller than ``min_bytes``. The backward receives the
+    or shares storage with one, is saved inside a Conv/Linear layer (plain,
+    compressed or factored: those inputs are the weight gradient's, which the
+    methods handle), or is smaller than ``min_bytes``. The backward receives the
     dequantized tensor.
 
     The hooks chain to the ones active outside the block (a measurement's),
@@ -494,7 +506,7 @@ class Int8Saved:
             for m in b.modules():
                 if (
                     plain_type(m) is not None
-                    or isinstance(m, (nn.Conv3d, CompressedModule))
+                    or isinstance(m, (nn.Conv3d, CompressedModule, LowRankModule))
                     or isinstance(m.__dict__.get("forward"), _Int8Forward)
                 ):
                     self.handles.append(m.register_forward_pre_hook(self._layer_enter))
@@ -687,6 +699,16 @@ def prepare(
         if isinstance(layers, int):
             layers = last_blocks(layers)
         convert(model, method=method, rank=opts.rank, layers=layers, example_input=example_input)
+    elif method in _FACTOR:
+        from tensorcompress.torch.wasi import to_wasi
+
+        to_wasi(
+            model,
+            method=method,
+            rank=opts.weight_rank,
+            act_rank=opts.rank,
+            layers=_linear_names(model, names),
+        )
     elif method in ("lora", "lora+asi"):
         model = _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
         # PEFT wraps the trained head modules (modules_to_save): hook the wrappers.

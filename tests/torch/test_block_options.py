@@ -147,6 +147,35 @@ def block_layers(model: nn.Module, blocks: tuple[int, ...]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("method", ["wsi", "wasi"])
+def test_factored_methods_train_the_factors_and_int8_leaves_their_inputs(method: str) -> None:
+    from tensorcompress.torch.measure.training import module_kind
+    from tensorcompress.torch.wasi import wasi_layers
+
+    example = vit_batch(torch.float32)
+    reference = small_vit(torch.float32)
+    linears = block_layers(reference, (1, 2))
+    opts = BlockOptions(saved="int8", int8_min_bytes=0, weight_rank=32)  # full rank
+    model = prepare(small_vit(torch.float32), method, 2, example_input=example, options=opts)
+    layers = wasi_layers(model)
+    assert sorted(layers) == sorted(linears)
+    assert {module_kind(m) for m in layers.values()} == {
+        "compressed" if method == "wasi" else "layer_input"
+    }
+    names = trains(model)
+    assert "vit.layers.1.attention.q_proj.left" in names and "classifier.weight" in names
+    assert not any(n.endswith("q_proj.weight") for n in names)
+    # The other tensors are int8; the layers' own saves (the inputs, their factors) are not.
+    shapes = saved_shapes(model, example)
+    assert any(dtype == torch.int8 for _, dtype in shapes)
+    if method == "wsi":  # the exact input of every factored layer is saved as float
+        saved = {shape for shape, dtype in shapes if dtype == torch.float32}
+        assert (BATCH, TOKENS, 32) in saved and (BATCH, TOKENS, 64) in saved
+    for name, m in layers.items():
+        w = dict(reference.named_modules())[name].weight
+        torch.testing.assert_close(m.left @ m.right, w, atol=1e-4, rtol=0)  # full rank
+
+
 @pytest.mark.parametrize("method", ["lora", "lora+asi"])
 def test_lora_trains_the_adapters_and_the_head(method: str) -> None:
     example = vit_batch()
@@ -424,7 +453,17 @@ def test_block_names() -> None:
 
 def test_errors() -> None:
     example = vit_batch()
-    assert set(METHODS) == {"vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd"}
+    assert set(METHODS) == {
+        "vanilla",
+        "checkpoint",
+        "lora",
+        "lora+asi",
+        "asi",
+        "hosvd",
+        "svd",
+        "wsi",
+        "wasi",
+    }
     with pytest.raises(ValueError, match="method must be one of"):
         prepare(small_vit(), "gradient_filter", 1, example_input=example)
     with pytest.raises(ValueError, match="already keeps only each block's input"):

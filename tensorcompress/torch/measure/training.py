@@ -264,14 +264,21 @@ def module_kind(module: nn.Module) -> str:
     Returns
     -------
     str
-        ``"compressed"`` (a compressed layer), ``"layer_input"`` (a plain
-        Conv/Linear), ``"norm"`` (a class name containing ``Norm``),
+        ``"compressed"`` (a compressed layer, a WASI layer), ``"layer_input"``
+        (a plain Conv/Linear, a WSI or low-rank layer), ``"norm"`` (a class
+        name containing ``Norm``),
         ``"activation"`` (``torch.nn`` activation modules and Hugging Face's
         ``...Activation`` classes), ``"attention"`` (a class name containing
         ``Attention``), else ``"other"``.
     """
+    from tensorcompress.torch.lowrank import LowRankModule  # lowrank imports convert
+
     if isinstance(module, CompressedModule):
         return "compressed"
+    if isinstance(module, LowRankModule):
+        # A WASI layer keeps its input's decomposition; WSI and inference layers the input.
+        config = getattr(module, "config", None)
+        return "compressed" if getattr(config, "method", None) == "wasi" else "layer_input"
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "layer_input"
     name = type(module).__name__
