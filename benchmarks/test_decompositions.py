@@ -19,8 +19,8 @@ pytest-benchmark, one group per shape (``--source``, ``--threshold`` and
 ``python benchmarks/test_decompositions.py`` prints the ratio table: rounds
 interleaved across methods, medians, ratios against the baselines measured in
 the same rounds, and every method's relative error on the same batch
-(``--help`` for the options, ``--breakdown`` for where the ASI calls spend
-their time).
+(``--help`` for the options, ``--breakdown`` for where warm ASI, both
+baselines and HOSVD spend their time).
 """
 
 from __future__ import annotations
@@ -353,7 +353,7 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also print where warm ASI and both baselines spend one call (profiler)",
+        help="also print where warm ASI, both baselines and hosvd spend one call (profiler)",
     )
     args = parser.parse_args()
     print(
@@ -372,7 +372,7 @@ def main() -> None:
         if args.breakdown:
             for shape in args.shapes:
                 calls = case(shape, setting.source, setting.threshold).calls()
-                for method in ASI_STREAMS:
+                for method in (*ASI_STREAMS, "hosvd"):
                     print_breakdown(f"{method} on {_id(shape)} ({setting})", calls[method])
 
 
