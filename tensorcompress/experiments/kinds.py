@@ -11,8 +11,9 @@ differs between them is gathered here, behind :func:`kind_of`:
 - **the methods**: the CNN's are :data:`tensorcompress.torch.METHODS`; a
   transformer's are those of :func:`tensorcompress.torch.transformer.prepare`
   (:data:`TRANSFORMER_METHODS`): vanilla, activation checkpointing, LoRA
-  (``peft``), LoRA+ASI, and HOSVD, SVD, ASI on the blocks' Linear inputs,
-  these three with the block options of :class:`BlockSettings` (the
+  (``peft``), LoRA+ASI, HOSVD, SVD, ASI on the blocks' Linear inputs, and
+  WSI and WASI (the blocks' Linear weights trained as factors); the
+  compressed methods with the block options of :class:`BlockSettings` (the
   attention through SDPA, and the other tensors the blocks save kept as
   per-block int8);
 - **the optimizer**: SGD with Nesterov momentum for the CNNs (the paper's),
@@ -51,6 +52,7 @@ from tensorcompress.torch import (
     last_layers,
     select_layers,
 )
+from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure import TrainingMemory, training_memory
 from tensorcompress.torch.selection import execution_order, plain_type
 
@@ -58,6 +60,7 @@ __all__ = [
     "ASI_METHODS",
     "CNN_METHODS",
     "COMPRESSED_METHODS",
+    "FACTORED_METHODS",
     "TRANSFORMER_METHODS",
     "BlockSettings",
     "TargetCheck",
@@ -85,11 +88,16 @@ TRANSFORMER_METHODS: tuple[str, ...] = (
     "hosvd",
     "svd",
     "asi",
+    "wsi",
+    "wasi",
 )
 """Methods of a transformer run, those of :func:`tensorcompress.torch.transformer.prepare`."""
 
-COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi")
+COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi", "wasi")
 """Methods that compress the blocks' Linear inputs at an explained-variance threshold."""
+
+FACTORED_METHODS: tuple[str, ...] = ("wsi", "wasi")
+"""Methods that train the blocks' Linear weights as factors of the threshold's rank."""
 
 
 def is_transformer(model: str) -> bool:
@@ -172,13 +180,17 @@ def trained_modules(
 
 
 def trained_layers(model: nn.Module) -> list[str]:
-    """Conv/Linear layers of ``model`` whose weight trains (LoRA's adapters, compressed layers)."""
+    """Conv/Linear layers of ``model`` whose weight trains (LoRA's adapters, compressed
+    layers, the factors of WSI/WASI layers)."""
     return [
         name
         for name, m in model.named_modules()
-        if plain_type(m) is not None
-        and getattr(m, "weight", None) is not None
-        and m.weight.requires_grad
+        if (
+            plain_type(m) is not None
+            and getattr(m, "weight", None) is not None
+            and m.weight.requires_grad
+        )
+        or (isinstance(m, LowRankModule) and m.left.requires_grad)
     ]
 
 
@@ -199,6 +211,11 @@ class BlockSettings:
         Compact form of the tensors the blocks save that are not Linear
         inputs (attention, norm, GELU), for the compressed methods
         (:data:`COMPRESSED_METHODS`); ``None`` keeps them as they are.
+
+    Notes
+    -----
+    A row's threshold is the explained variance of the compressed inputs
+    and, for WSI and WASI, of each weight's spectrum too (one knob per row).
     lora_r : int
         LoRA's rank.
     """
@@ -211,10 +228,12 @@ class BlockSettings:
         """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row."""
         from tensorcompress.torch.transformer import BlockOptions
 
+        eps = 0.8 if threshold is None else threshold
         return BlockOptions(
             attention=self.attention,
             saved=self.saved if method in COMPRESSED_METHODS else None,
-            rank=0.8 if threshold is None else threshold,
+            rank=eps,
+            weight_rank=eps if method in FACTORED_METHODS else 0.9,
             lora_r=self.lora_r,
             lora_alpha=2 * self.lora_r,
         )
@@ -287,16 +306,21 @@ def transformer_measurements(
     gradients, optimizer state, the peak activation memory over forward and
     backward and the step's peak, and the saved bytes by kind.
     """
+    modules = dict(model.named_modules())
+    factored = [n for n in layers if isinstance(modules[n], LowRankModule)]
     mem = training_memory(
         model,
         x,
         optimizer,
         loss_fn=lambda out: cross_entropy(out, y),
-        layers=list(layers),
+        layers=[n for n in layers if n not in factored],
         attribute=False,
     )
+    # A factored layer is no Conv/Linear of the saved-tensor report: what it keeps is
+    # among the other modules' saves.
+    by_module = dict(mem.saved.other_by_module)
     fields = {
-        "mem_bytes": mem.kept_bytes,
+        "mem_bytes": mem.kept_bytes + sum(by_module.get(n, 0) for n in factored),
         "mem_analytic_bytes": mem.saved.analytic_bytes,
         "mem_vanilla_bytes": mem.saved.vanilla_bytes,
         "mem_full_bytes": mem.activations_bytes,

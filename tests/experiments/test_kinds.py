@@ -120,6 +120,9 @@ def test_block_settings_options() -> None:
     assert s.options("lora", None).saved is None and s.options("lora", None).lora_alpha == 16
     assert K.BlockSettings(saved=None).options("hosvd", 0.8).saved is None
     assert all(s.options(m, 0.8).attention == "sdpa" for m in K.TRANSFORMER_METHODS)
+    # WSI/WASI: the threshold is the weights' explained variance too; WASI keeps int8.
+    assert s.options("wasi", 0.7).weight_rank == 0.7 and s.options("wasi", 0.7).saved == "int8"
+    assert s.options("wsi", 0.7).weight_rank == 0.7 and s.options("wsi", 0.7).saved is None
 
 
 # ---------------------------------------------------------------------------
