@@ -86,7 +86,7 @@ __all__ = [
 
 # Bump when the source task or the pretraining loop changes: old cache
 # entries then no longer match.
-_PRETRAIN_VERSION = 4
+_PRETRAIN_VERSION = 5
 
 
 # ---------------------------------------------------------------------------
@@ -649,7 +649,7 @@ class PretrainConfig:
 VIT_PRETRAINING = PretrainConfig(
     steps=600,
     batch_size=64,
-    lr=5e-4,
+    lr=1e-3,
     weight_decay=0.05,
     eval_samples=1000,
     optimizer="adamw",

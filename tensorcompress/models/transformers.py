@@ -49,6 +49,8 @@ def vit_tiny(
     patch_size: int = 4,
     num_layers: int = 12,
     attn_implementation: str | None = None,
+    small_data_init: bool = True,
+    init_blocks: int = 2,
     **config: Any,
 ) -> ViTForImageClassification:
     """ViT-Tiny (hidden 192, 3 heads, MLP 768) for small images, randomly initialised.
@@ -65,6 +67,18 @@ def vit_tiny(
         Number of transformer blocks.
     attn_implementation : str, optional
         ``"eager"``, ``"sdpa"``, ...; by default transformers' own default.
+    small_data_init : bool, default True
+        Re-initialise for training from scratch on small data: position
+        embeddings drawn from N(0, 1) instead of N(0, 0.02²) (one draw per 2×2
+        block of patches, so that they survive interpolation to half the
+        image side), the patch
+        embedding LeCun-normal (std ``1/sqrt(3·patch_size²)``) and every Linear
+        of the first ``init_blocks`` blocks Glorot-uniform; the other blocks
+        and the head keep Hugging Face's N(0, 0.02²). Same architecture,
+        parameter names and ``state_dict`` keys. False: Hugging Face's
+        initialisation unchanged.
+    init_blocks : int, default 2
+        Blocks given Glorot-uniform Linears by ``small_data_init``.
     **config
         Any other ``transformers.ViTConfig`` field (``hidden_size``,
         ``num_attention_heads``, ``intermediate_size``, dropout rates...).
@@ -88,7 +102,44 @@ def vit_tiny(
         image_size=image_size, patch_size=patch_size, num_hidden_layers=num_layers, **fields
     )
     _set_attention(cfg, attn_implementation)
-    return ViTForImageClassification(cfg)
+    model = ViTForImageClassification(cfg)
+    if small_data_init:
+        _small_data_init(model, init_blocks)
+    return model
+
+
+def _small_data_init(model: ViTForImageClassification, init_blocks: int) -> None:
+    """:func:`vit_tiny`'s ``small_data_init``, in place (draws from the global RNG).
+
+    With Hugging Face's init (every weight N(0, 0.02²)) the position embeddings
+    are tiny next to the patches' content and attention starts uniform, so every
+    block pools a bag of patches that ignores where they are; on the procedural
+    shapes a ViT-Tiny then stays at chance loss for hundreds of steps. Large
+    random position embeddings and full-gain first blocks give the first blocks
+    position-dependent mixing from the start (a 2-block ViT then learns about as
+    fast as an MLP on flattened patches); the deeper blocks keep the small init so
+    that the 12-block model starts close to that shallow one.
+    """
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        embeddings = model.vit.embeddings
+        # Random on the half-side grid, each value repeated over a 2×2 block of
+        # patches: interpolated to half the image side (coarse-resolution
+        # pretraining) they keep nearly the same values, so both sides agree.
+        pos = embeddings.position_embeddings
+        grid = round((pos.shape[1] - 1) ** 0.5)
+        coarse = torch.randn(1, pos.shape[2], (grid + 1) // 2, (grid + 1) // 2)
+        fine = torch.nn.functional.interpolate(coarse, scale_factor=2, mode="nearest")
+        pos[0, 1:] = fine[..., :grid, :grid].flatten(2).transpose(1, 2)
+        pos[0, 0].normal_(0.0, 1.0)
+        conv = embeddings.patch_embeddings.projection
+        nn.init.trunc_normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)
+        for block in list(model.vit.layers)[:init_blocks]:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
 
 
 @dataclass(frozen=True)
@@ -241,6 +292,18 @@ def tiny_llama(
         Vocabulary size (smaller for quick tests).
     attn_implementation : str, optional
         ``"eager"``, ``"sdpa"``, ...; by default transformers' own default.
+    small_data_init : bool, default True
+        Re-initialise for training from scratch on small data: position
+        embeddings drawn from N(0, 1) instead of N(0, 0.02²) (one draw per 2×2
+        block of patches, so that they survive interpolation to half the
+        image side), the patch
+        embedding LeCun-normal (std ``1/sqrt(3·patch_size²)``) and every Linear
+        of the first ``init_blocks`` blocks Glorot-uniform; the other blocks
+        and the head keep Hugging Face's N(0, 0.02²). Same architecture,
+        parameter names and ``state_dict`` keys. False: Hugging Face's
+        initialisation unchanged.
+    init_blocks : int, default 2
+        Blocks given Glorot-uniform Linears by ``small_data_init``.
     **config
         Any other ``transformers.LlamaConfig`` field.
 

@@ -285,3 +285,33 @@ def test_mcunet_forward_224() -> None:
     assert order == [n for n, _ in convs]
     assert heights == [h for *_, h in MCUNET_SPEC]
     assert heights[-4:] == [7, 7, 7, 7]
+
+
+def test_vit_tiny_small_data_init() -> None:
+    pytest.importorskip("transformers")
+    from tensorcompress.models.transformers import vit_tiny
+
+    torch.manual_seed(0)
+    new = vit_tiny(num_layers=4)
+    torch.manual_seed(0)
+    old = vit_tiny(num_layers=4, small_data_init=False)
+    # The same model: only the initial values differ.
+    assert {k: v.shape for k, v in new.state_dict().items()} == {
+        k: v.shape for k, v in old.state_dict().items()
+    }
+    # Position embeddings as large as the patches' content, not N(0, 0.02²).
+    assert abs(float(new.vit.embeddings.position_embeddings.std()) - 1.0) < 0.05
+    assert float(old.vit.embeddings.position_embeddings.std()) < 0.05
+    conv = new.vit.embeddings.patch_embeddings.projection.weight
+    assert abs(float(conv.std()) * 48**0.5 - 1.0) < 0.1  # LeCun-normal
+    # First two blocks Glorot-uniform (std sqrt(2 / (in + out))), the rest unchanged.
+    for i, block in enumerate(new.vit.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w = getattr(block.attention, name).weight
+            want = (2 / 384) ** 0.5 if i < 2 else 0.02
+            assert abs(float(w.std()) / want - 1) < 0.1, (i, name)
+        fc1 = block.mlp.fc1.weight
+        assert abs(float(fc1.std()) / ((2 / 960) ** 0.5 if i < 2 else 0.02) - 1) < 0.1
+    assert abs(float(new.classifier.weight.std()) / 0.02 - 1) < 0.15
+    x = torch.randn(2, 3, 32, 32)
+    assert new(x).logits.shape == (2, 10)
