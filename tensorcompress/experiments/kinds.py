@@ -338,7 +338,7 @@ def transformer_measurements(
 # The transformer targets
 # ---------------------------------------------------------------------------
 
-ASI_METHODS: tuple[str, ...] = ("asi", "lora+asi")
+ASI_METHODS: tuple[str, ...] = ("asi", "lora+asi", "wasi")
 """The ASI-based methods of a transformer run."""
 
 

@@ -339,6 +339,8 @@ _COLOURS = {
     "checkpoint": "tab:green",
     "lora": "tab:olive",
     "lora+asi": "tab:brown",
+    "wsi": "tab:cyan",
+    "wasi": "tab:pink",
 }
 _MARKERS = {
     "vanilla": "*",
@@ -349,6 +351,8 @@ _MARKERS = {
     "checkpoint": "P",
     "lora": "^",
     "lora+asi": "X",
+    "wsi": "<",
+    "wasi": ">",
 }
 _HOLLOW = {"hosvd", "svd"}  # drawn open, so ASI (at HOSVD's memory) shows through
 _STYLES = ("-", "--", ":", "-.")

@@ -293,8 +293,11 @@ class RunConfig:
 
     @property
     def threshold_methods(self) -> tuple[str, ...]:
-        """The methods with one row per threshold: :data:`THRESHOLD_METHODS`, and LoRA+ASI."""
-        return (*THRESHOLD_METHODS, "lora+asi") if self.transformer else THRESHOLD_METHODS
+        """The methods with one row per threshold: :data:`THRESHOLD_METHODS`, and for a
+        transformer LoRA+ASI, WSI and WASI."""
+        if self.transformer:
+            return (*THRESHOLD_METHODS, "lora+asi", *K.FACTORED_METHODS)
+        return THRESHOLD_METHODS
 
     def rows(self) -> list[tuple[str, str, float | None]]:
         """The (method, layers, threshold) configurations, in table order.
@@ -321,6 +324,8 @@ LABELS = {
     "checkpoint": "checkpointing",
     "lora": "LoRA r{r}",
     "lora+asi": "LoRA+ASI ε={eps:g}",
+    "wsi": "WSI ε={eps:g}",
+    "wasi": "WASI ε={eps:g}",
 }
 """Display names; a CNN's ASI ε is that of the HOSVD memory budget it fits, a
 transformer's the explained variance its ranks keep."""

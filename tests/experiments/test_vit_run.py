@@ -122,6 +122,7 @@ def test_config_of_a_transformer_run() -> None:
     rows = config.rows()
     assert ("vanilla", "all", None) in rows and ("checkpoint", "all", None) not in rows
     assert ("lora+asi", "4", 0.9) in rows and ("lora", "4", None) in rows
+    assert ("wasi", "2", 0.8) in rows and ("wsi", "4", 0.95) in rows
     with pytest.raises(ValueError, match="gradient_filter"):
         run_mod.RunConfig(model="vit_tiny", methods=("gradient_filter",))
     with pytest.raises(ValueError, match="unknown model"):
@@ -141,8 +142,12 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
         "HOSVD ε=0.8",
         "SVD ε=0.8",
         "ASI ε=0.8",
+        "WSI ε=0.8",
+        "WASI ε=0.8",
     ]
     by = {(r.method, r.layers): r for r in exp.rows}
+    # The factored rows keep the layers' inputs (WSI) or their decompositions (WASI).
+    assert by["wasi", "1"].mem_mb < by["wsi", "1"].mem_mb <= by["vanilla", "1"].mem_mb
     assert all(r.peak_mb > r.peak_act_mb > 0 for r in exp.rows)
     assert by["checkpoint", "1"].mem_mb == 0  # the block keeps its input only
     assert by["asi", "1"].mem_mb < by["vanilla", "1"].mem_mb
