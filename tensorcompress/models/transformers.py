@@ -292,18 +292,6 @@ def tiny_llama(
         Vocabulary size (smaller for quick tests).
     attn_implementation : str, optional
         ``"eager"``, ``"sdpa"``, ...; by default transformers' own default.
-    small_data_init : bool, default True
-        Re-initialise for training from scratch on small data: position
-        embeddings drawn from N(0, 1) instead of N(0, 0.02²) (one draw per 2×2
-        block of patches, so that they survive interpolation to half the
-        image side), the patch
-        embedding LeCun-normal (std ``1/sqrt(3·patch_size²)``) and every Linear
-        of the first ``init_blocks`` blocks Glorot-uniform; the other blocks
-        and the head keep Hugging Face's N(0, 0.02²). Same architecture,
-        parameter names and ``state_dict`` keys. False: Hugging Face's
-        initialisation unchanged.
-    init_blocks : int, default 2
-        Blocks given Glorot-uniform Linears by ``small_data_init``.
     **config
         Any other ``transformers.LlamaConfig`` field.
 
