@@ -60,6 +60,7 @@ __all__ = [
     "ASI_METHODS",
     "CNN_METHODS",
     "COMPRESSED_METHODS",
+    "DEFAULT_TRANSFORMER_METHODS",
     "FACTORED_METHODS",
     "TRANSFORMER_METHODS",
     "BlockSettings",
@@ -92,6 +93,13 @@ TRANSFORMER_METHODS: tuple[str, ...] = (
     "wasi",
 )
 """Methods of a transformer run, those of :func:`tensorcompress.torch.transformer.prepare`."""
+
+DEFAULT_TRANSFORMER_METHODS: tuple[str, ...] = tuple(
+    m for m in TRANSFORMER_METHODS if m not in ("hosvd", "svd")
+)
+"""A transformer run's methods when none are given. HOSVD and SVD keep what ASI keeps
+at 1.3-6.6x its step time (``docs/guides/transformer-memory.md``), so they run only
+when asked for (``--methods``)."""
 
 COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi", "wasi")
 """Methods that compress the blocks' Linear inputs at an explained-variance threshold."""

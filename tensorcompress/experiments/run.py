@@ -144,7 +144,8 @@ class RunConfig:
     methods : tuple of str
         Among the model kind's methods (:data:`tensorcompress.torch.METHODS`
         for a CNN, :data:`~tensorcompress.experiments.kinds.TRANSFORMER_METHODS`
-        for a transformer); empty: all of them, in that order.
+        for a transformer); empty: all of a CNN's, a transformer's
+        :data:`~tensorcompress.experiments.kinds.DEFAULT_TRANSFORMER_METHODS`.
     thresholds : tuple of float
         Explained variances of HOSVD and SVD, and the budgets
         ``hosvd@threshold`` of ASI: one row per threshold for each of
@@ -231,7 +232,8 @@ class RunConfig:
         object.__setattr__(self, "model", key)
         valid = self.valid_methods
         if not self.methods:
-            object.__setattr__(self, "methods", valid)
+            default = K.DEFAULT_TRANSFORMER_METHODS if self.transformer else valid
+            object.__setattr__(self, "methods", default)
         unknown = [m for m in self.methods if m not in valid]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown} for {key}; valid methods are: {valid}")
@@ -1106,7 +1108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         help=f"CNN: among {', '.join(METHODS)}; vit_tiny: among "
-        f"{', '.join(K.TRANSFORMER_METHODS)} (all of them)",
+        f"{', '.join(K.TRANSFORMER_METHODS)} (all but hosvd and svd)",
     )
     g.add_argument(
         "--thresholds",

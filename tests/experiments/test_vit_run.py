@@ -118,7 +118,8 @@ def test_vit_pretraining_and_load_pretrained(
 def test_config_of_a_transformer_run() -> None:
     config = run_mod.RunConfig(model="ViT-Tiny", resolution=32)
     assert config.model == "vit_tiny" and config.transformer
-    assert config.methods == K.TRANSFORMER_METHODS
+    assert config.methods == K.DEFAULT_TRANSFORMER_METHODS
+    assert "hosvd" not in config.methods and "wasi" in config.methods
     rows = config.rows()
     assert ("vanilla", "all", None) in rows and ("checkpoint", "all", None) not in rows
     assert ("lora+asi", "4", 0.9) in rows and ("lora", "4", None) in rows
@@ -131,7 +132,9 @@ def test_config_of_a_transformer_run() -> None:
 
 
 def test_every_transformer_method_runs(tmp_path: Path) -> None:
-    exp = run_mod.run_experiment(_tiny(tmp_path, layers=("all", "1")))
+    exp = run_mod.run_experiment(
+        _tiny(tmp_path, layers=("all", "1"), methods=K.TRANSFORMER_METHODS)
+    )
     labels = [r.label for r in exp.rows]
     assert labels == [
         "vanilla",
