@@ -937,7 +937,8 @@ def _notes(
         notes += [
             "N = last blocks; trained: their Linear layers (LoRA: its adapters) and everything "
             "after the blocks (final norm, classifier). Every row: "
-            f"{b.attention} attention. HOSVD, SVD, ASI: the blocks' Linear inputs compressed at ε"
+            f"{b.attention} attention. HOSVD, SVD, ASI, WASI: the blocks' Linear inputs "
+            "compressed at ε"
             + (
                 ", and every other tensor the blocks save (attention, norms, GELU) kept as "
                 "per-block int8 (approximate)"
@@ -946,7 +947,8 @@ def _notes(
             ),
             "ASI ε, LoRA+ASI ε: ranks fixed at ASI's cold start by explained variance ε "
             f"(q/k/v share one decomposition); LoRA: peft, r={b.lora_r}, alpha={2 * b.lora_r}; "
-            "peak act, peak: training_memory on the timing batch",
+            "WSI ε, WASI ε: each weight trained as factors of the rank that keeps ε of its "
+            "spectrum; peak act, peak: training_memory on the timing batch",
         ]
     elif "asi" in config.methods:
         notes.append(
