@@ -398,20 +398,17 @@ class _Int8Elementwise(torch.autograd.Function):
         return x, None, None
 
 
-class _Int8Forward:
+def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An element-wise activation's forward through :class:`_Int8Elementwise` (training only)."""
+    fn = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled() and x.requires_grad:
+        return _Int8Elementwise.apply(x, fn, self._int8_block)
+    return fn(x)
 
-    def __init__(self, module: nn.Module, block: int):
-        self.module = weakref.ref(module)
-        self.block = block
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module()
-        assert module is not None  # the method lives on the module's instance
-        fn = functools.partial(type(module).forward, module)
-        if module.training and torch.is_grad_enabled() and x.requires_grad:
-            return _Int8Elementwise.apply(x, fn, self.block)
-        return fn(x)
+def _is_int8_activation(m: nn.Module) -> bool:
+    fwd = m.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ is _int8_forward
 
 
 def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
@@ -451,7 +448,8 @@ def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.M
                 f"{type(m).__name__} already has its own forward on the instance "
                 "(recomputed, or patched elsewhere)"
             )
-        m.forward = _Int8Forward(m, block)
+        setattr(m, "_int8_block", block)  # noqa: B010 - nn.Module attributes are typed as tensors
+        m.forward = types.MethodType(_int8_forward, m)
         changed.append(m)
     return changed
 
@@ -507,7 +505,7 @@ class Int8Saved:
                 if (
                     plain_type(m) is not None
                     or isinstance(m, (nn.Conv3d, CompressedModule, LowRankModule))
-                    or isinstance(m.__dict__.get("forward"), _Int8Forward)
+                    or _is_int8_activation(m)
                 ):
                     self.handles.append(m.register_forward_pre_hook(self._layer_enter))
                     self.handles.append(m.register_forward_hook(self._layer_exit, always_call=True))
@@ -779,8 +777,8 @@ def restore_blocks(model: nn.Module) -> nn.Module:
     """
     _uncheckpoint(model)
     for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), _Int8Forward):
-            del m.forward
+        if _is_int8_activation(m):
+            del m.forward, m._int8_block
         saver = _SAVERS.pop(m, None)
         if saver is not None:
             saver.remove()

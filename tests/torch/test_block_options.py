@@ -6,6 +6,7 @@ vanilla autograd in float64; the int8 saved form against its error bound.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -385,6 +386,9 @@ def test_int8_activation_exact_forward_and_the_gradient_at_the_dequantized_input
     x_hat = dequantize_int8(*quantize_int8(x.detach(), 64), x.shape, x.dtype).requires_grad_()
     (want,) = torch.autograd.grad(reference(x_hat), x_hat, grad)
     torch.testing.assert_close(got, want)
+    twin = copy.deepcopy(act)  # a copy runs its own forward, not the original's
+    twin.eval()
+    assert act.training and "Int8" not in type(twin(x).grad_fn).__name__
     act.eval()  # evaluation keeps nothing: the module's own forward
     assert act(x).grad_fn is not None and "Int8" not in type(act(x).grad_fn).__name__
 
