@@ -272,19 +272,22 @@ def checkpoint_modules(modules: Sequence[nn.Module]) -> None:
         Whole blocks, or the element-wise modules inside them.
     """
     for m in modules:
-        if "forward" in m.__dict__:
-            raise ValueError(
-                f"{type(m).__name__} already has its own forward on the instance "
-                "(checkpointed twice, or patched elsewhere)"
-            )
-        m.forward = types.MethodType(_checkpointed_forward, m)
+        _patch_forward(m, _checkpointed_forward)
 
 
-def _uncheckpoint(model: nn.Module) -> None:
-    for m in model.modules():
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and fwd.__func__ is _checkpointed_forward:
-            del m.forward
+def _patch_forward(m: nn.Module, forward: Callable[..., Any]) -> None:
+    """Bind ``forward`` on the instance (a deep copy then binds to the copy)."""
+    if "forward" in m.__dict__:
+        raise ValueError(
+            f"{type(m).__name__} already has its own forward on the instance "
+            "(checkpointed or int8 already, or patched elsewhere)"
+        )
+    m.forward = types.MethodType(forward, m)
+
+
+def _patched_by(m: nn.Module, forward: Callable[..., Any]) -> bool:
+    fwd = m.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ is forward
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +362,6 @@ _NOT_ELEMENTWISE = (
     nn.LogSoftmax,
     nn.Softmax2d,
     nn.GLU,
-    nn.MultiheadAttention,
 )
 
 
@@ -406,11 +408,6 @@ def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fn(x)
 
 
-def _is_int8_activation(m: nn.Module) -> bool:
-    fwd = m.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _int8_forward
-
-
 def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
     """Make the element-wise activation modules among ``modules`` keep their input as int8.
 
@@ -443,13 +440,8 @@ def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.M
     for m in modules:
         if not _elementwise_activation(m):
             continue
-        if "forward" in m.__dict__:
-            raise ValueError(
-                f"{type(m).__name__} already has its own forward on the instance "
-                "(recomputed, or patched elsewhere)"
-            )
+        _patch_forward(m, _int8_forward)
         setattr(m, "_int8_block", block)  # noqa: B010 - nn.Module attributes are typed as tensors
-        m.forward = types.MethodType(_int8_forward, m)
         changed.append(m)
     return changed
 
@@ -505,7 +497,7 @@ class Int8Saved:
                 if (
                     plain_type(m) is not None
                     or isinstance(m, (nn.Conv3d, CompressedModule, LowRankModule))
-                    or _is_int8_activation(m)
+                    or _patched_by(m, _int8_forward)
                 ):
                     self.handles.append(m.register_forward_pre_hook(self._layer_enter))
                     self.handles.append(m.register_forward_hook(self._layer_exit, always_call=True))
@@ -775,9 +767,10 @@ def restore_blocks(model: nn.Module) -> nn.Module:
     Compressed layers stay (:func:`~tensorcompress.torch.restore`), and so do
     LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags.
     """
-    _uncheckpoint(model)
     for m in model.modules():
-        if _is_int8_activation(m):
+        if _patched_by(m, _checkpointed_forward):
+            del m.forward
+        if _patched_by(m, _int8_forward):
             del m.forward, m._int8_block
         saver = _SAVERS.pop(m, None)
         if saver is not None:
