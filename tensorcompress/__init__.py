@@ -6,6 +6,7 @@ adapter lives in :mod:`tensorcompress.torch`.
 """
 
 from tensorcompress import asi, hosvd, rank, svd, tenalg
+from tensorcompress._sweep import chosen_plans, measured_plans
 from tensorcompress.rank import ExplainedVariance, Fixed
 from tensorcompress.results import SVDResult, TuckerResult
 
@@ -15,7 +16,9 @@ __all__ = [
     "SVDResult",
     "TuckerResult",
     "asi",
+    "chosen_plans",
     "hosvd",
+    "measured_plans",
     "rank",
     "svd",
     "tenalg",

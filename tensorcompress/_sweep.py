@@ -1,14 +1,16 @@
 """The plan of a sequential sweep over a tensor's modes (ST-HOSVD and warm ASI).
 
 A sweep visits the modes in turn, each on the tensor already projected onto
-the earlier modes' factors. This module chooses the order of least estimated
-cost and, where that is cheaper, visits a block of small trailing modes (the
-7 x 7 spatial modes of a late conv's input) jointly: one Gram matrix of the
-block's joint unfolding gives every mode of the block its Gram matrix by a
-partial trace, and one product with the Kronecker product of the block's
-factors projects the tensor. Narrow products (width 4 or 7) run far below
-the BLAS's speed, so this replaces four narrow passes over the tensor by two
-wide ones.
+the earlier modes' factors. A plan fixes the order, whether a block of small
+trailing modes (the 7 x 7 spatial modes of a late conv's input) is visited
+jointly (one Gram matrix of the block's joint unfolding gives every mode of
+the block its Gram matrix by a partial trace, and one product with the
+Kronecker product of the block's factors projects the tensor), and, for ASI,
+whether each mode iterates on its Gram matrix or on two thin products.
+
+An estimate of the multiply-adds ranks the plans (:func:`plans`); the
+fastest one depends on the BLAS and the thread count, so :func:`run` times
+the best estimates on a large tensor's first sweep and keeps the winner.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from tensorcompress import rank as _rank
 from tensorcompress import tenalg
@@ -27,8 +31,21 @@ from tensorcompress._array import Array, device
 # pass over the tensor costs about as much as a product this wide.
 _MIN_WIDTH = 16
 
-Step = tuple[int, ...]
-"""One mode, or a block of trailing modes visited jointly."""
+R = TypeVar("R")
+
+
+class Step(NamedTuple):
+    """One step of a sweep."""
+
+    modes: tuple[int, ...]
+    """One mode, or a block of trailing modes visited jointly (in this order)."""
+    gram: bool = True
+    """The basis comes from the Gram matrix (one wide pass over the tensor);
+    False: a subspace-iteration step by two thin products (ASI only)."""
+
+
+Plan = tuple[Step, ...]
+"""The steps of a sweep, in the order they run."""
 
 
 def _pass(size: int, width: int, batched: bool) -> int:
@@ -41,61 +58,60 @@ def _batched(shape: Sequence[int], mode: int) -> bool:
     return math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
 
 
-def gram_is_cheaper(shape: Sequence[int], mode: int, rank: int) -> bool:
-    """Whether a subspace-iteration step should use the Gram matrix (one wide
-    pass over the tensor) rather than two thin products (two narrow passes)."""
-    size, batched = math.prod(shape), _batched(shape, mode)
-    return _pass(size, int(shape[mode]), batched) <= 2 * _pass(size, rank, batched)
-
-
-def step_cost(shape: Sequence[int], mode: int, rank: int, iterate: bool) -> int:
+def step_cost(shape: Sequence[int], mode: int, rank: int, gram: bool = True) -> int:
     """Estimated cost of one mode's step on a tensor of ``shape``.
 
-    An exact basis needs the Gram matrix (one pass of width ``dim``); a
-    subspace-iteration step the cheaper of that and two thin products (two
-    passes of width ``rank``). Both then project (a pass of width ``rank``).
-    Counted in multiply-adds, with narrow and batched products charged as
-    memory-bound (see ``_MIN_WIDTH``). A mode kept whole costs nothing.
+    The Gram matrix costs one pass of width ``dim``; a subspace-iteration
+    step by thin products (``gram=False``) two passes of width ``rank``. Both
+    then project (a pass of width ``rank``). Counted in multiply-adds, with
+    narrow and batched products charged as memory-bound (see
+    ``_MIN_WIDTH``). A mode kept whole costs nothing.
     """
     n, size, batched = int(shape[mode]), math.prod(shape), _batched(shape, mode)
     if rank == n:
         return 0
-    gram = _pass(size, n, batched)
-    basis = min(gram, 2 * _pass(size, rank, batched)) if iterate else gram
+    basis = _pass(size, n, batched) if gram else 2 * _pass(size, rank, batched)
     return basis + _pass(size, rank, batched)
 
 
-def _best_order(
+def _cost(shape: Sequence[int], ranks: Sequence[_rank.ModeRank], steps: Plan) -> int:
+    # A block is charged as one mode of the joint size (its Gram matrix).
+    current, cost = [int(n) for n in shape], 0
+    for step in steps:
+        first = min(step.modes)
+        merged = (*current[:first], math.prod(current[first:]))
+        rank = math.prod(int(ranks[k]) for k in step.modes)
+        cost += step_cost(merged if len(step.modes) > 1 else current, first, rank, step.gram)
+        for k in step.modes:
+            current[k] = int(ranks[k])
+    return cost
+
+
+def _with_gram_choices(
     shape: Sequence[int],
     ranks: Sequence[_rank.ModeRank],
-    modes: Sequence[int],
+    units: Sequence[tuple[int, ...]],
     iterate: bool,
-    gram_only: int | None = None,
-) -> tuple[tuple[int, ...], int]:
-    # Least total cost, by enumeration up to 6 modes and greedily beyond.
-    def total(order: Sequence[int]) -> int:
-        current, cost = [int(n) for n in shape], 0
-        for k in order:
+) -> Plan:
+    # Each single mode takes the cheaper basis on the tensor it will see.
+    current, steps = [int(n) for n in shape], []
+    for modes in units:
+        gram = True
+        if iterate and len(modes) == 1:
+            (k,) = modes
             r = int(ranks[k])
-            cost += step_cost(current, k, r, iterate and k != gram_only)
-            current[k] = r
-        return cost
-
-    if len(modes) <= 6:
-        best = min(itertools.permutations(modes), key=total)
-    else:
-        best, left = (), list(modes)
-        while left:
-            k = min(left, key=lambda m: total((*best, m)))
-            best, left = (*best, k), [m for m in left if m != k]
-    return best, total(best)
+            gram = step_cost(current, k, r, True) <= step_cost(current, k, r, False)
+        steps.append(Step(modes, gram))
+        for k in modes:
+            current[k] = int(ranks[k])
+    return tuple(steps)
 
 
 @functools.lru_cache(maxsize=256)
-def plan(
+def plans(
     shape: tuple[int, ...], ranks: tuple[_rank.ModeRank, ...], iterate: bool = False
-) -> tuple[Step, ...]:
-    """Steps of a sequential sweep, in the order of least estimated cost.
+) -> tuple[Plan, ...]:
+    """Every candidate plan of a sequential sweep, cheapest estimate first.
 
     Parameters
     ----------
@@ -108,35 +124,180 @@ def plan(
 
     Returns
     -------
-    tuple of tuple of int
-        Each step is one mode, or a block of trailing modes with fixed ranks
-        visited jointly through their joint Gram matrix (see
-        :func:`block_sweep`), its modes in the order they are visited. Modes
-        with fixed ranks come first, in the order of least :func:`step_cost`;
-        threshold modes last, smallest first.
+    tuple of Plan
+        Modes with fixed ranks come first, in every order (up to 6 of them;
+        beyond, the greedy order of least cost), each optionally with a block
+        of trailing fixed modes visited jointly through their joint Gram
+        matrix (see :func:`block_sweep`); threshold modes last, smallest
+        first. Each mode takes the basis (Gram or thin products) of least
+        :func:`step_cost`. Sorted by estimated total cost.
     """
     ndim = len(shape)
     fixed = [k for k in range(ndim) if isinstance(ranks[k], int)]
-    rest = sorted((k for k in range(ndim) if k not in fixed), key=lambda k: shape[k])
-    order, cost = _best_order(shape, ranks, fixed, iterate)
-    steps: list[Step] = [(k,) for k in order]
-    # Merge the modes from `head` on into one mode that always uses its Gram
-    # matrix, while they all have fixed ranks; keep the cheapest plan.
+    rest = tuple(
+        Step((k,))
+        for k in sorted((k for k in range(ndim) if k not in fixed), key=lambda k: shape[k])
+    )
+    groupings: list[list[tuple[int, ...]]] = [[(k,) for k in fixed]]
     for head in range(ndim - 2, 0, -1):
         if not all(isinstance(r, int) for r in ranks[head:]):
             break
-        merged, merged_cost = _best_order(
-            (*shape[:head], math.prod(shape[head:])),
-            (*ranks[:head], math.prod(int(r) for r in ranks[head:])),
-            [k for k in fixed if k <= head],
-            iterate,
-            gram_only=head,
+        # The block's own modes run largest first (the most shrinkage early).
+        block = tuple(sorted(range(head, ndim), key=lambda k: (-shape[k], -k)))
+        groupings.append([*((k,) for k in fixed if k < head), block])
+    found: dict[Plan, int] = {}
+    for units in groupings:
+        orders = (
+            itertools.permutations(units)
+            if len(units) <= 6
+            else [_greedy(shape, ranks, units, iterate)]
         )
-        if merged_cost < cost:
-            block = tuple(k for k in order if k >= head)
-            steps = [block if k == head else (k,) for k in merged]
-            cost = merged_cost
-    return (*steps, *((k,) for k in rest))
+        for order in orders:
+            steps = (*_with_gram_choices(shape, ranks, order, iterate), *rest)
+            found.setdefault(steps, _cost(shape, ranks, steps))
+    return tuple(sorted(found, key=found.__getitem__))
+
+
+def _greedy(
+    shape: Sequence[int],
+    ranks: Sequence[_rank.ModeRank],
+    units: Sequence[tuple[int, ...]],
+    iterate: bool,
+) -> tuple[tuple[int, ...], ...]:
+    order: tuple[tuple[int, ...], ...] = ()
+    left = list(units)
+    while left:
+        best = min(
+            left,
+            key=lambda u: _cost(
+                shape, ranks, _with_gram_choices(shape, ranks, (*order, u), iterate)
+            ),
+        )
+        order, left = (*order, best), [u for u in left if u != best]
+    return order
+
+
+def plan(shape: tuple[int, ...], ranks: tuple[_rank.ModeRank, ...], iterate: bool = False) -> Plan:
+    """The plan of least estimated cost (see :func:`plans`)."""
+    return plans(shape, ranks, iterate)[0]
+
+
+def gram_flips(steps: Plan) -> Iterator[Plan]:
+    """``steps`` with one single-mode step's basis switched (Gram / thin products)."""
+    for i, step in enumerate(steps):
+        if len(step.modes) == 1:
+            yield (*steps[:i], step._replace(gram=not step.gram), *steps[i + 1 :])
+
+
+# Measured choice
+# ---------------------------------------------------------------------------
+
+# Sweeps over fewer entries take a few milliseconds, where the estimate is
+# good enough; measuring would cost more than it saves.
+MEASURE_FROM = 1 << 20
+# Candidates timed: the cheapest estimates, then the winner's basis flips.
+_CANDIDATES = 6
+
+_measuring = True
+_chosen: dict[tuple[Any, ...], Plan] = {}
+
+
+def measured_plans(enabled: bool) -> bool:
+    """Turn the measured choice of sweep plans on or off.
+
+    When on (the default), the first sequential sweep (``hosvd.decompose``,
+    a warm ``asi.decompose``) of each shape, ranks, method, dtype and torch
+    thread count, over at least :data:`MEASURE_FROM` entries on a CPU, times
+    a few candidate plans on its own input (the cheapest estimates, then the
+    winner with each mode's basis switched between Gram matrix and thin
+    products) and keeps the fastest for the rest of the process. The fastest
+    order and product shapes depend on the BLAS and the thread count, which
+    an estimate cannot know. Every order is a valid ST-HOSVD / ASI sweep, but
+    the order changes the result slightly: turn measuring off where results
+    must not depend on the machine.
+
+    Parameters
+    ----------
+    enabled : bool
+        Measure (True) or always take the estimated plan (False).
+
+    Returns
+    -------
+    bool
+        The previous setting.
+    """
+    global _measuring
+    previous, _measuring = _measuring, bool(enabled)
+    return previous
+
+
+def chosen_plans() -> dict[tuple[Any, ...], Plan]:
+    """The plans chosen by measurement in this process.
+
+    Returns
+    -------
+    dict
+        ``(shape, ranks, iterate, dtype, threads)`` to the :data:`Plan` kept;
+        ``iterate`` is True for ASI's warm steps, False for HOSVD.
+    """
+    return dict(_chosen)
+
+
+def run(
+    x: Array,
+    ranks: tuple[_rank.ModeRank, ...],
+    iterate: bool,
+    sweep: Callable[[Plan], R],
+) -> R:
+    """``sweep(plan)`` with the plan chosen for ``x``'s shape and ``ranks``.
+
+    The estimated plan (:func:`plan`), or, for a large tensor on a CPU with
+    :func:`measured_plans` on, the fastest of the candidates measured on the
+    first call (cached).
+    """
+    shape = tuple(int(n) for n in x.shape)
+    candidates = plans(shape, ranks, iterate)
+    if (
+        len(candidates) == 1
+        or not _measuring
+        or math.prod(shape) < MEASURE_FROM
+        or str(device(x)) != "cpu"
+    ):
+        return sweep(candidates[0])
+    key = (shape, ranks, iterate, str(x.dtype), _threads(x))
+    if key in _chosen:
+        return sweep(_chosen[key])
+    timed: dict[Plan, tuple[float, R]] = {}
+
+    def measure(steps: Plan) -> None:
+        if steps in timed:
+            return
+        best: tuple[float, R] | None = None
+        for _ in range(2):  # the first run pays one-time costs
+            start = time.perf_counter()
+            result = sweep(steps)
+            seconds = time.perf_counter() - start
+            if best is None or seconds < best[0]:
+                best = (seconds, result)
+        assert best is not None
+        timed[steps] = best
+
+    for steps in candidates[:_CANDIDATES]:
+        measure(steps)
+    winner = min(timed, key=lambda p: timed[p][0])
+    if iterate:
+        for steps in gram_flips(winner):
+            measure(steps)
+        winner = min(timed, key=lambda p: timed[p][0])
+    _chosen[key] = winner
+    return timed[winner][1]
+
+
+def _threads(x: Array) -> int | None:
+    # Torch's intra-op threads set the fastest products; numpy's BLAS threads
+    # are not visible without another dependency.
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None and isinstance(x, torch.Tensor) else None
 
 
 def _mode_gram(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:

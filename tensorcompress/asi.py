@@ -111,8 +111,6 @@ def _warm_step(
     rng: np.random.Generator,
 ) -> tuple[Array, list[Array], list[float]]:
     shape = tuple(int(n) for n in x.shape)
-    factors: list[Any] = [None] * x.ndim
-    explained = [1.0] * x.ndim
 
     def start(k: int, like: Array) -> Array:
         return _fit_factor(xp, warm.factors[k], shape[k], ranks[k], like, rng)
@@ -121,36 +119,47 @@ def _warm_step(
         u, total, kept = _iterate_on_gram(xp, g, start(k, g), n_iter)
         return u, _ratio(kept, total)
 
-    t = x
-    energy: float | None = None  # ||t||^2, when known without a pass over t
-    for step in _sweep.plan(shape, ranks, iterate=True):
-        if len(step) > 1:
-            t, block, block_explained = _sweep.block_sweep(xp, t, step, ranks, block_basis)
-            for k in step:
-                factors[k], explained[k] = block[k], block_explained[k]
-            energy = None
-            continue
-        (k,) = step
-        n, r = shape[k], ranks[k]
-        if r == n:
-            # A whole mode needs no subspace: the identity spans it.
-            factors[k] = xp.eye(n, dtype=t.dtype, device=device(t))
-            continue
-        u = start(k, t)
-        if _sweep.gram_is_cheaper(tuple(t.shape), k, r):
-            u, energy, kept = _iterate_on_gram(xp, tenalg.gram(t, k, xp=xp), u, n_iter)
-            t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-        else:
-            for _ in range(n_iter):
-                z = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-                u = _orthonormal(xp, tenalg.cross_gram(t, z, k, xp=xp))
-            if energy is None:
-                energy = to_float(xp.linalg.vector_norm(t)) ** 2
-            t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
-            kept = to_float(xp.linalg.vector_norm(t)) ** 2
-        factors[k], explained[k] = u, _ratio(kept, energy)
-        energy = kept
-    return t, factors, explained
+    padding = rng.bit_generator.state
+
+    def sweep(steps: _sweep.Plan) -> tuple[Array, list[Array], list[float]]:
+        # Every candidate plan draws the same padding (see _sweep.run).
+        rng.bit_generator.state = padding
+        factors: list[Any] = [None] * x.ndim
+        explained = [1.0] * x.ndim
+        t = x
+        energy: float | None = None  # ||t||^2, when known without a pass over t
+        for step in steps:
+            if len(step.modes) > 1:
+                t, block, block_explained = _sweep.block_sweep(
+                    xp, t, step.modes, ranks, block_basis
+                )
+                for k in step.modes:
+                    factors[k], explained[k] = block[k], block_explained[k]
+                energy = None
+                continue
+            (k,) = step.modes
+            n, r = shape[k], ranks[k]
+            if r == n:
+                # A whole mode needs no subspace: the identity spans it.
+                factors[k] = xp.eye(n, dtype=t.dtype, device=device(t))
+                continue
+            u = start(k, t)
+            if step.gram:
+                u, energy, kept = _iterate_on_gram(xp, tenalg.gram(t, k, xp=xp), u, n_iter)
+                t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
+            else:
+                for _ in range(n_iter):
+                    z = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
+                    u = _orthonormal(xp, tenalg.cross_gram(t, z, k, xp=xp))
+                if energy is None:
+                    energy = to_float(xp.linalg.vector_norm(t)) ** 2
+                t = tenalg.mode_dot(t, xp.matrix_transpose(u), k, xp=xp)
+                kept = to_float(xp.linalg.vector_norm(t)) ** 2
+            factors[k], explained[k] = u, _ratio(kept, energy)
+            energy = kept
+        return t, factors, explained
+
+    return _sweep.run(x, ranks, True, sweep)
 
 
 def decompose(

@@ -103,34 +103,37 @@ def _truncate(
     xp: Any, x: Array, ranks: Sequence[_rank.ModeRank], sequential: bool
 ) -> tuple[Array, list[Array], list[float]]:
     ndim = x.ndim
-    factors: list[Any] = [None] * ndim
-    explained = [1.0] * ndim
     if not sequential:
-        for k in range(ndim):
-            factors[k], explained[k] = _basis(xp, x, k, ranks[k])
-        return tenalg.multi_mode_dot(x, factors, transpose=True, xp=xp), factors, explained
-    t = x
-    for step in _sweep.plan(tuple(x.shape), ranks):
-        if len(step) > 1:
-            # Small trailing modes with fixed ranks, visited jointly.
-            t, block, block_explained = _sweep.block_sweep(
-                xp,
-                t,
-                step,
-                ranks,
-                lambda k, g: _gram_basis(xp, g, ranks[k]),
-            )
-            for k in step:
-                factors[k], explained[k] = block[k], block_explained[k]
-            continue
-        (k,) = step
-        # A threshold is defined on x's own unfolding (the textbook rule), so
-        # its rank and basis come from x; fixed ranks use the truncated tensor.
-        source = t if isinstance(ranks[k], int) else x
-        factors[k], explained[k] = _basis(xp, source, k, ranks[k])
-        if not _whole(ranks[k], int(x.shape[k])):
-            t = tenalg.mode_dot(t, xp.matrix_transpose(factors[k]), k, xp=xp)
-    return t, factors, explained
+        factors, explained = zip(*(_basis(xp, x, k, ranks[k]) for k in range(ndim)))
+        return (
+            tenalg.multi_mode_dot(x, factors, transpose=True, xp=xp),
+            list(factors),
+            list(explained),
+        )
+
+    def sweep(steps: _sweep.Plan) -> tuple[Array, list[Array], list[float]]:
+        factors: list[Any] = [None] * ndim
+        explained = [1.0] * ndim
+        t = x
+        for step in steps:
+            if len(step.modes) > 1:
+                # Small trailing modes with fixed ranks, visited jointly.
+                t, block, block_explained = _sweep.block_sweep(
+                    xp, t, step.modes, ranks, lambda k, g: _gram_basis(xp, g, ranks[k])
+                )
+                for k in step.modes:
+                    factors[k], explained[k] = block[k], block_explained[k]
+                continue
+            (k,) = step.modes
+            # A threshold is defined on x's own unfolding (the textbook rule), so
+            # its rank and basis come from x; fixed ranks use the truncated tensor.
+            source = t if isinstance(ranks[k], int) else x
+            factors[k], explained[k] = _basis(xp, source, k, ranks[k])
+            if not _whole(ranks[k], int(x.shape[k])):
+                t = tenalg.mode_dot(t, xp.matrix_transpose(factors[k]), k, xp=xp)
+        return t, factors, explained
+
+    return _sweep.run(x, tuple(ranks), False, sweep)
 
 
 def _whole(rank: _rank.ModeRank, dim: int) -> bool:

@@ -44,7 +44,7 @@ def test_warm_start_converges_to_hosvd_subspace(to_backend) -> None:
     assert distances[0] > 0.1  # one step from a random start is not enough...
     assert distances[-1] < 0.05  # ...but the iterations converge
     # The first mode visited iterates on the whole tensor: exactly HOSVD's subspace.
-    first = _sweep.plan(a.shape, ranks, iterate=True)[0][0]
+    first = _sweep.plan(a.shape, ranks, iterate=True)[0].modes[0]
     assert _subspace_distance(res.factors[first], exact.factors[first]) < 1e-3
     # The others see the tensor projected on the first: a HOOI-like fixed point,
     # never worse than HOSVD.

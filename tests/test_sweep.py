@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from core_data import decaying_tensor, tol
 
+import tensorcompress
 from tensorcompress import _sweep, asi, hosvd
 from tensorcompress._array import namespace
 
@@ -32,8 +35,8 @@ def _reference_sweep(a: np.ndarray, order: list[int], basis) -> tuple[dict, dict
     return factors, explained
 
 
-def _flat(steps: list[tuple[int, ...]]) -> list[int]:
-    return [k for step in steps for k in step]
+def _flat(steps: _sweep.Plan) -> list[int]:
+    return [k for step in steps for k in step.modes]
 
 
 def _assert_same_subspaces(res, factors: dict, explained: dict, x) -> None:
@@ -44,13 +47,15 @@ def _assert_same_subspaces(res, factors: dict, explained: dict, x) -> None:
 
 
 def test_plan_merges_small_trailing_modes_only() -> None:
-    assert _sweep.plan((64, 512, 7, 7), (29, 91, 4, 4), iterate=True)[0] == (3, 2)
+    assert _sweep.plan((64, 512, 7, 7), (29, 91, 4, 4), iterate=True)[0].modes == (3, 2)
     for shape, ranks in BLOCK_CASES:
-        assert any(len(step) > 1 for step in _sweep.plan(shape, ranks))
+        assert any(len(step.modes) > 1 for step in _sweep.plan(shape, ranks))
     # Wide trailing modes: one Gram of the block would cost more than the modes.
-    assert all(len(s) == 1 for s in _sweep.plan((64, 256, 14, 14), (29, 58, 7, 6), iterate=True))
+    assert all(
+        len(s.modes) == 1 for s in _sweep.plan((64, 256, 14, 14), (29, 58, 7, 6), iterate=True)
+    )
     # Thresholds are never in a block: their ranks are not known in advance.
-    assert all(len(s) == 1 for s in _sweep.plan((64, 512, 7, 7), (29, 91, 0.8, 0.8)))
+    assert all(len(s.modes) == 1 for s in _sweep.plan((64, 512, 7, 7), (29, 91, 0.8, 0.8)))
     # Every mode is visited once.
     assert sorted(_flat(_sweep.plan((20, 6, 5, 4, 3), (5, 4, 3, 2, 2)))) == list(range(5))
 
@@ -113,3 +118,63 @@ def test_block_keeps_whole_modes_as_identity(to_backend) -> None:
     np.testing.assert_allclose(
         np.asarray(core, dtype=np.float64), _project(a, u, 3), atol=100 * tol(x)
     )
+
+
+LARGE = (64, 64, 16, 16)  # _sweep.MEASURE_FROM entries
+LARGE_RANKS = (8, 8, 4, 4)
+
+
+@pytest.fixture(autouse=True)
+def _no_chosen_plans(monkeypatch) -> None:
+    monkeypatch.setattr(_sweep, "_chosen", {})
+
+
+def test_measured_choice_keeps_the_fastest_candidate_and_its_result() -> None:
+    x = np.zeros(LARGE, dtype=np.float32)
+    candidates = _sweep.plans(LARGE, LARGE_RANKS, iterate=True)
+    fast = candidates[2]
+    calls: list[_sweep.Plan] = []
+
+    def sweep(steps: _sweep.Plan) -> _sweep.Plan:
+        calls.append(steps)
+        if steps != fast:
+            time.sleep(0.002)
+        return steps
+
+    assert _sweep.run(x, LARGE_RANKS, True, sweep) == fast
+    assert set(calls[: 2 * 6]) == set(candidates[:6])  # each estimate timed...
+    assert set(calls[2 * 6 :]) == set(_sweep.gram_flips(fast))  # ...then the winner's flips
+    key = (LARGE, LARGE_RANKS, True, "float32", None)
+    assert _sweep.chosen_plans()[key] == fast
+    calls.clear()
+    assert _sweep.run(x, LARGE_RANKS, True, sweep) == fast
+    assert calls == [fast]  # cached: one sweep
+
+
+def test_estimated_plan_when_measuring_is_off_or_the_tensor_small() -> None:
+    calls: list[_sweep.Plan] = []
+
+    def sweep(steps: _sweep.Plan) -> None:
+        calls.append(steps)
+
+    previous = tensorcompress.measured_plans(False)
+    try:
+        _sweep.run(np.zeros(LARGE, dtype=np.float64), LARGE_RANKS, True, sweep)
+    finally:
+        tensorcompress.measured_plans(previous)
+    _sweep.run(np.zeros((16, 8, 6, 6)), (4, 3, 3, 3), True, sweep)
+    assert calls == [
+        _sweep.plan(LARGE, LARGE_RANKS, iterate=True),
+        _sweep.plan((16, 8, 6, 6), (4, 3, 3, 3), iterate=True),
+    ]
+
+
+def test_measured_asi_step_equals_the_chosen_plan_run_alone(monkeypatch) -> None:
+    x = decaying_tensor(LARGE, seed=11, decay=0.8).astype(np.float32)
+    start = hosvd.decompose(decaying_tensor(LARGE, seed=12, decay=0.8), LARGE_RANKS)
+    measured = asi.decompose(x, LARGE_RANKS, warm_start=start, seed=0)
+    chosen = _sweep.chosen_plans()[(LARGE, LARGE_RANKS, True, "float32", None)]
+    monkeypatch.setattr(_sweep, "plans", lambda *args: (chosen,))
+    monkeypatch.setattr(_sweep, "_chosen", {})
+    alone = asi.decompose(x, LARGE_RANKS, warm_start=start, seed=0)
+    np.testing.assert_array_equal(measured.core, alone.core)
