@@ -531,6 +531,24 @@ class _ConvFunction(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def linear_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as a tensor of its own, not a view.
+
+    ``F.linear`` with a bias returns a view of its 2-D product, and autograd
+    forbids overwriting a view made inside a custom Function: an activation
+    that writes its output over its input (``int8_activations(in_place=True)``)
+    needs a base tensor. For a custom Function's forward (``out=`` products
+    do not record gradients).
+    """
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    flat = (x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is None:
+        torch.mm(*flat, out=y.view(-1, weight.shape[0]))
+    else:
+        torch.addmm(bias, *flat, out=y.view(-1, weight.shape[0]))
+    return y
+
+
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -541,7 +559,7 @@ class _LinearFunction(torch.autograd.Function):
         compress: CompressFn,
     ) -> torch.Tensor:
         with _no_autocast(x.device.type):
-            y = F.linear(x, weight, bias)
+            y = linear_base(x, weight, bias)
             compressed = compress(x, tuple(y.shape)) if ctx.needs_input_grad[1] else None
         tensors, ctx.rebuild = _pack(compressed) if compressed is not None else ((), None)
         ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, *tensors)

@@ -153,6 +153,12 @@ class BlockOptions:
     int8_min_bytes : int, default 65536
         Smaller saved tensors are kept as they are (norm statistics,
         log-sum-exp rows).
+    in_place_activations : bool or None, default None
+        With ``saved="int8"``: the activation functions write their output
+        over their input (see :func:`int8_activations`), which lowers the
+        forward's peak by one MLP-wide tensor. ``None``: where the block is
+        known to read that input nowhere else (the MLPs of Hugging Face's
+        ViT, Llama, Mistral, Qwen2/3 and GPT-2); True: everywhere.
     """
 
     attention: str | None = None
@@ -164,6 +170,7 @@ class BlockOptions:
     lora_alpha: int = 16
     int8_block: int = 64
     int8_min_bytes: int = 1 << 16
+    in_place_activations: bool | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in (None, "sdpa", "eager"):
@@ -185,6 +192,8 @@ class BlockOptions:
                 "saved='int8' already keeps each activation function's input only, as int8; "
                 "recompute='activation' does not combine with it"
             )
+        if self.in_place_activations is not None and self.saved != "int8":
+            raise ValueError("in_place_activations applies with saved='int8' only")
         for name in ("lora_r", "lora_alpha", "int8_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -374,19 +383,33 @@ def _elementwise_activation(m: nn.Module) -> bool:
 
 
 class _Int8Elementwise(torch.autograd.Function):
-    """``fn(x)`` exactly, keeping ``x`` as int8; the backward writes into the dequantized input."""
+    """``fn(x)`` exactly, keeping ``x`` as int8; the backward writes into the dequantized input.
+
+    With ``in_place`` the output is written over ``x`` a chunk at a time.
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], block: int
+        ctx: Any,
+        x: torch.Tensor,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        block: int,
+        in_place: bool,
     ) -> torch.Tensor:
         q, scale = quantize_int8(x, block)
         ctx.save_for_backward(q, scale)
         ctx.fn, ctx.shape, ctx.dtype = fn, x.shape, x.dtype
-        return fn(x)
+        if not in_place or x._is_view() or not x.is_contiguous():
+            # Autograd cannot overwrite a view of another function's result.
+            return fn(x)
+        flat = x.view(-1)
+        for i in range(0, flat.numel(), _CHUNK):
+            flat[i : i + _CHUNK] = fn(flat[i : i + _CHUNK])
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         q, scale = ctx.saved_tensors
         x = dequantize_int8(q, scale, ctx.shape, ctx.dtype)
         flat, g = x.view(-1), grad.reshape(-1)
@@ -397,18 +420,20 @@ class _Int8Elementwise(torch.autograd.Function):
                 xc = flat[i : i + _CHUNK].detach().requires_grad_()
                 (gc,) = torch.autograd.grad(ctx.fn(xc), xc, g[i : i + _CHUNK])
                 flat[i : i + _CHUNK] = gc
-        return x, None, None
+        return x, None, None, None
 
 
 def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An element-wise activation's forward through :class:`_Int8Elementwise` (training only)."""
     fn = functools.partial(type(self).forward, self)
     if self.training and torch.is_grad_enabled() and x.requires_grad:
-        return _Int8Elementwise.apply(x, fn, self._int8_block)
+        return _Int8Elementwise.apply(x, fn, self._int8_block, self._int8_in_place)
     return fn(x)
 
 
-def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
+def int8_activations(
+    modules: Sequence[nn.Module], block: int = 64, in_place: bool = False
+) -> list[nn.Module]:
     """Make the element-wise activation modules among ``modules`` keep their input as int8.
 
     Their forward stays exact; in training, the input is kept in
@@ -430,6 +455,14 @@ def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.M
         classes; not softmax, GLU or PReLU) are changed.
     block : int, default 64
         Elements per scale.
+    in_place : bool, default False
+        In training, write the output over the input, a chunk at a time:
+        the forward then holds one MLP-wide float tensor where it held two
+        (the input, kept alive by the caller until the activation returns,
+        and the output). Only for blocks where nothing else reads the
+        activation's input afterwards (Hugging Face's ViT, Llama-family and
+        GPT-2 MLPs); a later reader would see the output. Autograd refuses
+        an input that is a leaf or a view, or that an earlier op saved.
 
     Returns
     -------
@@ -441,7 +474,9 @@ def int8_activations(modules: Sequence[nn.Module], block: int = 64) -> list[nn.M
         if not _elementwise_activation(m):
             continue
         _patch_forward(m, _int8_forward)
-        setattr(m, "_int8_block", block)  # noqa: B010 - nn.Module attributes are typed as tensors
+        # nn.Module attributes are typed as tensors, hence setattr.
+        setattr(m, "_int8_block", block)  # noqa: B010
+        setattr(m, "_int8_in_place", in_place)  # noqa: B010
         changed.append(m)
     return changed
 
@@ -714,12 +749,23 @@ def prepare(
         )
     if opts.saved == "int8":
         targets = [*block_modules, *head_modules]
-        int8_activations([m for b in targets for m in b.modules()], block=opts.int8_block)
+        for b in targets:
+            for parent in b.modules():
+                in_place = opts.in_place_activations
+                if in_place is None:
+                    in_place = type(parent).__name__ in _MLP_READ_ONCE
+                int8_activations(list(parent.children()), block=opts.int8_block, in_place=in_place)
         saver = Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
         for m in targets:
             _SAVERS[m] = saver
     return model
 
+
+# Hugging Face MLPs whose activation's input has no other reader: the
+# activation may write its output over it (BlockOptions.in_place_activations).
+_MLP_READ_ONCE = frozenset(
+    {"ViTMLP", "ViTIntermediate", "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GPT2MLP"}
+)
 
 # The Int8Saved hooks of each prepared block, for restore_blocks.
 _SAVERS: weakref.WeakKeyDictionary[nn.Module, Int8Saved] = weakref.WeakKeyDictionary()
@@ -771,7 +817,7 @@ def restore_blocks(model: nn.Module) -> nn.Module:
         if _patched_by(m, _checkpointed_forward):
             del m.forward
         if _patched_by(m, _int8_forward):
-            del m.forward, m._int8_block
+            del m.forward, m._int8_block, m._int8_in_place
         saver = _SAVERS.pop(m, None)
         if saver is not None:
             saver.remove()

@@ -76,6 +76,7 @@ from tensorcompress.torch.functions import (
     ConvSpec,
     autocast_dtype,
     conv_input_grad,
+    linear_base,
     project_mode0,
 )
 from tensorcompress.torch.lowrank import (
@@ -255,7 +256,7 @@ class _LinearFunction(torch.autograd.Function):
         keep: KeepFn,
     ) -> torch.Tensor:
         with _no_autocast(x.device.type):
-            y = F.linear(F.linear(x, right), left, bias)
+            y = linear_base(F.linear(x, right), left, bias)
             needs_factors = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
             kept = keep(x) if needs_factors else None
         ctx.kind, tensors = _pack(kept) if kept is not None else ("none", ())

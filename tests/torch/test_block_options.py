@@ -406,6 +406,50 @@ def test_int8_activation_backward_holds_one_float_tensor_besides_the_gradient() 
     assert mem.peak_bytes < 4 * n + 4 * (1 << 18) * 4 < 8 * n
 
 
+def test_int8_activation_in_place_writes_the_output_over_its_input() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1 << 20, generator=g, requires_grad=True)
+    grad = torch.randn(1 << 20, generator=g)
+    copied, in_place = nn.GELU(), nn.GELU()
+    int8_activations([copied])
+    int8_activations([in_place], in_place=True)
+    h = x * 2  # a non-leaf input, as a Linear's output
+    want = copied(h)
+    got = in_place(h)
+    assert got.data_ptr() == h.data_ptr()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The same gradient: the int8 copy of the input was taken before the overwrite.
+    (got_grad,) = torch.autograd.grad(got, x, grad, retain_graph=True)
+    torch.testing.assert_close(got_grad, torch.autograd.grad(want, x, grad)[0])
+    # In place, the forward holds the int8 copy (a quarter of the input's bytes)
+    # and chunk-sized temporaries: less than the full-size float output a copy needs.
+    peaks = []
+    for act in (in_place, copied):
+        h = x * 2
+        _, mem = track_memory(lambda act=act, h=h: act(h), "cpu")
+        peaks.append(mem.peak_bytes)
+    n_bytes = 4 * x.numel()
+    assert peaks[0] < n_bytes <= peaks[1] - n_bytes // 4
+    with pytest.raises(RuntimeError, match="leaf"):
+        in_place(x)  # autograd refuses to overwrite a leaf
+
+
+def test_in_place_activations_where_the_mlp_reads_its_input_once() -> None:
+    example = vit_batch(torch.float32)
+    for option, want in ((None, True), (False, False)):
+        model = prepare(
+            small_vit(torch.float32),
+            "asi",
+            2,
+            example_input=example,
+            options=BlockOptions(saved="int8", in_place_activations=option),
+        )
+        acts = [m for m in model.modules() if "forward" in m.__dict__]
+        assert acts and all(m._int8_in_place is want for m in acts)
+    with pytest.raises(ValueError, match="saved='int8' only"):
+        BlockOptions(in_place_activations=True)
+
+
 def test_int8_activation_errors_and_restore() -> None:
     with pytest.raises(ValueError, match="recompute='activation' does not combine"):
         BlockOptions(saved="int8", recompute=("activation",))
