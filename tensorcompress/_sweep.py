@@ -142,7 +142,7 @@ def plans(
     for head in range(ndim - 2, 0, -1):
         if not all(isinstance(r, int) for r in ranks[head:]):
             break
-        # The block's own modes run largest first (the most shrinkage early).
+        # The block's own modes run largest first, the last mode first on ties.
         block = tuple(sorted(range(head, ndim), key=lambda k: (-shape[k], -k)))
         groupings.append([*((k,) for k in fixed if k < head), block])
     found: dict[Plan, int] = {}
@@ -153,8 +153,9 @@ def plans(
             else [_greedy(shape, ranks, units, iterate)]
         )
         for order in orders:
-            steps = (*_with_gram_choices(shape, ranks, order, iterate), *rest)
-            found.setdefault(steps, _cost(shape, ranks, steps))
+            # Threshold modes run on the whole tensor in every plan: not costed.
+            steps = _with_gram_choices(shape, ranks, order, iterate)
+            found.setdefault((*steps, *rest), _cost(shape, ranks, steps))
     return tuple(sorted(found, key=found.__getitem__))
 
 
