@@ -30,6 +30,15 @@ from tensorcompress._array import Array, device
 # A product narrower than this is bound by memory traffic, not arithmetic: one
 # pass over the tensor costs about as much as a product this wide.
 _MIN_WIDTH = 16
+# LAPACK's symmetric eigendecomposition of an n x n matrix takes about as
+# long as this many times n^3 multiply-adds in a large product (measured:
+# n = 384 and 512 on torch's CPU build).
+_EIGH = 6
+# A plan estimated this many times the cheapest is never worth running.
+_WORTH_TIMING = 4
+# The most entries of a block of trailing modes visited jointly (its Gram
+# matrix has the square of this).
+_BLOCK = 1024
 
 R = TypeVar("R")
 
@@ -58,30 +67,40 @@ def _batched(shape: Sequence[int], mode: int) -> bool:
     return math.prod(shape[:mode]) > 1 and math.prod(shape[mode + 1 :]) > 1
 
 
-def step_cost(shape: Sequence[int], mode: int, rank: int, gram: bool = True) -> int:
+def step_cost(
+    shape: Sequence[int], mode: int, rank: int, gram: bool = True, exact: bool = False
+) -> int:
     """Estimated cost of one mode's step on a tensor of ``shape``.
 
     The Gram matrix costs one pass of width ``dim``; a subspace-iteration
     step by thin products (``gram=False``) two passes of width ``rank``. Both
-    then project (a pass of width ``rank``). Counted in multiply-adds, with
-    narrow and batched products charged as memory-bound (see
-    ``_MIN_WIDTH``). A mode kept whole costs nothing.
+    then project (a pass of width ``rank``). An exact basis (``exact``,
+    HOSVD) adds the symmetric eigendecomposition of the smaller Gram matrix
+    of the unfolding. Counted in multiply-adds, with narrow and batched
+    products charged as memory-bound (see ``_MIN_WIDTH``) and the
+    eigendecomposition as ``_EIGH`` n^3. A mode kept whole costs nothing.
     """
     n, size, batched = int(shape[mode]), math.prod(shape), _batched(shape, mode)
     if rank == n:
         return 0
     basis = _pass(size, n, batched) if gram else 2 * _pass(size, rank, batched)
+    if exact:
+        basis += _EIGH * min(n, size // n) ** 3
     return basis + _pass(size, rank, batched)
 
 
-def _cost(shape: Sequence[int], ranks: Sequence[_rank.ModeRank], steps: Plan) -> int:
-    # A block is charged as one mode of the joint size (its Gram matrix).
+def _cost(shape: Sequence[int], ranks: Sequence[_rank.ModeRank], steps: Plan, exact: bool) -> int:
+    # A block is charged as one mode of the joint size (its Gram matrix; the
+    # eigendecompositions of its small modes are negligible).
     current, cost = [int(n) for n in shape], 0
     for step in steps:
         first = min(step.modes)
-        merged = (*current[:first], math.prod(current[first:]))
         rank = math.prod(int(ranks[k]) for k in step.modes)
-        cost += step_cost(merged if len(step.modes) > 1 else current, first, rank, step.gram)
+        if len(step.modes) > 1:
+            merged = (*current[:first], math.prod(current[first:]))
+            cost += step_cost(merged, first, rank, step.gram)
+        else:
+            cost += step_cost(current, first, rank, step.gram, exact)
         for k in step.modes:
             current[k] = int(ranks[k])
     return cost
@@ -127,10 +146,12 @@ def plans(
     tuple of Plan
         Modes with fixed ranks come first, in every order (up to 6 of them;
         beyond, the greedy order of least cost), each optionally with a block
-        of trailing fixed modes visited jointly through their joint Gram
-        matrix (see :func:`block_sweep`); threshold modes last, smallest
-        first. Each mode takes the basis (Gram or thin products) of least
-        :func:`step_cost`. Sorted by estimated total cost.
+        of small trailing fixed modes (at most ``_BLOCK`` entries jointly)
+        visited through their joint Gram matrix (see :func:`block_sweep`);
+        threshold modes last, smallest first. Each mode takes the basis (Gram
+        or thin products) of least :func:`step_cost`. Sorted by estimated
+        total cost; plans estimated above ``_WORTH_TIMING`` times the
+        cheapest are left out.
     """
     ndim = len(shape)
     fixed = [k for k in range(ndim) if isinstance(ranks[k], int)]
@@ -140,7 +161,7 @@ def plans(
     )
     groupings: list[list[tuple[int, ...]]] = [[(k,) for k in fixed]]
     for head in range(ndim - 2, 0, -1):
-        if not all(isinstance(r, int) for r in ranks[head:]):
+        if not all(isinstance(r, int) for r in ranks[head:]) or math.prod(shape[head:]) > _BLOCK:
             break
         # The block's own modes run largest first, the last mode first on ties.
         block = tuple(sorted(range(head, ndim), key=lambda k: (-shape[k], -k)))
@@ -155,8 +176,11 @@ def plans(
         for order in orders:
             # Threshold modes run on the whole tensor in every plan: not costed.
             steps = _with_gram_choices(shape, ranks, order, iterate)
-            found.setdefault((*steps, *rest), _cost(shape, ranks, steps))
-    return tuple(sorted(found, key=found.__getitem__))
+            found.setdefault((*steps, *rest), _cost(shape, ranks, steps, not iterate))
+    cheapest = min(found.values())
+    return tuple(
+        p for p in sorted(found, key=found.__getitem__) if found[p] <= _WORTH_TIMING * cheapest
+    )
 
 
 def _greedy(
@@ -171,7 +195,7 @@ def _greedy(
         best = min(
             left,
             key=lambda u: _cost(
-                shape, ranks, _with_gram_choices(shape, ranks, (*order, u), iterate)
+                shape, ranks, _with_gram_choices(shape, ranks, (*order, u), iterate), not iterate
             ),
         )
         order, left = (*order, best), [u for u in left if u != best]
@@ -287,8 +311,10 @@ def run(
         measure(steps)
     winner = min(timed, key=lambda p: timed[p][0])
     if iterate:
+        limit = _WORTH_TIMING * _cost(shape, ranks, candidates[0], False)
         for steps in gram_flips(winner):
-            measure(steps)
+            if _cost(shape, ranks, steps, False) <= limit:
+                measure(steps)
         winner = min(timed, key=lambda p: timed[p][0])
     _chosen[key] = winner
     return timed[winner][1]

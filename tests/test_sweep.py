@@ -143,7 +143,8 @@ def test_measured_choice_keeps_the_fastest_candidate_and_its_result() -> None:
 
     assert _sweep.run(x, LARGE_RANKS, True, sweep) == fast
     assert set(calls[: 2 * 6]) == set(candidates[:6])  # each estimate timed...
-    assert set(calls[2 * 6 :]) == set(_sweep.gram_flips(fast))  # ...then the winner's flips
+    flips = set(calls[2 * 6 :])  # ...then the winner's flips worth timing
+    assert flips and flips <= set(_sweep.gram_flips(fast))
     key = (LARGE, LARGE_RANKS, True, "float32", None)
     assert _sweep.chosen_plans()[key] == fast
     calls.clear()
