@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 import torch
 
+from tensorcompress.experiments import data as D
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments import train as T
 from tensorcompress.experiments.cli import main
+from tensorcompress.models import get_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -87,6 +89,26 @@ def test_pretrain_config() -> None:
     with pytest.raises(ValueError, match="for transformers"):
         T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, coarse_steps=1,
                    coarse_resolution=16), progress=False)  # fmt: skip
+    assert vit.trained_blocks == 2 and short.trained_blocks == vit.trained_blocks
+    with pytest.raises(ValueError, match="trained_blocks must be"):
+        T.PretrainConfig(trained_blocks=0)
+    with pytest.raises(ValueError, match="trained_blocks is for transformers"):
+        T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, trained_blocks=1), progress=False)
+
+
+def test_trained_blocks_leave_the_others_at_their_init() -> None:
+    """Pretraining the first block only: the other blocks come back as initialised."""
+    config = replace(TINY_PRETRAIN, trained_blocks=1)
+    state, _ = T.pretrain("vit_tiny", 32, 0, config, progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = get_model("vit_tiny", num_classes=len(D.SHAPE_CLASSES)).state_dict()
+    assert state.keys() == init.keys()
+    changed = {k for k in state if not torch.equal(state[k], init[k])}
+    assert any(k.startswith("vit.layers.0.") for k in changed)
+    assert "classifier.weight" in changed
+    blocks = {k.split(".")[2] for k in changed if k.startswith("vit.layers.")}
+    assert blocks == {"0"}
 
 
 def test_vit_pretraining_and_load_pretrained(
