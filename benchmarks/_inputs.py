@@ -1,7 +1,7 @@
 """What the decomposition and layer suites run on: activations, thresholds, threads.
 
 The one cache of benchmark activations lives here, shared by both suites and
-both modes. The scripts take ``--sources``, ``--thresholds`` and ``--threads``
+both modes. The scripts take ``--sources``, ``--thresholds``, ``--threads`` and ``--plans``
 (see :func:`add_arguments`); pytest takes ``--source``, ``--threshold`` and
 ``--threads`` (see ``conftest.py``).
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+import tensorcompress
 from tensorcompress.experiments.activations import SOURCES, Source, realistic_activation
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at start, before any --threads
@@ -57,10 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N|default",
         help=f"torch intra-op threads, one table each (default: {DEFAULT_THREADS}, torch's)",
     )
+    parser.add_argument(
+        "--plans",
+        choices=("measured", "estimated"),
+        default="measured",
+        help="sweep plans: the fastest measured on the first call, or the cost estimate's "
+        "(tensorcompress.measured_plans)",
+    )
 
 
 def settings(args: argparse.Namespace) -> Iterator[Setting]:
     """Every (threads, source, threshold) of ``args``, setting torch's threads on the way."""
+    tensorcompress.measured_plans(args.plans == "measured")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for source in args.sources:
