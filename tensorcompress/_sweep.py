@@ -292,32 +292,34 @@ def run(
     key = (shape, ranks, iterate, str(x.dtype), _threads(x))
     if key in _chosen:
         return sweep(_chosen[key])
-    timed: dict[Plan, tuple[float, R]] = {}
+    # Only the fastest run's result is kept: the others are dropped at once.
+    timed: dict[Plan, float] = {}
+    fastest: list[Any] = [math.inf, None]
 
     def measure(steps: Plan) -> None:
         if steps in timed:
             return
-        best: tuple[float, R] | None = None
+        timed[steps] = math.inf
         for _ in range(2):  # the first run pays one-time costs
             start = time.perf_counter()
             result = sweep(steps)
             seconds = time.perf_counter() - start
-            if best is None or seconds < best[0]:
-                best = (seconds, result)
-        assert best is not None
-        timed[steps] = best
+            timed[steps] = min(timed[steps], seconds)
+            if seconds < fastest[0]:
+                fastest[:] = [seconds, result]
 
     for steps in candidates[:_CANDIDATES]:
         measure(steps)
-    winner = min(timed, key=lambda p: timed[p][0])
+    winner = min(timed, key=timed.__getitem__)
     if iterate:
         limit = _WORTH_TIMING * _cost(shape, ranks, candidates[0], False)
         for steps in gram_flips(winner):
             if _cost(shape, ranks, steps, False) <= limit:
                 measure(steps)
-        winner = min(timed, key=lambda p: timed[p][0])
+        winner = min(timed, key=timed.__getitem__)
     _chosen[key] = winner
-    return timed[winner][1]
+    result: R = fastest[1]
+    return result
 
 
 def _threads(x: Array) -> int | None:
