@@ -60,6 +60,7 @@ __all__ = [
     "ASI_METHODS",
     "CNN_METHODS",
     "COMPRESSED_METHODS",
+    "DEFAULT_CNN_METHODS",
     "DEFAULT_TRANSFORMER_METHODS",
     "FACTORED_METHODS",
     "TRANSFORMER_METHODS",
@@ -78,8 +79,12 @@ __all__ = [
     "tuned_layers",
 ]
 
-CNN_METHODS: tuple[str, ...] = METHODS
-"""Methods of a CNN run: :data:`tensorcompress.torch.METHODS`."""
+CNN_METHODS: tuple[str, ...] = (*METHODS, "wsi", "wasi")
+"""Methods of a CNN run: :data:`tensorcompress.torch.METHODS`, and WSI/WASI on
+request (they factor the fine-tuned convs that factor cleanly: groups 1)."""
+
+DEFAULT_CNN_METHODS: tuple[str, ...] = METHODS
+"""The methods of a CNN run without ``--methods``: all but WSI and WASI."""
 
 TRANSFORMER_METHODS: tuple[str, ...] = (
     "vanilla",

@@ -66,6 +66,7 @@ from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
 from tensorcompress.torch.flops import training_step_flops
+from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure import activation_memory
 
 __all__ = [
@@ -232,7 +233,7 @@ class RunConfig:
         object.__setattr__(self, "model", key)
         valid = self.valid_methods
         if not self.methods:
-            default = K.DEFAULT_TRANSFORMER_METHODS if self.transformer else valid
+            default = K.DEFAULT_TRANSFORMER_METHODS if self.transformer else K.DEFAULT_CNN_METHODS
             object.__setattr__(self, "methods", default)
         unknown = [m for m in self.methods if m not in valid]
         if unknown:
@@ -291,15 +292,15 @@ class RunConfig:
     @property
     def valid_methods(self) -> tuple[str, ...]:
         """The model kind's methods."""
-        return K.TRANSFORMER_METHODS if self.transformer else METHODS
+        return K.TRANSFORMER_METHODS if self.transformer else K.CNN_METHODS
 
     @property
     def threshold_methods(self) -> tuple[str, ...]:
-        """The methods with one row per threshold: :data:`THRESHOLD_METHODS`, and for a
-        transformer LoRA+ASI, WSI and WASI."""
+        """The methods with one row per threshold: :data:`THRESHOLD_METHODS`, WSI and
+        WASI, and for a transformer LoRA+ASI."""
         if self.transformer:
             return (*THRESHOLD_METHODS, "lora+asi", *K.FACTORED_METHODS)
-        return THRESHOLD_METHODS
+        return (*THRESHOLD_METHODS, *K.FACTORED_METHODS)
 
     def rows(self) -> list[tuple[str, str, float | None]]:
         """The (method, layers, threshold) configurations, in table order.
@@ -460,9 +461,28 @@ def prepare(
             asi_ranks = _asi_ranks(model, names, batches, [threshold], env)
         ranks, extra["asi_ranks"] = asi_ranks[threshold]
         rank = {n: ranks[n] for n in names}
-    if method != "vanilla":
+    if method in K.FACTORED_METHODS:
+        _factor(model, method, names, threshold, seed)
+    elif method != "vanilla":
         convert(model, method=method, rank=rank, layers=names, patch=config.patch, seed=seed)
     return model, names, extra
+
+
+def _factor(
+    model: nn.Module, method: str, names: Sequence[str], threshold: float | None, seed: int
+) -> None:
+    """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight and,
+    for WASI, input at ``threshold``); WASI compresses the others' inputs with ASI."""
+    from tensorcompress.torch.wasi import to_wasi
+
+    assert threshold is not None
+    modules = dict(model.named_modules())
+    factors = [n for n in names if getattr(modules[n], "groups", 1) == 1]
+    if factors:
+        to_wasi(model, method=method, rank=threshold, act_rank=threshold, layers=factors, seed=seed)
+    rest = [n for n in names if n not in factors]
+    if method == "wasi" and rest:
+        convert(model, method="asi", rank=threshold, layers=rest, seed=seed)
 
 
 @dataclass
@@ -565,7 +585,15 @@ def _run_one(
         )
         memory = full.saved
     else:
-        memory = activation_memory(model, x_measure, layers=names)
+        modules = dict(model.named_modules())
+        factored = [n for n in names if isinstance(modules[n], LowRankModule)]
+        report = activation_memory(model, x_measure, layers=[n for n in names if n not in factored])
+        # A factored layer is no Conv/Linear of the report: what it keeps is among
+        # the other modules' saves.
+        whole["mem_bytes"] = report.kept_bytes + sum(
+            dict(report.other_by_module).get(n, 0) for n in factored
+        )
+        memory = report
     step = training_step_flops(
         model, x_measure, loss_fn=lambda out: K.cross_entropy(out, y_measure)
     )
@@ -1110,7 +1138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--methods",
         nargs="+",
-        help=f"CNN: among {', '.join(METHODS)}; vit_tiny: among "
+        help=f"CNN: among {', '.join(K.CNN_METHODS)} (all but wsi and wasi); vit_tiny: among "
         f"{', '.join(K.TRANSFORMER_METHODS)} (all but hosvd and svd)",
     )
     g.add_argument(

@@ -408,3 +408,28 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     # 64 samples over 2 processes of 16: 2 steps each; one table printed, by process 0.
     assert rows["asi", "2"]["seeds"][0]["steps"] == 2
     assert proc.stdout.count("acc: top-1") == 1
+
+
+def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None:
+    assert "wsi" not in run_mod.RunConfig().methods  # on request only
+    config = _tiny(tmp_path, methods=("vanilla", "wsi", "wasi"), thresholds=(0.5, 0.9))
+    for method in ("wsi", "wasi"):
+        model = get_model(config.model, num_classes=10)
+        names = run_mod.T.freeze_for(model, "4", torch.randn(2, 3, 32, 32))
+        run_mod._factor(model, method, names, 0.9, seed=0)
+        modules = dict(model.named_modules())
+        kinds = {n: type(modules[n]).__name__ for n in names}
+        grouped = {n for n in names if getattr(modules[n], "groups", 1) > 1}
+        # Convs with groups 1 factor; WASI compresses a depthwise conv's input with ASI.
+        assert grouped and len(grouped) < len(names), kinds
+        for n, kind in kinds.items():
+            if n not in grouped:
+                assert kind == "WASIConv2d", kinds  # the one factored class, either method
+            else:
+                assert kind == ("CompressedConv2d" if method == "wasi" else "Conv2d"), kinds
+    exp = run_mod.run_experiment(config)
+    by = {(r.method, r.threshold): r for r in exp.rows}
+    assert set(by) == {("vanilla", None), ("wsi", 0.5), ("wsi", 0.9), ("wasi", 0.5), ("wasi", 0.9)}
+    # WASI keeps compressed inputs: less than vanilla's and WSI's (which keeps them whole).
+    for t in (0.5, 0.9):
+        assert 0 < by["wasi", t].mem_mb < by["wsi", t].mem_mb <= by["vanilla", None].mem_mb
