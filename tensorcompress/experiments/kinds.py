@@ -63,10 +63,12 @@ __all__ = [
     "DEFAULT_CNN_METHODS",
     "DEFAULT_TRANSFORMER_METHODS",
     "FACTORED_METHODS",
+    "FACTORED_SGD_LR_SCALE",
     "TRANSFORMER_METHODS",
     "BlockSettings",
     "TargetCheck",
     "cross_entropy",
+    "finetune_lr",
     "is_transformer",
     "logits",
     "optimizer_name",
@@ -85,6 +87,21 @@ request (they factor the fine-tuned convs that factor cleanly: groups 1)."""
 
 DEFAULT_CNN_METHODS: tuple[str, ...] = METHODS
 """The methods of a CNN run without ``--methods``: all but WSI and WASI."""
+
+FACTORED_SGD_LR_SCALE = 0.25
+"""A CNN run's SGD learning rate is scaled by this for WSI and WASI. A step on
+the factors L and R moves the effective weight L R by both steps and their
+product, so the dense layers' lr is too large: at lr 0.2, WSI on mcunet_in1's
+last 2 convs diverged (NaN loss), while at 0.05 it trains (``tensorcompress run
+--methods vanilla wsi wasi --layers 2 --thresholds 0.9 --lr 0.05``)."""
+
+
+def finetune_lr(method: str, lr: float, optimizer: str) -> float:
+    """The learning rate a row fine-tunes with: ``lr``, scaled by
+    :data:`FACTORED_SGD_LR_SCALE` for WSI/WASI under SGD (AdamW's steps are
+    normalised per parameter and need no scaling)."""
+    return lr * FACTORED_SGD_LR_SCALE if method in FACTORED_METHODS and optimizer == "sgd" else lr
+
 
 TRANSFORMER_METHODS: tuple[str, ...] = (
     "vanilla",

@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -564,9 +564,9 @@ def _run_one(
     )
     start = time.perf_counter()
     with replaying:
-        log, stepper = T.fine_tune(
-            net, train, config.finetune, seed=seed, env=env, progress=progress
-        )
+        ft = config.finetune
+        ft = replace(ft, lr=K.finetune_lr(method, ft.lr, ft.optimizer))
+        log, stepper = T.fine_tune(net, train, ft, seed=seed, env=env, progress=progress)
         train_seconds = time.perf_counter() - start
         accuracy = T.evaluate(model, test, env)
     if replay is not None:
@@ -982,6 +982,13 @@ def _notes(
         notes.append(
             "ASI ranks: budget allocation at HOSVD's memory at the same ε (hosvd@ε) on "
             f"{config.budget_batches} training batches"
+        )
+    if not config.transformer and any(m in K.FACTORED_METHODS for m in config.methods):
+        lr = K.finetune_lr("wsi", ft.lr, ft.optimizer)
+        notes.append(
+            "WSI ε, WASI ε: the fine-tuned convs with groups 1 trained as factors of the rank "
+            "that keeps ε of each weight's spectrum (WASI: inputs by ASI at ε, depthwise "
+            f"convs' too), SGD lr {lr:g} (factored steps diverge at the dense lr)"
         )
     if replayed:
         notes.append(

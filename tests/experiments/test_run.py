@@ -339,7 +339,8 @@ def test_config_validation() -> None:
     # The error message prints the canonical tuple.
     with pytest.raises(ValueError) as info:
         run_mod.RunConfig(methods=("lora",))
-    assert str(METHODS) in str(info.value)
+    assert str(run_mod.K.CNN_METHODS) in str(info.value)
+    assert run_mod.K.CNN_METHODS[: len(METHODS)] == METHODS
 
 
 @pytest.mark.parametrize(
@@ -412,6 +413,13 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 
 def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None:
     assert "wsi" not in run_mod.RunConfig().methods  # on request only
+    # Factored steps take a smaller SGD learning rate; AdamW's are left alone.
+    lr = run_mod.K.finetune_lr
+    assert (lr("wsi", 0.2, "sgd"), lr("asi", 0.2, "sgd"), lr("wasi", 1e-3, "adamw")) == (
+        0.2 * run_mod.K.FACTORED_SGD_LR_SCALE,
+        0.2,
+        1e-3,
+    )
     config = _tiny(tmp_path, methods=("vanilla", "wsi", "wasi"), thresholds=(0.5, 0.9))
     for method in ("wsi", "wasi"):
         model = get_model(config.model, num_classes=10)
