@@ -53,7 +53,7 @@ from tensorcompress.torch import (
     select_layers,
 )
 from tensorcompress.torch.lowrank import LowRankModule
-from tensorcompress.torch.measure import TrainingMemory, training_memory
+from tensorcompress.torch.measure import MemoryReport, TrainingMemory, training_memory
 from tensorcompress.torch.selection import execution_order, plain_type
 
 __all__ = [
@@ -68,12 +68,14 @@ __all__ = [
     "BlockSettings",
     "TargetCheck",
     "cross_entropy",
+    "factored_kept_bytes",
     "finetune_lr",
     "is_transformer",
     "logits",
     "optimizer_name",
     "prepare_blocks",
     "recommended_threshold",
+    "split_factored",
     "target_checks",
     "trained_layers",
     "trained_modules",
@@ -322,6 +324,21 @@ def prepare_blocks(
     return net, [name for name, m in net.named_modules() if id(m) in inside and name in trains]
 
 
+def split_factored(model: nn.Module, layers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``layers`` split into the Conv/Linear ones (plain or compressed) and the factored
+    ones (WSI/WASI), which the saved-tensor report cannot select as layers."""
+    modules = dict(model.named_modules())
+    factored = [n for n in layers if isinstance(modules[n], LowRankModule)]
+    return [n for n in layers if n not in factored], factored
+
+
+def factored_kept_bytes(report: MemoryReport, factored: Sequence[str]) -> int:
+    """What the ``factored`` layers keep for their weight gradients: their own saves,
+    among the report's other modules'."""
+    by_module = dict(report.other_by_module)
+    return sum(by_module.get(n, 0) for n in factored)
+
+
 def transformer_measurements(
     model: nn.Module,
     x: torch.Tensor,
@@ -337,21 +354,17 @@ def transformer_measurements(
     gradients, optimizer state, the peak activation memory over forward and
     backward and the step's peak, and the saved bytes by kind.
     """
-    modules = dict(model.named_modules())
-    factored = [n for n in layers if isinstance(modules[n], LowRankModule)]
+    plain, factored = split_factored(model, layers)
     mem = training_memory(
         model,
         x,
         optimizer,
         loss_fn=lambda out: cross_entropy(out, y),
-        layers=[n for n in layers if n not in factored],
+        layers=plain,
         attribute=False,
     )
-    # A factored layer is no Conv/Linear of the saved-tensor report: what it keeps is
-    # among the other modules' saves.
-    by_module = dict(mem.saved.other_by_module)
     fields = {
-        "mem_bytes": mem.kept_bytes + sum(by_module.get(n, 0) for n in factored),
+        "mem_bytes": mem.kept_bytes + factored_kept_bytes(mem.saved, factored),
         "mem_analytic_bytes": mem.saved.analytic_bytes,
         "mem_vanilla_bytes": mem.saved.vanilla_bytes,
         "mem_full_bytes": mem.activations_bytes,

@@ -66,7 +66,6 @@ from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
 from tensorcompress.torch.flops import training_step_flops
-from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure import activation_memory
 
 __all__ = [
@@ -585,15 +584,9 @@ def _run_one(
         )
         memory = full.saved
     else:
-        modules = dict(model.named_modules())
-        factored = [n for n in names if isinstance(modules[n], LowRankModule)]
-        report = activation_memory(model, x_measure, layers=[n for n in names if n not in factored])
-        # A factored layer is no Conv/Linear of the report: what it keeps is among
-        # the other modules' saves.
-        whole["mem_bytes"] = report.kept_bytes + sum(
-            dict(report.other_by_module).get(n, 0) for n in factored
-        )
-        memory = report
+        plain, factored = K.split_factored(model, names)
+        memory = activation_memory(model, x_measure, layers=plain)
+        whole["mem_bytes"] = memory.kept_bytes + K.factored_kept_bytes(memory, factored)
     step = training_step_flops(
         model, x_measure, loss_fn=lambda out: K.cross_entropy(out, y_measure)
     )
