@@ -123,8 +123,8 @@ DEFAULT_TRANSFORMER_METHODS: tuple[str, ...] = tuple(
     m for m in TRANSFORMER_METHODS if m not in ("hosvd", "svd")
 )
 """A transformer run's methods when none are given. HOSVD and SVD keep what ASI keeps
-at 1.3-6.6x its step time (``docs/guides/transformer-memory.md``), so they run only
-when asked for (``--methods``)."""
+at 1.4-7.0x vanilla's step CPU time (``docs/guides/transformer-memory.md``), so they run
+only when asked for (``--methods``)."""
 
 COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi", "wasi")
 """Methods that compress the blocks' Linear inputs at an explained-variance threshold."""

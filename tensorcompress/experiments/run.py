@@ -142,10 +142,12 @@ class RunConfig:
         of fine-tuned last convs (blocks for a transformer), as strings
         (``("all", "2", "4")``).
     methods : tuple of str
-        Among the model kind's methods (:data:`tensorcompress.torch.METHODS`
-        for a CNN, :data:`~tensorcompress.experiments.kinds.TRANSFORMER_METHODS`
-        for a transformer); empty: all of a CNN's, a transformer's
-        :data:`~tensorcompress.experiments.kinds.DEFAULT_TRANSFORMER_METHODS`.
+        Among the model kind's methods
+        (:data:`~tensorcompress.experiments.kinds.CNN_METHODS` for a CNN,
+        :data:`~tensorcompress.experiments.kinds.TRANSFORMER_METHODS` for a
+        transformer); empty: a CNN's
+        :data:`~tensorcompress.experiments.kinds.DEFAULT_CNN_METHODS`, a
+        transformer's :data:`~tensorcompress.experiments.kinds.DEFAULT_TRANSFORMER_METHODS`.
     thresholds : tuple of float
         Explained variances of HOSVD and SVD, and the budgets
         ``hosvd@threshold`` of ASI: one row per threshold for each of
