@@ -120,11 +120,13 @@ TRANSFORMER_METHODS: tuple[str, ...] = (
 """Methods of a transformer run, those of :func:`tensorcompress.torch.transformer.prepare`."""
 
 DEFAULT_TRANSFORMER_METHODS: tuple[str, ...] = tuple(
-    m for m in TRANSFORMER_METHODS if m not in ("hosvd", "svd")
+    m for m in TRANSFORMER_METHODS if m not in ("hosvd", "svd", "wsi", "wasi")
 )
 """A transformer run's methods when none are given. HOSVD and SVD keep what ASI keeps
-at 1.4-7.0x vanilla's step CPU time (``docs/guides/transformer-memory.md``), so they run
-only when asked for (``--methods``)."""
+at 1.4-7.0x vanilla's step CPU time (``docs/guides/transformer-memory.md``); WSI and
+WASI (:data:`FACTORED_METHODS`) add 8 fine-tunes to a default run, whose cold run then
+took 713 s at 2 threads instead of the 10 minutes it is meant to fit. All four run
+when asked for (``--methods``), as in a CNN run (:data:`DEFAULT_CNN_METHODS`)."""
 
 COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi", "wasi")
 """Methods that compress the blocks' Linear inputs at an explained-variance threshold."""

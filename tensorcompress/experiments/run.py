@@ -1106,7 +1106,9 @@ _VIT_FULL: dict[str, Any] = {
     "train_samples": None,
     "test_samples": None,
     "timing_rounds": 3,
-    "thresholds": [0.8, 0.9],
+    # On this backbone ASI's accuracy is flat from 0.8 to 0.9 and nears vanilla's
+    # only from 0.99 (docs/guides/transformer-experiments.md).
+    "thresholds": [0.9, 0.99],
 }
 _VIT_QUICK: dict[str, Any] = {
     **_VIT_FULL,
@@ -1169,6 +1171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="per process (32)")
     g.add_argument("--lr", type=float, help="fine-tuning learning rate (0.2)")
     g.add_argument("--pretrain-steps", type=int, help="source-task steps (600; --quick 300)")
+    g.add_argument(
+        "--pretrain-blocks",
+        nargs="+",
+        type=int,
+        metavar="I",
+        help="vit_tiny: indices of the blocks that pretrain, negative from the last (0 1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="base seed (0)")
     g.add_argument("--seeds", type=int, default=1, help="fine-tuning repeats; mean and spread")
     g.add_argument("--timing-rounds", type=int, help="interleaved timing rounds (5; --quick 2)")
@@ -1216,8 +1225,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     steps = getattr(args, "pretrain_steps", None)
     if steps is not None:
         pretrain = pretrain.with_steps(steps)
+    blocks = getattr(args, "pretrain_blocks", None)
+    if blocks is not None:
+        if not transformer:
+            raise ValueError(f"--pretrain-blocks is for transformers, not {args.model!r}")
+        pretrain = replace(pretrain, trained_blocks=tuple(blocks))
     reuse: tuple[T.PretrainConfig, ...] = ()
-    if args.quick and steps is None:
+    if args.quick and steps is None and blocks is None:
         reuse = (_PRESETS[(transformer, False)]["pretrain"],)
     cache = None if args.no_cache else str(args.cache_dir or T.default_cache_dir())
     return RunConfig(

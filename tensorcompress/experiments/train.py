@@ -618,11 +618,12 @@ class PretrainConfig:
         Steps at ``coarse_resolution``.
     grad_clip : float or None
         Largest gradient norm; None: no clipping.
-    trained_blocks : int or None
-        Transformers: pretrain the model cut to its first ``trained_blocks``
-        blocks (the embeddings, those blocks, the final norm and the
-        classifier); the other blocks are skipped while pretraining and keep
-        their initialisation. None: every block trains.
+    trained_blocks : tuple of int, or None
+        Transformers: indices of the blocks that pretrain (negative ones count
+        from the last block). The model is cut to those blocks (with the
+        embeddings, the final norm and the classifier); the other blocks are
+        skipped while pretraining and keep their initialisation. None: every
+        block trains.
     """
 
     steps: int = 600
@@ -634,7 +635,7 @@ class PretrainConfig:
     coarse_resolution: int | None = None
     coarse_steps: int = 0
     grad_clip: float | None = None
-    trained_blocks: int | None = None
+    trained_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -645,8 +646,13 @@ class PretrainConfig:
             )
         if self.coarse_steps and self.coarse_resolution is None:
             raise ValueError("coarse_steps needs a coarse_resolution")
-        if self.trained_blocks is not None and self.trained_blocks < 1:
-            raise ValueError(f"trained_blocks must be None or >= 1, got {self.trained_blocks}")
+        if self.trained_blocks is not None and (
+            not self.trained_blocks or not all(isinstance(i, int) for i in self.trained_blocks)
+        ):
+            raise ValueError(
+                f"trained_blocks must be None or a non-empty tuple of block indices, "
+                f"got {self.trained_blocks!r}"
+            )
 
     def with_steps(self, steps: int) -> PretrainConfig:
         """The same recipe over ``steps`` steps (the coarse share of them kept)."""
@@ -664,7 +670,7 @@ VIT_PRETRAINING = PretrainConfig(
     coarse_resolution=16,
     coarse_steps=800,
     grad_clip=1.0,
-    trained_blocks=2,
+    trained_blocks=(0, 1),
 )
 """ViT-Tiny's pretraining in a default ``tensorcompress run --model vit_tiny``: the
 first 2 of its 12 blocks (blocks 3-12 keep :func:`~tensorcompress.models.vit_tiny`'s
@@ -717,20 +723,27 @@ class _Interpolating(nn.Module):
 
 
 @contextlib.contextmanager
-def _first_blocks(model: nn.Module, n: int | None) -> Iterator[None]:
-    """Inside the block, ``model`` runs its first ``n`` blocks only (all when None).
+def _only_blocks(model: nn.Module, indices: tuple[int, ...] | None) -> Iterator[None]:
+    """Inside the block, ``model`` runs the blocks at ``indices`` only (all when None).
 
     The model's list of blocks (:func:`~tensorcompress.torch.selection.find_blocks`)
-    is replaced by a list of its first ``n`` and put back on exit, so that the
-    skipped blocks neither run nor appear among the parameters.
+    is replaced by a list of those blocks, in order, and put back on exit, so that
+    the skipped blocks neither run nor appear among the parameters.
     """
-    if n is None:
+    if indices is None:
         yield
         return
     name, blocks = find_blocks(model)
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    kept = list(blocks.children())[:n]
+    every = list(blocks.children())
+    try:
+        picked = sorted({range(len(every))[i] for i in indices})
+    except IndexError:
+        raise ValueError(
+            f"trained_blocks {indices} out of range for a model of {len(every)} blocks"
+        ) from None
+    kept = [every[i] for i in picked]
     setattr(
         parent,
         attr,
@@ -803,7 +816,7 @@ def pretrain(
         raise ValueError(f"trained_blocks is for transformers, not {model_name!r}")
     desc = f"pretraining {model_name} {resolution}px on shapes"
     with (
-        _first_blocks(model, config.trained_blocks),
+        _only_blocks(model, config.trained_blocks),
         tqdm(total=config.steps, desc=desc, disable=not progress, leave=False) as bar,
     ):
         # Built inside: the optimiser holds the trained blocks' parameters only.

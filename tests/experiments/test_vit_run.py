@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from dataclasses import replace
@@ -89,16 +90,23 @@ def test_pretrain_config() -> None:
     with pytest.raises(ValueError, match="for transformers"):
         T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, coarse_steps=1,
                    coarse_resolution=16), progress=False)  # fmt: skip
-    assert vit.trained_blocks == 2 and short.trained_blocks == vit.trained_blocks
-    with pytest.raises(ValueError, match="trained_blocks must be"):
-        T.PretrainConfig(trained_blocks=0)
+    assert vit.trained_blocks == (0, 1) and short.trained_blocks == vit.trained_blocks
+    for bad in [(), (1.0,)]:
+        with pytest.raises(ValueError, match="trained_blocks must be"):
+            T.PretrainConfig(trained_blocks=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="trained_blocks is for transformers"):
-        T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, trained_blocks=1), progress=False)
+        T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, trained_blocks=(0,)),
+                   progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="out of range for a model of 12 blocks"):
+        T.pretrain("vit_tiny", 32, 0, replace(TINY_PRETRAIN, trained_blocks=(12,)), progress=False)
 
 
-def test_trained_blocks_leave_the_others_at_their_init() -> None:
-    """Pretraining the first block only: the other blocks come back as initialised."""
-    config = replace(TINY_PRETRAIN, trained_blocks=1)
+@pytest.mark.parametrize(("indices", "trained"), [((0,), {"0"}), ((-1, 0), {"0", "11"})])
+def test_trained_blocks_leave_the_others_at_their_init(
+    indices: tuple[int, ...], trained: set[str]
+) -> None:
+    """Pretraining some blocks only: the other blocks come back as initialised."""
+    config = replace(TINY_PRETRAIN, trained_blocks=indices)
     state, _ = T.pretrain("vit_tiny", 32, 0, config, progress=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -108,7 +116,7 @@ def test_trained_blocks_leave_the_others_at_their_init() -> None:
     assert any(k.startswith("vit.layers.0.") for k in changed)
     assert "classifier.weight" in changed
     blocks = {k.split(".")[2] for k in changed if k.startswith("vit.layers.")}
-    assert blocks == {"0"}
+    assert blocks == trained
 
 
 def test_vit_pretraining_and_load_pretrained(
@@ -141,16 +149,34 @@ def test_config_of_a_transformer_run() -> None:
     config = run_mod.RunConfig(model="ViT-Tiny", resolution=32)
     assert config.model == "vit_tiny" and config.transformer
     assert config.methods == K.DEFAULT_TRANSFORMER_METHODS
-    assert "hosvd" not in config.methods and "wasi" in config.methods
+    assert not {"hosvd", "svd", "wsi", "wasi"} & set(config.methods)
     rows = config.rows()
     assert ("vanilla", "all", None) in rows and ("checkpoint", "all", None) not in rows
     assert ("lora+asi", "4", 0.9) in rows and ("lora", "4", None) in rows
-    assert ("wasi", "2", 0.8) in rows and ("wsi", "4", 0.95) in rows
+    factored = run_mod.RunConfig(model="vit_tiny", methods=("wsi", "wasi")).rows()
+    assert ("wasi", "2", 0.8) in factored and ("wsi", "4", 0.95) in factored
     with pytest.raises(ValueError, match="gradient_filter"):
         run_mod.RunConfig(model="vit_tiny", methods=("gradient_filter",))
     with pytest.raises(ValueError, match="unknown model"):
         run_mod.RunConfig(model="tiny_llama")
     assert run_mod.RunConfig().methods == run_mod.METHODS  # a CNN's default
+
+
+def test_vit_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    run_mod.add_arguments(parser)
+
+    def config(*argv: str) -> run_mod.RunConfig:
+        return run_mod.config_from_args(parser.parse_args(["--model", "vit_tiny", *argv]))
+
+    default = config("--no-cache")
+    assert default.thresholds == (0.9, 0.99) and default.pretrain == T.VIT_PRETRAINING
+    own = config("--quick", "--no-cache", "--pretrain-blocks", "0", "1", "-2", "-1")
+    assert own.pretrain.trained_blocks == (0, 1, -2, -1)
+    assert own.reuse_pretrain == ()  # another backbone than a default run's
+    assert config("--quick", "--no-cache").reuse_pretrain == (T.VIT_PRETRAINING,)
+    with pytest.raises(ValueError, match="--pretrain-blocks is for transformers"):
+        run_mod.config_from_args(parser.parse_args(["--no-cache", "--pretrain-blocks", "0"]))
 
 
 def test_every_transformer_method_runs(tmp_path: Path) -> None:
