@@ -969,7 +969,8 @@ def _notes(
                 else ""
             ),
             "ASI ε, LoRA+ASI ε: ranks fixed at ASI's cold start by explained variance ε "
-            f"(q/k/v share one decomposition); LoRA: peft, r={b.lora_r}, alpha={2 * b.lora_r}; "
+            f"(q/k/v share one decomposition); LoRA: peft, r={b.lora_r}, alpha={2 * b.lora_r}, "
+            f"lr {K.finetune_lr('lora', ft.lr, ft.optimizer):g}; "
             "WSI ε, WASI ε: each weight trained as factors of the rank that keeps ε of its "
             "spectrum; peak act, peak: training_memory on the timing batch",
         ]

@@ -420,6 +420,8 @@ def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None
         0.2,
         1e-3,
     )
+    # LoRA's adapters take a larger one.
+    assert lr("lora", 1e-3, "adamw") == lr("lora+asi", 1e-3, "adamw") == 4e-3
     config = _tiny(tmp_path, methods=("vanilla", "wsi", "wasi"), thresholds=(0.5, 0.9))
     for method in ("wsi", "wasi"):
         model = get_model(config.model, num_classes=10)
