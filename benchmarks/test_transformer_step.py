@@ -14,7 +14,7 @@ Methods (:func:`tensorcompress.torch.transformer.prepare`): ``vanilla``;
 ``checkpoint`` (each block under ``torch.utils.checkpoint``); ``lora`` (PEFT,
 r=8, the blocks' Linear layers); ``lora+asi`` (ASI on the LoRA
 down-projections' input); ``asi``, ``hosvd``, ``svd`` (the blocks' Linear
-inputs, explained variance 0.8, q/k/v sharing one decomposition); with the
+inputs, explained variance 0.8 or ``--rank``, q/k/v sharing one decomposition); with the
 options ``+sdpa`` (SDPA attention instead of stored probabilities) and
 ``+int8`` (the other saved tensors as per-block int8).
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -111,6 +111,7 @@ class Workload:
     model: str
     blocks: int
     batch: int
+    rank: float = 0.8  # explained variance of the compressed methods' inputs
 
     def build(self) -> nn.Module:
         torch.manual_seed(0)
@@ -129,7 +130,7 @@ class Workload:
         what = (
             "ViT-Tiny, 32x32 images" if self.model == "vit" else "Llama (TinyLlama / 8), 128 tokens"
         )
-        return f"{what}, batch {self.batch}, last {self.blocks} blocks"
+        return f"{what}, batch {self.batch}, last {self.blocks} blocks, ε {self.rank:g}"
 
 
 WORKLOADS = {"vit": Workload("vit", 4, 64), "llama": Workload("llama", 2, 16)}
@@ -151,6 +152,7 @@ class Run:
     @classmethod
     def make(cls, name: str, workload: Workload) -> Run:
         method, options = METHODS[name]
+        options = replace(options, rank=workload.rank)
         batches = [workload.batch_of(1), workload.batch_of(2)]
         model = prepare(
             workload.build(), method, workload.blocks, example_input=batches[0], options=options
@@ -399,6 +401,12 @@ def main() -> None:
         help="ViT blocks fine-tuned, one table each",
     )
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--rank",
+        type=float,
+        default=0.8,
+        help="explained variance of ASI/HOSVD/SVD's compressed inputs (default 0.8)",
+    )
     parser.add_argument("--top", type=int, default=5, help="groups live at the peak shown")
     parser.add_argument("--plot", help="write the peak memory / step time plot here")
     parser.add_argument(
@@ -414,9 +422,11 @@ def main() -> None:
     workloads = []
     for model in args.models:
         if model == "vit":
-            workloads += [Workload("vit", b, WORKLOADS["vit"].batch) for b in args.blocks]
+            workloads += [
+                Workload("vit", b, WORKLOADS["vit"].batch, args.rank) for b in args.blocks
+            ]
         else:
-            workloads.append(WORKLOADS[model])
+            workloads.append(replace(WORKLOADS[model], rank=args.rank))
     results = []
     for workload in workloads:
         rows = measure(workload, names, args.rounds, args.time_only)
