@@ -687,7 +687,7 @@ with this one, 53.7 % and 89.6 % (all blocks 94.9 %) from a 99 s pretraining at 
 threads (``tensorcompress run --model vit_tiny --methods vanilla --layers all 2 4``
 prints them). The last blocks, which the runs fine-tune, therefore start from their
 initialisation. ``--pretrain-blocks 0 1 -4 -3 -2 -1`` pretrains the last 4 too, at
-278 s instead of 99 (``docs/guides/transformer-experiments.md`` compares the two).
+278 s instead of 99 (``docs/guides/transformer-experiments.md`` compares the two)."""
 
 
 def default_pretraining(model_name: str) -> tuple[int, PretrainConfig]:
