@@ -458,18 +458,28 @@ class TargetCheck:
         return self.accuracy_met and self.memory_met and self.time_met
 
     def text(self) -> str:
-        """One line: the figures, each with its target, met or missed."""
+        """One line: the figures, each with its target, met or missed ("not run"
+        where the run has no checkpointing row to compare with)."""
 
         def verdict(ok: bool) -> str:
             return "met" if ok else "missed"
 
-        return (
+        accuracy = (
             f"{self.label}, last {self.layers}: accuracy {self.accuracy_gap:+.1f} points vs "
-            f"vanilla (target >= -{self.accuracy_points:g}: {verdict(self.accuracy_met)}); "
-            f"peak activation memory {self.peak_vs_vanilla:.2f}x vanilla's and "
-            f"{self.peak_vs_checkpoint:.2f}x checkpointing's (targets <= {self.peak_fraction:g} "
-            f"and <= 1: {verdict(self.memory_met)}); step time {self.step_vs_checkpoint:.2f}x "
-            f"checkpointing's (target <= 1: {verdict(self.time_met)})"
+            f"vanilla (target >= -{self.accuracy_points:g}: {verdict(self.accuracy_met)})"
+        )
+        vanilla = f"peak activation memory {self.peak_vs_vanilla:.2f}x vanilla's"
+        if math.isnan(self.peak_vs_checkpoint):
+            return (
+                f"{accuracy}; {vanilla} (target <= {self.peak_fraction:g}: "
+                f"{verdict(self.peak_vs_vanilla <= self.peak_fraction)}); against "
+                "checkpointing: not run (add checkpoint to --methods)"
+            )
+        return (
+            f"{accuracy}; {vanilla} and {self.peak_vs_checkpoint:.2f}x checkpointing's "
+            f"(targets <= {self.peak_fraction:g} and <= 1: {verdict(self.memory_met)}); "
+            f"step time {self.step_vs_checkpoint:.2f}x checkpointing's "
+            f"(target <= 1: {verdict(self.time_met)})"
         )
 
 

@@ -196,3 +196,5 @@ def test_target_checks_and_recommended_threshold() -> None:
     assert K.target_checks(rows[1:]) == []  # no vanilla row
     no_ckpt = K.target_checks([rows[0], rows[3]])[0]
     assert math.isnan(no_ckpt.step_vs_checkpoint) and not no_ckpt.time_met
+    assert "nan" not in no_ckpt.text() and "checkpointing: not run" in no_ckpt.text()
+    assert "0.29x vanilla's (target <= 0.3: met)" in no_ckpt.text()
