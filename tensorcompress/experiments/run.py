@@ -1153,7 +1153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="EPS",
         help="explained variances of HOSVD/SVD and ASI's HOSVD budget, one row each "
-        f"({' '.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)}; --quick 0.8)",
+        f"({' '.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)}; --quick 0.8; vit_tiny: 0.9 0.99, "
+        "--quick 0.9)",
     )
     g.add_argument(
         "--tolerance",
@@ -1168,9 +1169,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="vit_tiny: HOSVD/SVD/ASI keep the blocks' other saved tensors as int8 (int8)",
     )
     g.add_argument("--lora-r", type=int, default=8, help="vit_tiny: LoRA rank (8)")
-    g.add_argument("--epochs", type=int, help="fine-tuning epochs (4)")
+    g.add_argument("--epochs", type=int, help="fine-tuning epochs (4; vit_tiny 2)")
     g.add_argument("--batch-size", type=int, help="per process (32)")
-    g.add_argument("--lr", type=float, help="fine-tuning learning rate (0.2)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        help="fine-tuning learning rate (0.2; vit_tiny 1e-3, LoRA rows x4)",
+    )
     g.add_argument("--pretrain-steps", type=int, help="source-task steps (600; --quick 300)")
     g.add_argument(
         "--pretrain-blocks",
