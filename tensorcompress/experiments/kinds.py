@@ -65,6 +65,7 @@ __all__ = [
     "FACTORED_METHODS",
     "FACTORED_SGD_LR_SCALE",
     "LORA_LR_SCALE",
+    "LORA_METHODS",
     "TRANSFORMER_METHODS",
     "BlockSettings",
     "TargetCheck",
@@ -117,7 +118,7 @@ def finetune_lr(method: str, lr: float, optimizer: str) -> float:
     for LoRA and LoRA+ASI."""
     if method in FACTORED_METHODS and optimizer == "sgd":
         return lr * FACTORED_SGD_LR_SCALE
-    if method in ("lora", "lora+asi"):
+    if method in LORA_METHODS:
         return lr * LORA_LR_SCALE
     return lr
 
@@ -149,6 +150,9 @@ COMPRESSED_METHODS: tuple[str, ...] = ("hosvd", "svd", "asi", "wasi")
 
 FACTORED_METHODS: tuple[str, ...] = ("wsi", "wasi")
 """Methods that train the blocks' Linear weights as factors of the threshold's rank."""
+
+LORA_METHODS: tuple[str, ...] = ("lora", "lora+asi")
+"""Methods that train LoRA adapters (PEFT) instead of the blocks' weights."""
 
 
 def is_transformer(model: str) -> bool:
