@@ -90,7 +90,7 @@ def test_pretrain_config() -> None:
     with pytest.raises(ValueError, match="for transformers"):
         T.pretrain("mcunet_in1", 48, 0, T.PretrainConfig(steps=1, coarse_steps=1,
                    coarse_resolution=16), progress=False)  # fmt: skip
-    assert vit.trained_blocks == (0, 1) and short.trained_blocks == vit.trained_blocks
+    assert vit.trained_blocks == (-4, -3, -2, -1) and short.trained_blocks == vit.trained_blocks
     for bad in [(), (1.0,)]:
         with pytest.raises(ValueError, match="trained_blocks must be"):
             T.PretrainConfig(trained_blocks=bad)  # type: ignore[arg-type]
