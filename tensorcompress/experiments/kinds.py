@@ -367,6 +367,7 @@ def transformer_measurements(
     y: torch.Tensor,
     layers: Sequence[str],
     optimizer: torch.optim.Optimizer,
+    blocks: Sequence[str] = (),
 ) -> tuple[dict[str, Any], TrainingMemory]:
     """The whole step's memory of a transformer row, as result fields.
 
@@ -374,7 +375,12 @@ def transformer_measurements(
     optimizer and loss: ``mem_bytes`` (what ``layers`` keep for their weight
     gradients), ``mem_full_bytes`` (everything saved), the weights,
     gradients, optimizer state, the peak activation memory over forward and
-    backward and the step's peak, and the saved bytes by kind.
+    backward and the step's peak, and the saved bytes by kind. Also
+    ``tuned_bytes``, the fine-tuned part's whole training memory: the
+    parameters of the fine-tuned ``blocks`` (module names; frozen ones too,
+    as LoRA's base weights) and every trainable one, their gradients and
+    optimizer state, plus the peak activation memory. Unlike ``peak_bytes``
+    it leaves out the frozen rest of the model, which every method shares.
     """
     plain, factored = split_factored(model, layers)
     mem = training_memory(
@@ -384,6 +390,12 @@ def transformer_measurements(
         loss_fn=lambda out: cross_entropy(out, y),
         layers=plain,
         attribute=False,
+    )
+    prefixes = tuple(b + "." for b in blocks)
+    tuned_weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if p.requires_grad or n.startswith(prefixes)
     )
     fields = {
         "mem_bytes": mem.kept_bytes + factored_kept_bytes(mem.saved, factored),
@@ -395,6 +407,10 @@ def transformer_measurements(
         "optimizer_bytes": mem.optimizer_bytes,
         "peak_activation_bytes": mem.peak_activation_bytes,
         "peak_bytes": mem.peak_bytes,
+        "tuned_bytes": tuned_weights
+        + mem.gradients_bytes
+        + mem.optimizer_bytes
+        + mem.peak_activation_bytes,
         "activations_by_kind": dict(mem.activations_by_kind),
     }
     return fields, mem

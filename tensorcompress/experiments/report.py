@@ -95,6 +95,11 @@ class Row:
     peak_mb : float
         Transformer rows: the step's peak, ``peak_act_mb`` plus the weights,
         buffers, gradients and optimizer state; NaN when not measured.
+    tuned_mb : float
+        Transformer rows: the fine-tuned part's whole training memory, the
+        weights of the fine-tuned blocks and of everything that trains, their
+        gradients and optimizer state, plus ``peak_act_mb``; NaN when not
+        measured.
     """
 
     method: str
@@ -114,6 +119,7 @@ class Row:
     seeds: tuple[Mapping[str, Any], ...] = field(default=())
     peak_act_mb: float = math.nan
     peak_mb: float = math.nan
+    tuned_mb: float = math.nan
 
     def to_dict(self, per_seed: bool = True) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes None)."""
@@ -134,6 +140,7 @@ class Row:
             "step_ratio": self.step_ratio,
             "peak_act_mb": self.peak_act_mb,
             "peak_mb": self.peak_mb,
+            "tuned_mb": self.tuned_mb,
             "n_seeds": len(self.seeds),
         }
         if per_seed:
@@ -185,6 +192,7 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
         step = _mean_std([1e3 * r["step_seconds"] for r in rs])
         peak_act = _mean_std([r.get("peak_activation_bytes", math.nan) / MB for r in rs])
         peak = _mean_std([r.get("peak_bytes", math.nan) / MB for r in rs])
+        tuned = _mean_std([r.get("tuned_bytes", math.nan) / MB for r in rs])
         ratios = [
             r["step_seconds"] / vanilla_step[(layers, r["seed"])]
             for r in rs
@@ -209,6 +217,7 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[Row]:
                 seeds=tuple(_json_safe(dict(r)) for r in rs),
                 peak_act_mb=peak_act[0],
                 peak_mb=peak[0],
+                tuned_mb=tuned[0],
             )
         )
     return rows
@@ -232,7 +241,7 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
         "method", "layers", "acc %", "Mem MB", "full MB", "GFLOPs", "decomp", "step ms", "x vanilla"
     )  # fmt: skip
     if peaks:
-        head = (*head[:5], "peak act MB", "peak MB", *head[5:])
+        head = (*head[:5], "peak act MB", "peak MB", "tuned MB", *head[5:])
     body = []
     for r in rows:
         cells = [
@@ -247,7 +256,11 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
             _num(r.step_ratio, ".2f"),
         ]
         if peaks:
-            cells[5:5] = [_num(r.peak_act_mb, ".2f"), _num(r.peak_mb, ".1f")]
+            cells[5:5] = [
+                _num(r.peak_act_mb, ".2f"),
+                _num(r.peak_mb, ".1f"),
+                _num(r.tuned_mb, ".1f"),
+            ]
         body.append(tuple(cells))
     widths = [max(len(str(line[k])) for line in [head, *body]) for k in range(len(head))]
 
@@ -267,7 +280,9 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
         + (
             " peak act: the highest memory over the step's forward and backward held by "
             "anything but weights, gradients and optimizer state; peak: that plus them "
-            "(training_memory, same batch)."
+            "(training_memory, same batch); tuned: peak act plus the weights of the "
+            "fine-tuned blocks and of everything that trains, their gradients and optimizer "
+            "state (the fine-tuned part's whole training memory)."
             if peaks
             else ""
         ),

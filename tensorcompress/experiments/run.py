@@ -67,6 +67,7 @@ from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
 from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
+from tensorcompress.torch.transformer import block_names
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -581,8 +582,9 @@ def _run_one(
     whole: dict[str, Any] = {}
     if config.transformer:
         # The whole step too: the Linear inputs are a minority of what blocks keep.
+        blocks = () if layers == "all" else block_names(model, int(layers))
         whole, full = K.transformer_measurements(
-            model, x_measure, y_measure, names, stepper.optimizer
+            model, x_measure, y_measure, names, stepper.optimizer, blocks
         )
         memory = full.saved
     else:

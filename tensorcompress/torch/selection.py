@@ -294,10 +294,14 @@ def _hf_conv1d(module: nn.Module) -> bool:
 
 
 def _layer_like(module: nn.Module) -> bool:
-    """A layer a block is made of: supported, or one :class:`LastBlocks` refuses to skip."""
+    """A layer a block is made of: supported, factored (WSI/WASI, low-rank), or one
+    :class:`LastBlocks` refuses to skip."""
+    # lowrank imports this module (through convert): import it when first needed.
+    from tensorcompress.torch.lowrank import LowRankModule
+
     return (
         plain_type(module) is not None
-        or isinstance(module, nn.MultiheadAttention)
+        or isinstance(module, (nn.MultiheadAttention, LowRankModule))
         or _hf_conv1d(module)
     )
 

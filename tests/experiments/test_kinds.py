@@ -13,6 +13,7 @@ from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
 from tensorcompress.models import mcunet_in1, vit_tiny
 from tensorcompress.torch.measure import MB
+from tensorcompress.torch.transformer import block_names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,8 +94,18 @@ def test_prepare_blocks(method: str) -> None:
     assert not any(".layers.0." in n or ".layers.1." in n for n in trainable)
     assert any("classifier" in n for n in trainable)
     opt = T.make_optimizer("adamw", [p for p in net.parameters() if p.requires_grad], 1e-3, 0)
-    fields, mem = K.transformer_measurements(net, x, y, names, opt)
+    blocks = block_names(net, 1)
+    fields, mem = K.transformer_measurements(net, x, y, names, opt, blocks)
     assert fields["peak_bytes"] == mem.peak_bytes > fields["peak_activation_bytes"] > 0
+    # The fine-tuned part's whole training memory: the frozen blocks 0 and 1 left out,
+    # the fine-tuned block's frozen weights (LoRA's base layers) counted.
+    state = mem.gradients_bytes + mem.optimizer_bytes + mem.peak_activation_bytes
+    tuned_weights = fields["tuned_bytes"] - state
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    frozen = {n: p for n, p in net.named_parameters() if not p.requires_grad}
+    in_block = sum(p.numel() * 4 for n, p in frozen.items() if n.startswith(blocks[0] + "."))
+    assert tuned_weights == trainable + in_block < mem.weights_bytes
+    assert (in_block > 0) == method.startswith("lora")
     assert fields["mem_full_bytes"] == mem.activations_bytes >= fields["mem_bytes"]
     if method in K.COMPRESSED_METHODS:
         # int8 saved form: the attention, norm and GELU tensors are kept compact.
@@ -145,6 +156,7 @@ def _result(method: str, peak: float | None) -> dict[str, Any]:
     if peak is not None:
         r["peak_activation_bytes"] = peak * MB
         r["peak_bytes"] = (peak + 10) * MB
+        r["tuned_bytes"] = (peak + 4) * MB
     return r
 
 
@@ -153,7 +165,8 @@ def test_report_peak_columns() -> None:
     assert rows[1].peak_act_mb == 1.0 and rows[1].peak_mb == 11.0
     text = R.format_table(rows)
     assert "peak act MB" in text and "11.0" in text
-    assert rows[0].to_dict()["peak_mb"] == 13.0
+    assert "tuned MB" in text and rows[1].tuned_mb == 5.0
+    assert rows[0].to_dict()["peak_mb"] == 13.0 and rows[0].to_dict()["tuned_mb"] == 7.0
     cnn = R.summarise([_result("vanilla", None)])
     assert math.isnan(cnn[0].peak_mb) and "peak act MB" not in R.format_table(cnn)
     assert cnn[0].to_dict()["peak_mb"] is None

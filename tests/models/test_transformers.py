@@ -217,6 +217,17 @@ def test_last_blocks_on_vit_and_llama() -> None:
     ]
 
 
+def test_blocks_are_found_after_every_layer_is_factored() -> None:
+    """WSI/WASI replace every Linear of the blocks; the blocks are still the blocks."""
+    from tensorcompress.torch.wasi import to_wasi
+
+    vit = small_vit()
+    blocks = find_blocks(vit)
+    to_wasi(vit, method="wsi", rank=2, layers=last_blocks(len(blocks[1])))
+    assert not any(type(m) is nn.Linear for m in blocks[1].modules())
+    assert find_blocks(vit) == blocks
+
+
 def test_gpt2_conv1d_is_refused() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64))
     assert find_blocks(gpt2)[0] == "transformer.h"
