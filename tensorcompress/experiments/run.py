@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorcompress import measured_plans
 from tensorcompress.experiments import data as D
 from tensorcompress.experiments import frontier as FR
 from tensorcompress.experiments import kinds as K
@@ -195,6 +196,13 @@ class RunConfig:
         ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
     quiet : bool
         No progress bars or per-run lines.
+    plans : {"measured", "estimated"}
+        The sweep plans of ASI and HOSVD (:func:`tensorcompress.measured_plans`):
+        the fastest measured on each shape's first call (the default), or
+        the cost estimate's. Measured plans depend on the machine's timing,
+        and each order rounds slightly differently, which training
+        amplifies: ASI rows then vary by about a point of accuracy from run
+        to run. Estimated plans make a run repeatable.
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -224,9 +232,12 @@ class RunConfig:
     replay: bool = True
     device: str = "cpu"
     quiet: bool = False
+    plans: str = "measured"
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
+        if self.plans not in ("measured", "estimated"):
+            raise ValueError(f"plans must be 'measured' or 'estimated', got {self.plans!r}")
         key = self.model.lower().replace("-", "_")
         if key not in RUN_MODELS:
             raise ValueError(
@@ -742,10 +753,12 @@ def run_experiment(config: RunConfig, env: T.DistEnv | None = None) -> Experimen
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
+    measuring = measured_plans(config.plans == "measured")
     try:
         return _run(config, env, progress, wall)
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+        measured_plans(measuring)
 
 
 def _backbone(
@@ -1221,6 +1234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     o.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument(
+        "--plans",
+        choices=("measured", "estimated"),
+        default="measured",
+        help="ASI/HOSVD sweep plans: the fastest measured (default) or the estimate's, "
+        "which makes ASI rows repeatable",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1279,6 +1299,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         replay=not args.no_replay,
         device=args.device,
         quiet=args.quiet,
+        plans=getattr(args, "plans", "measured"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             lora_r=getattr(args, "lora_r", 8),

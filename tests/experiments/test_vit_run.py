@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+import tensorcompress
+from tensorcompress import _sweep as sweep
 from tensorcompress.experiments import data as D
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import run as run_mod
@@ -177,6 +179,24 @@ def test_vit_command_line() -> None:
     assert config("--quick", "--no-cache").reuse_pretrain == (T.VIT_PRETRAINING,)
     with pytest.raises(ValueError, match="--pretrain-blocks is for transformers"):
         run_mod.config_from_args(parser.parse_args(["--no-cache", "--pretrain-blocks", "0"]))
+    assert default.plans == "measured"
+    assert config("--no-cache", "--plans", "estimated").plans == "estimated"
+    with pytest.raises(ValueError, match="plans must be"):
+        run_mod.RunConfig(plans="fastest")
+
+
+@pytest.mark.parametrize("plans", ["measured", "estimated"])
+def test_run_takes_its_sweep_plans_and_restores_the_setting(
+    plans: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    monkeypatch.setattr(run_mod, "_run", lambda *args: seen.append(sweep._measuring))
+    before = tensorcompress.measured_plans(True)
+    try:
+        run_mod.run_experiment(run_mod.RunConfig(model="vit_tiny", plans=plans))
+        assert seen == [plans == "measured"] and sweep._measuring
+    finally:
+        tensorcompress.measured_plans(before)
 
 
 def test_every_transformer_method_runs(tmp_path: Path) -> None:
