@@ -1114,7 +1114,7 @@ _QUICK: dict[str, Any] = {
 
 _VIT_FULL: dict[str, Any] = {
     "resolution": 32,
-    # The runs the issue asks for; "all" (vanilla on every block) on request.
+    # The last 2 and 4 blocks; vanilla on every block ("all") on request.
     "layers": ["2", "4"],
     "epochs": 2,
     "batch_size": 32,
