@@ -104,11 +104,11 @@ product, so the dense layers' lr is too large: at the run's lr 0.2 and at 0.05
 LORA_LR_SCALE = 4.0
 """A run's learning rate is scaled by this for LoRA and LoRA+ASI, whose adapters
 start at a zero update and, as is usual for LoRA, need a larger step than full
-fine-tuning. On ViT-Tiny's last 4 blocks (AdamW, 2 epochs) LoRA r 8 reached
+fine-tuning. Chosen on the former ViT-Tiny backbone (blocks 1-2 pretrained,
+``--pretrain-blocks 0 1``): on its last 4 blocks (AdamW, 2 epochs) LoRA r 8 reached
 74.9 % at the run's lr 1e-3 and 89.3 % at 4e-3, where vanilla reached 89.6 % and
-90.0 % (``tensorcompress run --model vit_tiny --methods vanilla lora --layers 4
---lr 0.004``); one lr for every row would cost vanilla on all blocks 13 points
-(81.6 % at 4e-3 against 94.9 %)."""
+90.0 % (``--methods vanilla lora --layers 4 --lr 0.004``); one lr for every row
+would have cost vanilla on all blocks 13 points (81.6 % at 4e-3 against 94.9 %)."""
 
 
 def finetune_lr(method: str, lr: float, optimizer: str) -> float:

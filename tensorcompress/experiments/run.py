@@ -72,6 +72,7 @@ from tensorcompress.torch.transformer import block_names
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "PLANS",
     "RUN_MODELS",
     "THRESHOLD_METHODS",
     "Experiment",
@@ -236,8 +237,8 @@ class RunConfig:
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
-        if self.plans not in ("measured", "estimated"):
-            raise ValueError(f"plans must be 'measured' or 'estimated', got {self.plans!r}")
+        if self.plans not in PLANS:
+            raise ValueError(f"plans must be one of {PLANS}, got {self.plans!r}")
         key = self.model.lower().replace("-", "_")
         if key not in RUN_MODELS:
             raise ValueError(
@@ -1112,6 +1113,9 @@ _QUICK: dict[str, Any] = {
 }
 
 
+PLANS = ("measured", "estimated")
+"""Sweep plans a run takes (:attr:`RunConfig.plans`)."""
+
 _VIT_FULL: dict[str, Any] = {
     "resolution": 32,
     # The last 2 and 4 blocks; vanilla on every block ("all") on request.
@@ -1236,7 +1240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.add_argument(
         "--plans",
-        choices=("measured", "estimated"),
+        choices=PLANS,
         default="measured",
         help="ASI/HOSVD sweep plans: the fastest measured (default) or the estimate's, "
         "which makes ASI rows repeatable",

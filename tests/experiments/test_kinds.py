@@ -103,7 +103,9 @@ def test_prepare_blocks(method: str) -> None:
     tuned_weights = fields["tuned_bytes"] - state
     trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     frozen = {n: p for n, p in net.named_parameters() if not p.requires_grad}
-    in_block = sum(p.numel() * 4 for n, p in frozen.items() if n.startswith(blocks[0] + "."))
+    in_block = sum(
+        p.numel() * p.element_size() for n, p in frozen.items() if n.startswith(blocks[0] + ".")
+    )
     assert tuned_weights == trainable + in_block < mem.weights_bytes
     assert (in_block > 0) == method.startswith("lora")
     assert fields["mem_full_bytes"] == mem.activations_bytes >= fields["mem_bytes"]
