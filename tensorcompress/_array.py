@@ -13,6 +13,7 @@ from array_api_compat import array_namespace, device, is_torch_array
 
 __all__ = [
     "Array",
+    "all_finite",
     "as_compute",
     "cast",
     "check_tensor",
@@ -66,9 +67,20 @@ def check_tensor(x: Array, name: str = "x", min_ndim: int = 2, check_finite: boo
         )
     if any(int(n) == 0 for n in x.shape):
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    if check_finite and not bool(xp.all(xp.isfinite(x))):
+    if check_finite and not all_finite(x, xp):
         raise ValueError(f"{name} contains NaN or Inf values")
     return xp
+
+
+def all_finite(x: Array, xp: Any = None) -> bool:
+    """Whether ``x`` holds no NaN or infinity (one reduction pass, no full-size mask)."""
+    # NaN propagates to the minimum and maximum, and an infinity is one of them.
+    xp = xp if xp is not None else array_namespace(x)
+    if is_torch_array(x):
+        lo, hi = x.detach().aminmax()
+    else:
+        lo, hi = xp.min(x), xp.max(x)
+    return bool(xp.isfinite(lo) and xp.isfinite(hi))
 
 
 def as_compute(xp: Any, x: Array) -> Array:

@@ -49,6 +49,7 @@ from torch import nn
 
 from tensorcompress import asi, hosvd, svd
 from tensorcompress import rank as _rank
+from tensorcompress._array import all_finite
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch import functions as _fn
 from tensorcompress.torch import gradient_filter as gf
@@ -377,8 +378,7 @@ class CompressedModule(nn.Module):
     def _check_finite(self, x: torch.Tensor) -> None:
         if not self.compression.check_finite or x.numel() == 0:
             return
-        lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates to both
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        if not all_finite(x):
             name = self.layer_name or "<unnamed>"
             raise ValueError(
                 f"layer {name!r} ({type(self).__name__}) received an input with NaN or Inf "
