@@ -12,7 +12,7 @@ from torch import nn
 from tensorcompress.models import vit_tiny
 from tensorcompress.torch import convert, last_blocks
 from tensorcompress.torch.measure import TrainingMemory, activation_memory, training_memory
-from tensorcompress.torch.measure.training import KINDS, module_kind
+from tensorcompress.torch.measure.training import KINDS, _Alloc, _group, module_kind
 from tensorcompress.torch.transformer import prepare
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -205,6 +205,17 @@ def test_live_at_peak_adds_up_and_names_the_savers() -> None:
     # The two passes run the same step.
     assert math.isclose(mem.attributed_peak_bytes, mem.peak_activation_bytes, rel_tol=0.1)
     assert "live at the peak" in mem.format()
+
+
+def test_a_reused_address_is_not_taken_for_a_saved_tensor() -> None:
+    # A forward temporary freed before a saved tensor took its address is "forward".
+    temp = _Alloc(1, 100, 8, ("aten::mul",))
+    kept = _Alloc(3, 100, 8, ("aten::add",))
+    saved = {100: ("activation", "act")}
+    (group,) = _group({100: temp}, saved, {100: kept}, backward_start=5)
+    assert (group.phase, group.kind) == ("forward", "aten::mul")
+    (group,) = _group({100: kept}, saved, {100: kept}, backward_start=5)
+    assert (group.phase, group.kind, group.where) == ("saved", "activation", "act")
 
 
 def test_attribute_false_skips_the_pass() -> None:

@@ -425,13 +425,18 @@ def _allocations(prof: Any, device: torch.device) -> tuple[list[_Alloc], int]:
 
 
 def _group(
-    live: Mapping[int, _Alloc], saved: Mapping[int, tuple[str, str]], backward_start: int
+    live: Mapping[int, _Alloc],
+    saved: Mapping[int, tuple[str, str]],
+    forward_end: Mapping[int, _Alloc],
+    backward_start: int,
 ) -> tuple[LiveGroup, ...]:
     groups: dict[tuple[str, str, str], list[int]] = {}
     for ptr, a in live.items():
         module = next((s[len(_SCOPE) :] for s in reversed(a.scopes) if s.startswith(_SCOPE)), None)
         op = next((s for s in reversed(a.scopes) if s.startswith("aten::")), "")
-        if ptr in saved and a.time < backward_start:
+        # Saved tensors are known by address at the forward's end: an earlier allocation
+        # at an address reused since is not one of them.
+        if ptr in saved and forward_end.get(ptr) is a:
             phase, (kind, where) = "saved", saved[ptr]
         elif a.time < backward_start:
             phase, kind, where = "forward", op or "?", module if module is not None else "?"
@@ -504,7 +509,10 @@ def _attribute(
     live: dict[int, _Alloc] = {}
     current = peak = 0
     at_peak: dict[int, _Alloc] = {}
+    forward_end: dict[int, _Alloc] | None = None
     for a in allocs:
+        if forward_end is None and a.time >= backward_start:
+            forward_end = dict(live)
         if a.nbytes > 0:
             live[a.ptr] = a
         else:
@@ -512,7 +520,8 @@ def _attribute(
         current += a.nbytes
         if current > peak:
             peak, at_peak = current, dict(live)
-    return _group(at_peak, saved_at_end, backward_start), peak
+    ends = forward_end if forward_end is not None else live
+    return _group(at_peak, saved_at_end, ends, backward_start), peak
 
 
 # ---------------------------------------------------------------------------
