@@ -62,6 +62,10 @@ METHODS: dict[str, tuple[str, BlockOptions]] = {
     "asi": ("asi", BlockOptions()),
     "asi+sdpa": ("asi", BlockOptions(attention="sdpa")),
     "asi+sdpa+int8": ("asi", BlockOptions(attention="sdpa", saved="int8")),
+    "asi+sdpa+int8+fused": (
+        "asi",
+        BlockOptions(attention="sdpa", saved="int8", fused_mlp=True),
+    ),
     "lora+asi+sdpa+int8": ("lora+asi", BlockOptions(attention="sdpa", saved="int8")),
     "sdpa+int8": ("vanilla", BlockOptions(attention="sdpa", saved="int8")),
     "hosvd": ("hosvd", BlockOptions()),

@@ -58,6 +58,11 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   **Approximate**: the backward of the norms, the activation function and
   attention then runs on the dequantized tensors, so the gradients through
   them, and every gradient below, are approximate.
+- ``fused_mlp=True`` (with ``saved="int8"``): an MLP ``fc2(act(fc1(x)))``
+  of a known layout runs its activation and ``fc2`` as one function that
+  keeps only ``fc1``'s output as int8 (:func:`fused_mlps`); ``fc2`` keeps no
+  input and is left out of the method. **Approximate** like ``saved``:
+  ``fc2``'s weight gradient comes from the rebuilt activation.
 
 :func:`restore_blocks` undoes ``checkpoint``, ``recompute`` and ``saved`` on a
 prepared model (LoRA and compressed layers have their own undo:
@@ -84,6 +89,7 @@ from tensorcompress.torch.measure.training import module_kind
 from tensorcompress.torch.modules import CompressedModule
 from tensorcompress.torch.selection import (
     LastBlocks,
+    LayerSelection,
     execution_order,
     fine_tuned_modules,
     last_blocks,
@@ -99,6 +105,7 @@ __all__ = [
     "block_names",
     "checkpoint_modules",
     "dequantize_int8",
+    "fused_mlps",
     "int8_activations",
     "prepare",
     "quantize_int8",
@@ -159,6 +166,17 @@ class BlockOptions:
         forward's peak by one MLP-wide tensor. ``None``: where the block is
         known to read that input nowhere else (the MLPs of Hugging Face's
         ViT, Llama, Mistral, Qwen2/3 and GPT-2); True: everywhere.
+    fused_mlp : bool, default False
+        With ``saved="int8"``: in each MLP of a known layout (Hugging Face's
+        ``ViTMLP``: ``fc1``, ``activation_fn``, ``fc2``), the activation and
+        the Linear after it run as one function (:func:`fused_mlps`) that
+        keeps only the activation's int8 input. The backward rebuilds the
+        activation's output from it, a chunk of rows at a time, for that
+        Linear's weight gradient, so that Linear keeps no input of its own
+        and is left out of the method (not compressed: its input would cost
+        a decomposition and memory, where the int8 form is already kept).
+        Its weight gradient is then approximate like the activation's. A
+        plain ``nn.Linear`` only (not LoRA's, WSI's or WASI's).
     """
 
     attention: str | None = None
@@ -171,6 +189,7 @@ class BlockOptions:
     int8_block: int = 64
     int8_min_bytes: int = 1 << 16
     in_place_activations: bool | None = None
+    fused_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in (None, "sdpa", "eager"):
@@ -194,6 +213,8 @@ class BlockOptions:
             )
         if self.in_place_activations is not None and self.saved != "int8":
             raise ValueError("in_place_activations applies with saved='int8' only")
+        if self.fused_mlp and self.saved != "int8":
+            raise ValueError("fused_mlp applies with saved='int8' only")
         for name in ("lora_r", "lora_alpha", "int8_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -481,6 +502,131 @@ def int8_activations(
     return changed
 
 
+class _Int8ActivationLinear(torch.autograd.Function):
+    """``linear(fn(x))`` keeping only ``x`` as int8.
+
+    The forward applies ``fn`` and the product a chunk of rows at a time, so
+    ``fn(x)`` never exists whole; the backward rebuilds ``fn`` of the
+    dequantized ``x`` the same way, for the weight gradient and for the
+    derivative, written over the dequantized input.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        block: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q, scale = quantize_int8(x, block)
+        ctx.save_for_backward(q, scale, weight)
+        ctx.fn, ctx.shape, ctx.dtype, ctx.has_bias = fn, x.shape, x.dtype, bias is not None
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows.new_empty((rows.shape[0], weight.shape[0]))
+        step = _rows_per_chunk(rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            out[i : i + step] = nn.functional.linear(fn(rows[i : i + step]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        q, scale, weight = ctx.saved_tensors
+        x = dequantize_int8(q, scale, ctx.shape, ctx.dtype)
+        rows, g = x.view(-1, ctx.shape[-1]), grad.reshape(-1, weight.shape[0])
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad
+        dw = torch.zeros_like(weight) if need_w else None
+        step = _rows_per_chunk(rows.shape[1])
+        with torch.enable_grad():
+            for i in range(0, rows.shape[0], step):
+                xc = rows[i : i + step].detach().requires_grad_(need_x)
+                a = ctx.fn(xc)
+                gc = g[i : i + step]
+                if dw is not None:
+                    dw.addmm_(gc.t(), a.detach())
+                if need_x:
+                    (rows[i : i + step],) = torch.autograd.grad(a, xc, gc @ weight)
+        db = g.sum(0) if ctx.has_bias and need_b else None
+        return x if need_x else None, None, None, dw, db
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, _CHUNK // width)
+
+
+# MLP classes whose forward is ``fc2(act(fc1(x)))``: (fc1, activation, fc2) attribute names.
+_MLP_LAYOUTS = {"ViTMLP": ("fc1", "activation_fn", "fc2")}
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    first, act, second = (getattr(self, n) for n in _MLP_LAYOUTS[type(self).__name__])
+    return act(first(x), second)
+
+
+def _int8_linear_forward(self: nn.Module, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """A fused MLP's activation: ``linear(act(x))`` (:class:`_Int8ActivationLinear` in training)."""
+    fn = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled():
+        return _Int8ActivationLinear.apply(x, fn, self._int8_block, linear.weight, linear.bias)
+    return linear(fn(x))
+
+
+def _fusable(m: nn.Module) -> bool:
+    layout = _MLP_LAYOUTS.get(type(m).__name__)
+    if layout is None:
+        return False
+    _, act, second = (getattr(m, n, None) for n in layout)
+    return (
+        isinstance(act, nn.Module)
+        and _elementwise_activation(act)
+        and isinstance(second, nn.Module)
+        and plain_type(second) is nn.Linear
+        and not isinstance(second, CompressedModule)
+    )
+
+
+def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
+    """Run the activation and the second Linear of the MLPs among ``modules`` as one int8 function.
+
+    An MLP of a known layout (Hugging Face's ``ViTMLP``: ``fc2(act(fc1(x)))``)
+    whose activation acts element-wise and whose second layer is a plain
+    ``nn.Linear`` then keeps, in training, ``fc1``'s output as int8
+    (:func:`quantize_int8`) and nothing else for those two: no float
+    activation input, no input for ``fc2``. The forward is exact and never
+    holds ``act(fc1(x))`` whole; the backward rebuilds it from the int8 form,
+    a chunk of rows at a time, for ``fc2``'s weight gradient and for the
+    activation's derivative, so both are approximate (as with
+    :func:`int8_activations`), and it holds one MLP-wide float tensor, the
+    input gradient. ``fc2``'s forward and hooks do not run in training.
+    Installed on the instances (their ``forward``); :func:`restore_blocks`
+    removes it.
+
+    Parameters
+    ----------
+    modules : sequence of nn.Module
+        Candidates (every module of the blocks, say).
+    block : int, default 64
+        Elements per scale.
+
+    Returns
+    -------
+    list of nn.Module
+        The MLP modules changed.
+    """
+    changed = []
+    for m in modules:
+        if not _fusable(m):
+            continue
+        act = getattr(m, _MLP_LAYOUTS[type(m).__name__][1])
+        _patch_forward(act, _int8_linear_forward)
+        _patch_forward(m, _fused_mlp_forward)
+        # The activation runs in the activation's own module call: its saves count as its.
+        setattr(act, "_int8_block", block)  # noqa: B010
+        changed.append(m)
+    return changed
+
+
 class Int8Saved:
     """Keep the blocks' saved tensors that are not layer inputs as per-block int8.
 
@@ -533,6 +679,7 @@ class Int8Saved:
                     plain_type(m) is not None
                     or isinstance(m, (nn.Conv3d, CompressedModule, LowRankModule))
                     or _patched_by(m, _int8_forward)
+                    or _patched_by(m, _int8_linear_forward)
                 ):
                     self.handles.append(m.register_forward_pre_hook(self._layer_enter))
                     self.handles.append(m.register_forward_hook(self._layer_exit, always_call=True))
@@ -720,9 +867,20 @@ def prepare(
     if method == "checkpoint":
         checkpoint_modules(block_modules)
     elif method in _COMPRESS:
-        layers = blocks if isinstance(blocks, (int, LastBlocks)) else _linear_names(model, names)
-        if isinstance(layers, int):
-            layers = last_blocks(layers)
+        layers: LayerSelection
+        if opts.fused_mlp:
+            # A fused MLP's second Linear keeps nothing: it is not compressed.
+            second = {
+                id(getattr(m, _MLP_LAYOUTS[type(m).__name__][2]))
+                for b in block_modules
+                for m in b.modules()
+                if _fusable(m)
+            }
+            layers = [n for n in _linear_names(model, names) if id(modules[n]) not in second]
+        elif isinstance(blocks, (int, LastBlocks)):
+            layers = last_blocks(blocks) if isinstance(blocks, int) else blocks
+        else:
+            layers = _linear_names(model, names)
         convert(model, method=method, rank=opts.rank, layers=layers, example_input=example_input)
     elif method in _FACTOR:
         from tensorcompress.torch.wasi import to_wasi
@@ -749,8 +907,20 @@ def prepare(
         )
     if opts.saved == "int8":
         targets = [*block_modules, *head_modules]
+        fused: set[nn.Module] = set()
+        if opts.fused_mlp:
+            fused = set(
+                fused_mlps([m for b in block_modules for m in b.modules()], opts.int8_block)
+            )
+            if not fused:
+                raise ValueError(
+                    f"fused_mlp: no MLP of the blocks has a known layout ({sorted(_MLP_LAYOUTS)}) "
+                    f"with a plain nn.Linear second layer (method {method!r})"
+                )
         for b in targets:
             for parent in b.modules():
+                if parent in fused:
+                    continue
                 in_place = opts.in_place_activations
                 if in_place is None:
                     in_place = type(parent).__name__ in _MLP_READ_ONCE
@@ -818,6 +988,10 @@ def restore_blocks(model: nn.Module) -> nn.Module:
             del m.forward
         if _patched_by(m, _int8_forward):
             del m.forward, m._int8_block, m._int8_in_place
+        if _patched_by(m, _fused_mlp_forward):
+            del m.forward
+        if _patched_by(m, _int8_linear_forward):
+            del m.forward, m._int8_block
         saver = _SAVERS.pop(m, None)
         if saver is not None:
             saver.remove()

@@ -23,6 +23,7 @@ from tensorcompress.torch.transformer import (
     Int8Saved,
     block_names,
     dequantize_int8,
+    fused_mlps,
     int8_activations,
     prepare,
     quantize_int8,
@@ -469,6 +470,80 @@ def test_int8_activation_errors_and_restore() -> None:
     assert acts and all("Activation" in type(m).__name__ for m in acts)
     restore_blocks(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8() -> None:
+    model = small_vit(torch.float32)
+    mlp = model.vit.layers[0].mlp
+    reference = copy.deepcopy(mlp)
+    assert fused_mlps([mlp, model.vit.layers[0].layernorm_before]) == [mlp]
+    g = torch.Generator().manual_seed(0)
+    # 15000 rows of 64: several chunks.
+    x = torch.randn(3, 5000, 32, generator=g, requires_grad=True)
+    grad = torch.randn(3, 5000, 32, generator=g)
+    y = mlp(x)
+    torch.testing.assert_close(y, reference(x))  # the forward is exact
+    got = torch.autograd.grad(y, (x, *mlp.parameters()), grad)
+    # The reference: fc1 exact, the activation and fc2 on the dequantized fc1 output.
+    h = reference.fc1(x)
+    h_hat = dequantize_int8(*quantize_int8(h.detach(), 64), h.shape, h.dtype)
+    y_hat = reference.fc2(reference.activation_fn(h + (h_hat - h).detach()))
+    want = torch.autograd.grad(y_hat, (x, *reference.parameters()), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mlp.eval()  # evaluation runs the plain layers
+    assert "Int8" not in type(mlp(x).grad_fn).__name__
+    torch.testing.assert_close(mlp(x), reference(x), rtol=0, atol=0)
+
+
+def test_fused_mlp_backward_holds_one_mlp_wide_float_tensor() -> None:
+    mlp = small_vit(torch.float32).vit.layers[0].mlp
+    fused_mlps([mlp])
+    h = torch.randn(4, 16384, 64, requires_grad=True)  # fc1's output
+    y = mlp.activation_fn(h, mlp.fc2)  # the fused activation and fc2
+    grad = torch.randn_like(y)
+    n_bytes = 4 * h.numel()
+    _, mem = track_memory(lambda: torch.autograd.grad(y, h, grad), "cpu")
+    # The input gradient of fc1's output and chunk-sized temporaries; unfused, the
+    # activation's output gradient and its dequantized input are both whole.
+    assert mem.peak_bytes < n_bytes + 8 * 2**20 < 2 * n_bytes
+
+
+def test_fused_mlp_in_prepare_leaves_the_second_linear_uncompressed() -> None:
+    example = vit_batch(torch.float32)
+    plain = small_vit(torch.float32)
+    exact = grads(prepare(copy.deepcopy(plain), "vanilla", 2, example_input=example), example)
+    opts = BlockOptions(attention="sdpa", saved="int8", fused_mlp=True, rank=1.0)
+    model = prepare(copy.deepcopy(plain), "asi", 2, example_input=example, options=opts)
+    for i in (1, 2):
+        mlp = model.vit.layers[i].mlp
+        assert type(mlp.fc2) is nn.Linear and isinstance(mlp.fc1, CompressedLinear)
+    assert "forward" not in model.vit.layers[0].mlp.__dict__  # a frozen block
+    # No float tensor of the MLP's width is saved (fc2's weight aside).
+    wide = BATCH * TOKENS * 64
+    saved = saved_shapes(model, example)
+    assert not [s for s, dtype in saved if math.prod(s) >= wide and dtype != torch.int8]
+    got = grads(model, example)
+    assert got.keys() == exact.keys()
+    names = sorted(exact)
+    error = rel_err(
+        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
+    )
+    assert 0 < error < 0.02
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_mlp_errors() -> None:
+    with pytest.raises(ValueError, match="saved='int8' only"):
+        BlockOptions(fused_mlp=True)
+    opts = BlockOptions(saved="int8", fused_mlp=True)
+    with pytest.raises(ValueError, match="no MLP of the blocks has a known layout"):
+        prepare(small_llama(), "asi", 1, example_input=llama_batch(), options=opts)
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="method 'lora'"):
+        prepare(small_vit(), "lora", 1, example_input=vit_batch(), options=opts)
 
 
 def test_int8_saved_only_while_training() -> None:
