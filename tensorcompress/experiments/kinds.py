@@ -266,6 +266,11 @@ class BlockSettings:
         Compact form of the tensors the blocks save that are not Linear
         inputs (attention, norm, GELU), for the compressed methods
         (:data:`COMPRESSED_METHODS`); ``None`` keeps them as they are.
+    fused_mlp : bool
+        With ``saved="int8"``, HOSVD, SVD and ASI run each MLP's
+        activation and second Linear as one function that keeps only the
+        activation's int8 input (``BlockOptions.fused_mlp``); that Linear is
+        then not compressed.
 
     Notes
     -----
@@ -277,6 +282,7 @@ class BlockSettings:
 
     attention: str = "sdpa"
     saved: str | None = "int8"
+    fused_mlp: bool = True
     lora_r: int = 8
 
     def options(self, method: str, threshold: float | None) -> Any:
@@ -284,9 +290,12 @@ class BlockSettings:
         from tensorcompress.torch.transformer import BlockOptions
 
         eps = 0.8 if threshold is None else threshold
+        saved = self.saved if method in COMPRESSED_METHODS else None
         return BlockOptions(
             attention=self.attention,
-            saved=self.saved if method in COMPRESSED_METHODS else None,
+            saved=saved,
+            # A factored fc2 has no dense input to rebuild.
+            fused_mlp=self.fused_mlp and saved == "int8" and method not in FACTORED_METHODS,
             rank=eps,
             weight_rank=eps if method in FACTORED_METHODS else 0.9,
             lora_r=self.lora_r,

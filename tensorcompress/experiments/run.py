@@ -981,6 +981,12 @@ def _notes(
             + (
                 ", and every other tensor the blocks save (attention, norms, GELU) kept as "
                 "per-block int8 (approximate)"
+                + (
+                    "; HOSVD, SVD, ASI run each MLP's GELU and fc2 as one function that keeps "
+                    "the GELU input as int8 (fc2 not compressed, its weight gradient approximate)"
+                    if b.fused_mlp
+                    else ""
+                )
                 if b.saved == "int8"
                 else ""
             ),
@@ -1190,6 +1196,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="int8",
         help="vit_tiny: HOSVD/SVD/ASI keep the blocks' other saved tensors as int8 (int8)",
     )
+    g.add_argument(
+        "--mlp",
+        choices=["fused", "separate"],
+        default="fused",
+        help="vit_tiny, with --saved int8: HOSVD/SVD/ASI run each MLP's GELU and fc2 as one "
+        "function keeping the GELU input as int8, fc2 uncompressed (fused)",
+    )
     g.add_argument("--lora-r", type=int, default=8, help="vit_tiny: LoRA rank (8)")
     g.add_argument("--epochs", type=int, help="fine-tuning epochs (4; vit_tiny 2)")
     g.add_argument("--batch-size", type=int, help="per process (32)")
@@ -1306,6 +1319,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         plans=getattr(args, "plans", "measured"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
+            fused_mlp=getattr(args, "mlp", "fused") == "fused",
             lora_r=getattr(args, "lora_r", 8),
         ),
     )
