@@ -364,14 +364,22 @@ def quantize_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=t.device)
     step = max(1, _CHUNK // block)
     tiny = torch.finfo(torch.float32).tiny
+    # One float buffer for every chunk: a new one per chunk would overlap the last.
+    buffer = torch.empty((min(step, rows.shape[0]), block), dtype=torch.float32, device=t.device)
+    same = t.dtype == torch.float32
     for i in range(0, rows.shape[0], step):
         chunk = rows[i : i + step]
-        work = chunk.float().abs()
+        work = buffer[: chunk.shape[0]]
+        if same:
+            torch.abs(chunk, out=work)
+        else:
+            work.copy_(chunk).abs_()
         # The max over each block's elements, reduced across the strided dimension:
         # vectorised over blocks, much faster than a reduction along 64 contiguous ones.
         s = work.t().amax(dim=0).div_(127.0).clamp_min_(tiny).unsqueeze(1)
         scale[i : i + step] = s
-        q[i : i + step] = work.copy_(chunk).div_(s).round_()
+        div = torch.div(chunk, s, out=work) if same else work.copy_(chunk).div_(s)
+        q[i : i + step] = div.round_()
     return q, scale
 
 
@@ -505,10 +513,12 @@ def int8_activations(
 class _Int8ActivationLinear(torch.autograd.Function):
     """``linear(fn(x))`` keeping only ``x`` as int8.
 
-    The forward applies ``fn`` and the product a chunk of rows at a time, so
-    ``fn(x)`` never exists whole; the backward rebuilds ``fn`` of the
-    dequantized ``x`` the same way, for the weight gradient and for the
-    derivative, written over the dequantized input.
+    ``x`` is the output of the MLP's first Linear, which nothing else reads:
+    once its int8 copy is taken, the forward writes ``fn(x)`` over it a chunk
+    at a time, so the MLP's forward holds one MLP-wide float tensor. The
+    backward rebuilds ``fn`` of the dequantized ``x`` a chunk of rows at a
+    time, for the weight gradient and for the derivative, written over the
+    dequantized input.
     """
 
     @staticmethod
@@ -523,12 +533,12 @@ class _Int8ActivationLinear(torch.autograd.Function):
         q, scale = quantize_int8(x, block)
         ctx.save_for_backward(q, scale, weight)
         ctx.fn, ctx.shape, ctx.dtype, ctx.has_bias = fn, x.shape, x.dtype, bias is not None
-        rows = x.reshape(-1, x.shape[-1])
-        out = rows.new_empty((rows.shape[0], weight.shape[0]))
-        step = _rows_per_chunk(rows.shape[1])
-        for i in range(0, rows.shape[0], step):
-            out[i : i + step] = nn.functional.linear(fn(rows[i : i + step]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        if x._is_view() or not x.is_contiguous():
+            return nn.functional.linear(fn(x), weight, bias)
+        flat = x.detach().view(-1)
+        for i in range(0, flat.numel(), _CHUNK):
+            flat[i : i + _CHUNK] = fn(flat[i : i + _CHUNK])
+        return nn.functional.linear(x.detach(), weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -978,7 +988,7 @@ def _lora(
 
 
 def restore_blocks(model: nn.Module) -> nn.Module:
-    """Undo ``checkpoint``, ``recompute`` and ``saved`` of :func:`prepare` on ``model``.
+    """Undo the ``checkpoint``, ``recompute``, ``saved`` and ``fused_mlp`` of :func:`prepare`.
 
     Compressed layers stay (:func:`~tensorcompress.torch.restore`), and so do
     LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags.
