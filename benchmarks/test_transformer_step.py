@@ -68,6 +68,7 @@ METHODS: dict[str, tuple[str, BlockOptions]] = {
     ),
     "lora+asi+sdpa+int8": ("lora+asi", BlockOptions(attention="sdpa", saved="int8")),
     "sdpa+int8": ("vanilla", BlockOptions(attention="sdpa", saved="int8")),
+    "sdpa+int8+fused": ("vanilla", BlockOptions(attention="sdpa", saved="int8", fused_mlp=True)),
     "hosvd": ("hosvd", BlockOptions()),
     "svd": ("svd", BlockOptions()),
 }
