@@ -603,8 +603,10 @@ def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]
     whose activation acts element-wise and whose second layer is a plain
     ``nn.Linear`` then keeps, in training, ``fc1``'s output as int8
     (:func:`quantize_int8`) and nothing else for those two: no float
-    activation input, no input for ``fc2``. The forward is exact and never
-    holds ``act(fc1(x))`` whole; the backward rebuilds it from the int8 form,
+    activation input, no input for ``fc2``. The forward is exact; once the
+    int8 copy is taken it writes ``act`` over ``fc1``'s output (which nothing
+    else reads in these layouts), so it holds one MLP-wide float tensor, as
+    the backward does: the backward rebuilds ``act(fc1(x))`` from the int8 form,
     a chunk of rows at a time, for ``fc2``'s weight gradient and for the
     activation's derivative, so both are approximate (as with
     :func:`int8_activations`), and it holds one MLP-wide float tensor, the
