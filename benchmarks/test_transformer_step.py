@@ -74,8 +74,8 @@ METHODS: dict[str, tuple[str, BlockOptions]] = {
     "hosvd": ("hosvd", BlockOptions()),
     "svd": ("svd", BlockOptions()),
 }
-# The models whose MLP layout fused_mlp knows (Hugging Face's ViTMLP).
-FUSED_MODELS = ("vit",)
+# The models whose MLP layout fused_mlp knows (ViTMLP, LlamaMLP).
+FUSED_MODELS = ("vit", "llama")
 
 
 def applies(method: str, model: str) -> bool:

@@ -168,9 +168,10 @@ class BlockOptions:
         ViT, Llama, Mistral, Qwen2/3 and GPT-2); True: everywhere.
     fused_mlp : bool, default False
         With ``saved="int8"``: in each MLP of a known layout (Hugging Face's
-        ``ViTMLP``: ``fc1``, ``activation_fn``, ``fc2``), the activation and
-        the Linear after it run as one function (:func:`fused_mlps`) that
-        keeps only the activation's int8 input. The backward rebuilds the
+        ``ViTMLP``; the gated MLPs of Llama, Mistral, Qwen2/3), the
+        activation (and the gate's product) and the Linear after it run as
+        one function (:func:`fused_mlps`) that keeps only the int8 forms of
+        the activation's input (and of the up projection). The backward rebuilds the
         activation's output from it, a chunk of rows at a time, for that
         Linear's weight gradient, so that Linear keeps no input of its own
         and is left out of the method (not compressed: its input would cost
@@ -511,82 +512,124 @@ def int8_activations(
 
 
 class _Int8ActivationLinear(torch.autograd.Function):
-    """``linear(fn(x))`` keeping only ``x`` as int8.
+    """``linear(fn(x))``, or ``linear(fn(x) * up)`` (gated MLPs), keeping ``x`` and ``up`` as int8.
 
-    ``x`` is the output of the MLP's first Linear, which nothing else reads:
-    once its int8 copy is taken, the forward writes ``fn(x)`` over it a chunk
-    at a time, so the MLP's forward holds one MLP-wide float tensor. The
-    backward rebuilds ``fn`` of the dequantized ``x`` a chunk of rows at a
-    time, for the weight gradient and for the derivative, written over the
-    dequantized input.
+    ``x`` (and ``up``) are outputs of the MLP's first Linear layers, which
+    nothing else reads: once their int8 copies are taken, the forward writes
+    the Linear's input over ``x`` a chunk at a time, so the MLP's forward
+    holds no MLP-wide float tensor besides them. The backward dequantizes
+    them and rebuilds the Linear's input a chunk of rows at a time, for the
+    weight gradient and for the derivatives, written over the dequantized
+    tensors.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
+        up: torch.Tensor | None,
         fn: Callable[[torch.Tensor], torch.Tensor],
         block: int,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        q, scale = quantize_int8(x, block)
-        ctx.save_for_backward(q, scale, weight)
+        kept = [*quantize_int8(x, block)]
+        if up is not None:
+            kept += quantize_int8(up, block)
+        ctx.save_for_backward(weight, *kept)
         ctx.fn, ctx.shape, ctx.dtype, ctx.has_bias = fn, x.shape, x.dtype, bias is not None
-        if x._is_view() or not x.is_contiguous():
-            return nn.functional.linear(fn(x), weight, bias)
+        in_place = not x._is_view() and x.is_contiguous()
+        if up is not None:
+            in_place = in_place and up.shape == x.shape and up.is_contiguous()
+        if not in_place:
+            h = fn(x) if up is None else fn(x) * up
+            return nn.functional.linear(h, weight, bias)
         flat = x.detach().view(-1)
+        other = up.detach().reshape(-1) if up is not None else None
         for i in range(0, flat.numel(), _CHUNK):
-            flat[i : i + _CHUNK] = fn(flat[i : i + _CHUNK])
+            part = fn(flat[i : i + _CHUNK])
+            flat[i : i + _CHUNK] = part if other is None else part.mul_(other[i : i + _CHUNK])
         return nn.functional.linear(x.detach(), weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, scale, weight = ctx.saved_tensors
-        x = dequantize_int8(q, scale, ctx.shape, ctx.dtype)
-        rows, g = x.view(-1, ctx.shape[-1]), grad.reshape(-1, weight.shape[0])
-        need_x, _, _, need_w, need_b = ctx.needs_input_grad
+        weight, *kept = ctx.saved_tensors
+        shape, width = ctx.shape, ctx.shape[-1]
+        x = dequantize_int8(kept[0], kept[1], shape, ctx.dtype)
+        up = dequantize_int8(kept[2], kept[3], shape, ctx.dtype) if len(kept) > 2 else None
+        rows, g = x.view(-1, width), grad.reshape(-1, weight.shape[0])
+        ups = up.view(-1, width) if up is not None else None
+        need_x, need_up, _, _, need_w, need_b = ctx.needs_input_grad
         dw = torch.zeros_like(weight) if need_w else None
-        step = _rows_per_chunk(rows.shape[1])
-        with torch.enable_grad():
-            for i in range(0, rows.shape[0], step):
-                xc = rows[i : i + step].detach().requires_grad_(need_x)
+        w = weight.detach()
+        step = _rows_per_chunk(width)
+        for i in range(0, rows.shape[0], step):
+            xc = rows[i : i + step].detach().requires_grad_(need_x)
+            with torch.enable_grad():  # only the activation's own derivative
                 a = ctx.fn(xc)
-                gc = g[i : i + step]
-                if dw is not None:
-                    dw.addmm_(gc.t(), a.detach())
-                if need_x:
-                    (rows[i : i + step],) = torch.autograd.grad(a, xc, gc @ weight)
+            gc = g[i : i + step]
+            dh = gc @ w if need_x or need_up else None
+            if ups is None:
+                h, dfn = a.detach(), dh
+            else:
+                other = ups[i : i + step]
+                h = a.detach() * other
+                dfn = dh * other if dh is not None else None
+                if need_up and dh is not None:
+                    other.copy_(dh.mul_(a.detach()))  # up's gradient, written over up
+            if dw is not None:
+                dw.addmm_(gc.t(), h)
+            if need_x:
+                (rows[i : i + step],) = torch.autograd.grad(a, xc, dfn)
         db = g.sum(0) if ctx.has_bias and need_b else None
-        return x if need_x else None, None, None, dw, db
+        return (
+            x if need_x else None,
+            up if need_up else None,
+            None,
+            None,
+            dw,
+            db,
+        )
 
 
 def _rows_per_chunk(width: int) -> int:
     return max(1, _CHUNK // width)
 
 
-# MLP classes whose forward is ``fc2(act(fc1(x)))``: (fc1, activation, fc2) attribute names.
-_MLP_LAYOUTS = {"ViTMLP": ("fc1", "activation_fn", "fc2")}
+# MLP classes whose forward is ``second(act(first(x)))``, or ``second(act(first(x)) *
+# up(x))`` (gated): their (first, activation, second, up) attribute names.
+_MLP_LAYOUTS: dict[str, tuple[str, str, str, str | None]] = {
+    "ViTMLP": ("fc1", "activation_fn", "fc2", None),
+    **{
+        name: ("gate_proj", "act_fn", "down_proj", "up_proj")
+        for name in ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+    },
+}
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    first, act, second = (getattr(self, n) for n in _MLP_LAYOUTS[type(self).__name__])
-    return act(first(x), second)
+    first, act, second, up = _MLP_LAYOUTS[type(self).__name__]
+    h = getattr(self, first)(x)
+    if up is None:
+        return getattr(self, act)(h, getattr(self, second))
+    return getattr(self, act)(h, getattr(self, second), getattr(self, up)(x))
 
 
-def _int8_linear_forward(self: nn.Module, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """A fused MLP's activation: ``linear(act(x))`` (:class:`_Int8ActivationLinear` in training)."""
+def _int8_linear_forward(
+    self: nn.Module, x: torch.Tensor, linear: nn.Linear, up: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A fused MLP's activation: ``linear(act(x) [* up])`` (:class:`_Int8ActivationLinear`)."""
     fn = functools.partial(type(self).forward, self)
     if self.training and torch.is_grad_enabled():
-        return _Int8ActivationLinear.apply(x, fn, self._int8_block, linear.weight, linear.bias)
-    return linear(fn(x))
+        return _Int8ActivationLinear.apply(x, up, fn, self._int8_block, linear.weight, linear.bias)
+    return linear(fn(x) if up is None else fn(x) * up)
 
 
 def _fusable(m: nn.Module) -> bool:
     layout = _MLP_LAYOUTS.get(type(m).__name__)
     if layout is None:
         return False
-    _, act, second = (getattr(m, n, None) for n in layout)
+    _, act, second, _ = (getattr(m, n, None) if n else None for n in layout)
     return (
         isinstance(act, nn.Module)
         and _elementwise_activation(act)
@@ -599,20 +642,22 @@ def _fusable(m: nn.Module) -> bool:
 def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]:
     """Run the activation and the second Linear of the MLPs among ``modules`` as one int8 function.
 
-    An MLP of a known layout (Hugging Face's ``ViTMLP``: ``fc2(act(fc1(x)))``)
-    whose activation acts element-wise and whose second layer is a plain
-    ``nn.Linear`` then keeps, in training, ``fc1``'s output as int8
-    (:func:`quantize_int8`) and nothing else for those two: no float
-    activation input, no input for ``fc2``. The forward is exact; once the
-    int8 copy is taken it writes ``act`` over ``fc1``'s output (which nothing
-    else reads in these layouts), so it holds one MLP-wide float tensor, as
-    the backward does: the backward rebuilds ``act(fc1(x))`` from the int8 form,
-    a chunk of rows at a time, for ``fc2``'s weight gradient and for the
-    activation's derivative, so both are approximate (as with
-    :func:`int8_activations`), and it holds one MLP-wide float tensor, the
-    input gradient. ``fc2``'s forward and hooks do not run in training.
-    Installed on the instances (their ``forward``); :func:`restore_blocks`
-    removes it.
+    An MLP of a known layout, Hugging Face's ``ViTMLP`` (``fc2(act(fc1(x)))``)
+    or a gated MLP of Llama, Mistral, Qwen2/3 (``down_proj(act(gate_proj(x))
+    * up_proj(x))``), whose activation acts element-wise and whose last
+    layer is a plain ``nn.Linear``, then keeps in training the int8 forms
+    (:func:`quantize_int8`) of the first layer's output (and of the up
+    projection's) and nothing else for the rest: no float activation input,
+    no product for the gate, no input for the last layer. The forward is
+    exact; once the int8 copies are taken it writes the last layer's input
+    over the first layer's output (which nothing else reads in these
+    layouts). The backward rebuilds that input from the int8 forms, a chunk
+    of rows at a time, for the last layer's weight gradient and for the
+    derivatives, written over the dequantized tensors, so those gradients
+    are approximate (as with :func:`int8_activations`) and it holds no
+    MLP-wide float tensor besides the input gradients. The last layer's
+    forward and hooks do not run in training. Installed on the instances
+    (their ``forward``); :func:`restore_blocks` removes it.
 
     Parameters
     ----------

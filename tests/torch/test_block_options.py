@@ -496,6 +496,31 @@ def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8() -> N
     torch.testing.assert_close(mlp(x), reference(x), rtol=0, atol=0)
 
 
+def test_fused_gated_mlp_rebuilds_the_product_from_int8() -> None:
+    model = small_llama().float()
+    mlp = model.model.layers[0].mlp
+    reference = copy.deepcopy(mlp)
+    assert fused_mlps([mlp]) == [mlp]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3000, 32, generator=g, requires_grad=True)  # 9000 rows of 48
+    grad = torch.randn(3, 3000, 32, generator=g)
+    y = mlp(x)
+    torch.testing.assert_close(y, reference(x))  # the forward is exact
+    got = torch.autograd.grad(y, (x, *mlp.parameters()), grad)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:  # t, valued at its int8 form
+        t_hat = dequantize_int8(*quantize_int8(t.detach(), 64), t.shape, t.dtype)
+        return t + (t_hat - t).detach()
+
+    gate, up = rounded(reference.gate_proj(x)), rounded(reference.up_proj(x))
+    y_hat = reference.down_proj(reference.act_fn(gate) * up)
+    want = torch.autograd.grad(y_hat, (x, *reference.parameters()), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mlp.eval()
+    torch.testing.assert_close(mlp(x), reference(x), rtol=0, atol=0)
+
+
 def test_fused_mlp_backward_holds_one_mlp_wide_float_tensor() -> None:
     mlp = small_vit(torch.float32).vit.layers[0].mlp
     fused_mlps([mlp])
@@ -540,7 +565,7 @@ def test_fused_mlp_errors() -> None:
         BlockOptions(fused_mlp=True)
     opts = BlockOptions(saved="int8", fused_mlp=True)
     with pytest.raises(ValueError, match="no MLP of the blocks has a known layout"):
-        prepare(small_llama(), "asi", 1, example_input=llama_batch(), options=opts)
+        prepare(encoder(), "asi", 1, example_input=torch.randn(2, 5, 16), options=opts)
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match="method 'lora'"):
         prepare(small_vit(), "lora", 1, example_input=vit_batch(), options=opts)
