@@ -59,13 +59,14 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   attention then runs on the dequantized tensors, so the gradients through
   them, and every gradient below, are approximate.
 - ``fused_mlp=True`` (with ``saved="int8"``): an MLP ``fc2(act(fc1(x)))``
-  of a known layout runs its activation and ``fc2`` as one function that
-  keeps only ``fc1``'s output as int8 (:func:`fused_mlps`); ``fc2`` keeps no
-  input and is left out of the method. **Approximate** like ``saved``:
-  ``fc2``'s weight gradient comes from the rebuilt activation.
+  (or ``down(act(gate(x)) * up(x))``) of a known layout runs its activation
+  (and product) and its last Linear as one function that keeps only the
+  first layers' outputs as int8 (:func:`fused_mlps`); the last Linear keeps
+  no input and is left out of the method. **Approximate** like ``saved``:
+  its weight gradient comes from the rebuilt input.
 
-:func:`restore_blocks` undoes ``checkpoint``, ``recompute`` and ``saved`` on a
-prepared model (LoRA and compressed layers have their own undo:
+:func:`restore_blocks` undoes ``checkpoint``, ``recompute``, ``saved`` and
+``fused_mlp`` on a prepared model (LoRA and compressed layers have their own undo:
 ``peft_model.unload()``, :func:`~tensorcompress.torch.restore`).
 """
 
