@@ -451,6 +451,7 @@ class _Int8Elementwise(torch.autograd.Function):
                 xc = flat[i : i + _CHUNK].detach().requires_grad_()
                 (gc,) = torch.autograd.grad(ctx.fn(xc), xc, g[i : i + _CHUNK])
                 flat[i : i + _CHUNK] = gc
+                del xc, gc  # before the next chunk's are allocated
         return x, None, None, None
 
 
@@ -549,7 +550,10 @@ class _Int8ActivationLinear(torch.autograd.Function):
         other = up.detach().reshape(-1) if up is not None else None
         for i in range(0, flat.numel(), _CHUNK):
             part = fn(flat[i : i + _CHUNK])
-            flat[i : i + _CHUNK] = part if other is None else part.mul_(other[i : i + _CHUNK])
+            if other is not None:
+                part.mul_(other[i : i + _CHUNK])
+            flat[i : i + _CHUNK] = part
+            del part  # before the next chunk's is allocated
         return nn.functional.linear(x.detach(), weight, bias)
 
     @staticmethod
@@ -582,6 +586,7 @@ class _Int8ActivationLinear(torch.autograd.Function):
                 dw.addmm_(gc.t(), h)
             if need_x:
                 (rows[i : i + step],) = torch.autograd.grad(a, xc, dfn)
+            del xc, a, h, dh, dfn  # before the next chunk's are allocated
         db = g.sum(0) if ctx.has_bias and need_b else None
         return (
             x if need_x else None,
