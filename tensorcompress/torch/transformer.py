@@ -413,6 +413,20 @@ def _elementwise_activation(m: nn.Module) -> bool:
     )
 
 
+def _write_over(
+    flat: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    factor: torch.Tensor | None = None,
+) -> None:
+    """``flat = fn(flat) [* factor]`` in place, a chunk at a time (one chunk-sized temporary)."""
+    for i in range(0, flat.numel(), _CHUNK):
+        part = fn(flat[i : i + _CHUNK])
+        if factor is not None:
+            part.mul_(factor[i : i + _CHUNK])
+        flat[i : i + _CHUNK] = part
+        del part  # before the next chunk's is allocated
+
+
 class _Int8Elementwise(torch.autograd.Function):
     """``fn(x)`` exactly, keeping ``x`` as int8; the backward writes into the dequantized input.
 
@@ -433,9 +447,7 @@ class _Int8Elementwise(torch.autograd.Function):
         if not in_place or x._is_view() or not x.is_contiguous():
             # Autograd cannot overwrite a view of another function's result.
             return fn(x)
-        flat = x.view(-1)
-        for i in range(0, flat.numel(), _CHUNK):
-            flat[i : i + _CHUNK] = fn(flat[i : i + _CHUNK])
+        _write_over(x.view(-1), fn)
         ctx.mark_dirty(x)
         return x
 
@@ -546,14 +558,7 @@ class _Int8ActivationLinear(torch.autograd.Function):
         if not in_place:
             h = fn(x) if up is None else fn(x) * up
             return nn.functional.linear(h, weight, bias)
-        flat = x.detach().view(-1)
-        other = up.detach().reshape(-1) if up is not None else None
-        for i in range(0, flat.numel(), _CHUNK):
-            part = fn(flat[i : i + _CHUNK])
-            if other is not None:
-                part.mul_(other[i : i + _CHUNK])
-            flat[i : i + _CHUNK] = part
-            del part  # before the next chunk's is allocated
+        _write_over(x.detach().view(-1), fn, up.detach().reshape(-1) if up is not None else None)
         return nn.functional.linear(x.detach(), weight, bias)
 
     @staticmethod
@@ -567,7 +572,7 @@ class _Int8ActivationLinear(torch.autograd.Function):
         need_x, need_up, _, _, need_w, need_b = ctx.needs_input_grad
         dw = torch.zeros_like(weight) if need_w else None
         w = weight.detach()
-        step = _rows_per_chunk(width)
+        step = max(1, _CHUNK // width)
         for i in range(0, rows.shape[0], step):
             xc = rows[i : i + step].detach().requires_grad_(need_x)
             with torch.enable_grad():  # only the activation's own derivative
@@ -596,10 +601,6 @@ class _Int8ActivationLinear(torch.autograd.Function):
             dw,
             db,
         )
-
-
-def _rows_per_chunk(width: int) -> int:
-    return max(1, _CHUNK // width)
 
 
 # MLP classes whose forward is ``second(act(first(x)))``, or ``second(act(first(x)) *
