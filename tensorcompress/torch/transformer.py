@@ -413,31 +413,112 @@ def _elementwise_activation(m: nn.Module) -> bool:
     )
 
 
-def _write_over(
-    flat: torch.Tensor,
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    factor: torch.Tensor | None = None,
-) -> None:
-    """``flat = fn(flat) [* factor]`` in place, a chunk at a time (one chunk-sized temporary)."""
+def _write_over(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``x = fn(x)`` in place, a chunk at a time (one chunk-sized temporary)."""
+    flat = x.view(-1)
     for i in range(0, flat.numel(), _CHUNK):
         part = fn(flat[i : i + _CHUNK])
-        if factor is not None:
-            part.mul_(factor[i : i + _CHUNK])
         flat[i : i + _CHUNK] = part
         del part  # before the next chunk's is allocated
+
+
+def _derive_over(
+    grad: torch.Tensor, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """``x = fn'(x) * grad`` in place through autograd, a chunk at a time."""
+    flat, g = x.view(-1), grad.reshape(-1)
+    with torch.enable_grad():
+        for i in range(0, flat.numel(), _CHUNK):
+            xc = flat[i : i + _CHUNK].detach().requires_grad_()
+            (gc,) = torch.autograd.grad(fn(xc), xc, g[i : i + _CHUNK])
+            flat[i : i + _CHUNK] = gc
+            del xc, gc  # before the next chunk's are allocated
+
+
+@dataclass(frozen=True)
+class _Pointwise:
+    """An element-wise function: its value, and in place its value and its derivative."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    apply_: Callable[[torch.Tensor], object]  # x <- fn(x)
+    derive_: Callable[[torch.Tensor, torch.Tensor], object]  # (grad, x): x <- fn'(x) * grad
+
+    @classmethod
+    def through_autograd(cls, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Pointwise:
+        """Any element-wise ``fn``, in chunks (its derivative by autograd)."""
+        return cls(
+            fn, functools.partial(_write_over, fn=fn), functools.partial(_derive_over, fn=fn)
+        )
+
+
+_aten = torch.ops.aten
+
+
+def _gelu_derive_(grad: torch.Tensor, x: torch.Tensor) -> object:
+    return _aten.gelu_backward.grad_input(grad, x, grad_input=x)
+
+
+def _gelu_tanh_derive_(grad: torch.Tensor, x: torch.Tensor) -> object:
+    return _aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=x)
+
+
+def _silu_derive_(grad: torch.Tensor, x: torch.Tensor) -> object:
+    return _aten.silu_backward.grad_input(grad, x, grad_input=x)
+
+
+def _relu_derive_(grad: torch.Tensor, x: torch.Tensor) -> object:
+    return _aten.threshold_backward.grad_input(grad, x, 0, grad_input=x)
+
+
+# Activations with in-place kernels for the value and the derivative: one pass
+# over the whole tensor each, no autograd graph, no chunk-sized temporaries.
+_KERNELS = (
+    _Pointwise(nn.functional.gelu, _aten.gelu_, _gelu_derive_),
+    _Pointwise(
+        functools.partial(nn.functional.gelu, approximate="tanh"),
+        functools.partial(_aten.gelu_, approximate="tanh"),
+        _gelu_tanh_derive_,
+    ),
+    _Pointwise(nn.functional.silu, _aten.silu_, _silu_derive_),
+    _Pointwise(nn.functional.relu, _aten.relu_, _relu_derive_),
+)
+
+
+def _kernel_of(m: nn.Module) -> _Pointwise | None:
+    """The kernels of :data:`_KERNELS` that compute ``m`` exactly, if any.
+
+    Found by evaluating ``m`` on a probe, so any module that is GELU, SiLU or
+    ReLU (``nn.GELU``, Hugging Face's ``GELUActivation``, ...) gets them, and
+    any other falls back to autograd.
+    """
+    probe = torch.linspace(-8.0, 8.0, 4097)
+    with torch.no_grad():
+        want = type(m).forward(m, probe)
+        for kernel in _KERNELS:
+            got = probe.clone()
+            kernel.apply_(got)
+            if torch.equal(got, want):
+                return kernel
+    return None
+
+
+def _pointwise(m: nn.Module) -> _Pointwise:
+    """The element-wise function of an activation module that int8 forms were installed on."""
+    kernel: _Pointwise | None = m._int8_kernel  # type: ignore[assignment]
+    return kernel or _Pointwise.through_autograd(functools.partial(type(m).forward, m))
 
 
 class _Int8Elementwise(torch.autograd.Function):
     """``fn(x)`` exactly, keeping ``x`` as int8; the backward writes into the dequantized input.
 
-    With ``in_place`` the output is written over ``x`` a chunk at a time.
+    With ``in_place`` the output is written over ``x``.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        fn: Callable[[torch.Tensor], torch.Tensor],
+        fn: _Pointwise,
         block: int,
         in_place: bool,
     ) -> torch.Tensor:
@@ -446,8 +527,8 @@ class _Int8Elementwise(torch.autograd.Function):
         ctx.fn, ctx.shape, ctx.dtype = fn, x.shape, x.dtype
         if not in_place or x._is_view() or not x.is_contiguous():
             # Autograd cannot overwrite a view of another function's result.
-            return fn(x)
-        _write_over(x.view(-1), fn)
+            return fn.fn(x)
+        fn.apply_(x)
         ctx.mark_dirty(x)
         return x
 
@@ -455,24 +536,17 @@ class _Int8Elementwise(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         q, scale = ctx.saved_tensors
         x = dequantize_int8(q, scale, ctx.shape, ctx.dtype)
-        flat, g = x.view(-1), grad.reshape(-1)
-        # The derivative a chunk at a time, written over the input it was taken at:
-        # one full-size float tensor besides the incoming gradient, not two.
-        with torch.enable_grad():
-            for i in range(0, flat.numel(), _CHUNK):
-                xc = flat[i : i + _CHUNK].detach().requires_grad_()
-                (gc,) = torch.autograd.grad(ctx.fn(xc), xc, g[i : i + _CHUNK])
-                flat[i : i + _CHUNK] = gc
-                del xc, gc  # before the next chunk's are allocated
+        # The derivative written over the input it was taken at: one full-size
+        # float tensor besides the incoming gradient, not two.
+        ctx.fn.derive_(grad, x)
         return x, None, None, None
 
 
 def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An element-wise activation's forward through :class:`_Int8Elementwise` (training only)."""
-    fn = functools.partial(type(self).forward, self)
     if self.training and torch.is_grad_enabled() and x.requires_grad:
-        return _Int8Elementwise.apply(x, fn, self._int8_block, self._int8_in_place)
-    return fn(x)
+        return _Int8Elementwise.apply(x, _pointwise(self), self._int8_block, self._int8_in_place)
+    return type(self).forward(self, x)
 
 
 def int8_activations(
@@ -482,8 +556,10 @@ def int8_activations(
 
     Their forward stays exact; in training, the input is kept in
     :func:`quantize_int8`'s form instead of float, and the backward computes
-    the derivative at the dequantized input a chunk at a time, writing it over
-    that input. The gradient through the activation is then approximate (as
+    the derivative at the dequantized input, writing it over that input:
+    GELU (exact or tanh), SiLU and ReLU, whatever their module class, through
+    aten's in-place kernels in one pass each, any other activation through
+    autograd a chunk at a time. The gradient through the activation is then approximate (as
     with :class:`Int8Saved`), but its backward holds one full-size float
     tensor besides the incoming gradient, where a saved-tensor hook's
     dequantized input plus the activation's own backward hold two: at the
@@ -500,10 +576,11 @@ def int8_activations(
     block : int, default 64
         Elements per scale.
     in_place : bool, default False
-        In training, write the output over the input, a chunk at a time:
-        the forward then holds one MLP-wide float tensor where it held two
-        (the input, kept alive by the caller until the activation returns,
-        and the output). Only for blocks where nothing else reads the
+        In training, write the output over the input (in one pass, or a
+        chunk at a time where the activation has no in-place kernel): the
+        forward then holds one MLP-wide float tensor where it held two (the
+        input, kept alive by the caller until the activation returns, and
+        the output). Only for blocks where nothing else reads the
         activation's input afterwards (Hugging Face's ViT, Llama-family and
         GPT-2 MLPs); a later reader would see the output. Autograd refuses
         an input that is a leaf or a view, or that an earlier op saved.
@@ -521,6 +598,7 @@ def int8_activations(
         # nn.Module attributes are typed as tensors, hence setattr.
         setattr(m, "_int8_block", block)  # noqa: B010
         setattr(m, "_int8_in_place", in_place)  # noqa: B010
+        setattr(m, "_int8_kernel", _kernel_of(m))  # noqa: B010
         changed.append(m)
     return changed
 
@@ -530,11 +608,11 @@ class _Int8ActivationLinear(torch.autograd.Function):
 
     ``x`` (and ``up``) are outputs of the MLP's first Linear layers, which
     nothing else reads: once their int8 copies are taken, the forward writes
-    the Linear's input over ``x`` a chunk at a time, so the MLP's forward
+    the Linear's input over ``x``, so the MLP's forward
     holds no MLP-wide float tensor besides them. The backward dequantizes
     them and rebuilds the Linear's input a chunk of rows at a time, for the
     weight gradient and for the derivatives, written over the dequantized
-    tensors.
+    tensors. The chunk-sized temporaries are allocated once and reused.
     """
 
     @staticmethod
@@ -542,7 +620,7 @@ class _Int8ActivationLinear(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         up: torch.Tensor | None,
-        fn: Callable[[torch.Tensor], torch.Tensor],
+        fn: _Pointwise,
         block: int,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -554,44 +632,53 @@ class _Int8ActivationLinear(torch.autograd.Function):
         ctx.fn, ctx.shape, ctx.dtype, ctx.has_bias = fn, x.shape, x.dtype, bias is not None
         in_place = not x._is_view() and x.is_contiguous()
         if up is not None:
-            in_place = in_place and up.shape == x.shape and up.is_contiguous()
+            in_place = in_place and up.shape == x.shape
         if not in_place:
-            h = fn(x) if up is None else fn(x) * up
+            h = fn.fn(x) if up is None else fn.fn(x) * up
             return nn.functional.linear(h, weight, bias)
-        _write_over(x.detach().view(-1), fn, up.detach().reshape(-1) if up is not None else None)
-        return nn.functional.linear(x.detach(), weight, bias)
+        h = x.detach()
+        fn.apply_(h)
+        if up is not None:
+            h.mul_(up.detach())
+        return nn.functional.linear(h, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         weight, *kept = ctx.saved_tensors
-        shape, width = ctx.shape, ctx.shape[-1]
+        shape, width, fn = ctx.shape, ctx.shape[-1], ctx.fn
         x = dequantize_int8(kept[0], kept[1], shape, ctx.dtype)
         up = dequantize_int8(kept[2], kept[3], shape, ctx.dtype) if len(kept) > 2 else None
         rows, g = x.view(-1, width), grad.reshape(-1, weight.shape[0])
         ups = up.view(-1, width) if up is not None else None
         need_x, need_up, _, _, need_w, need_b = ctx.needs_input_grad
+        need_h = need_x or need_up
         dw = torch.zeros_like(weight) if need_w else None
         w = weight.detach()
         step = max(1, _CHUNK // width)
+        # Chunk-sized buffers, reused: the activation, h's gradient and (gated) act's.
+        n = min(step, rows.shape[0])
+        a_buf = rows.new_empty((n, width))
+        dh_buf = rows.new_empty((n, width)) if need_h else None
+        dfn_buf = rows.new_empty((n, width)) if need_x and ups is not None else None
         for i in range(0, rows.shape[0], step):
-            xc = rows[i : i + step].detach().requires_grad_(need_x)
-            with torch.enable_grad():  # only the activation's own derivative
-                a = ctx.fn(xc)
-            gc = g[i : i + step]
-            dh = gc @ w if need_x or need_up else None
-            if ups is None:
-                h, dfn = a.detach(), dh
-            else:
+            xc, gc = rows[i : i + step], g[i : i + step]
+            a = a_buf[: xc.shape[0]].copy_(xc)
+            fn.apply_(a)
+            dh = torch.mm(gc, w, out=dh_buf[: xc.shape[0]]) if dh_buf is not None else None
+            dfn = dh
+            if ups is not None:
                 other = ups[i : i + step]
-                h = a.detach() * other
-                dfn = dh * other if dh is not None else None
+                if dh is not None and dfn_buf is not None:
+                    dfn = torch.mul(dh, other, out=dfn_buf[: xc.shape[0]])
                 if need_up and dh is not None:
-                    other.copy_(dh.mul_(a.detach()))  # up's gradient, written over up
+                    dh.mul_(a)  # up's gradient
+                a.mul_(other)  # h = act(x) * up
+                if need_up and dh is not None:
+                    other.copy_(dh)  # written over up
             if dw is not None:
-                dw.addmm_(gc.t(), h)
+                dw.addmm_(gc.t(), a)
             if need_x:
-                (rows[i : i + step],) = torch.autograd.grad(a, xc, dfn)
-            del xc, a, h, dh, dfn  # before the next chunk's are allocated
+                fn.derive_(dfn, xc)  # written over x
         db = g.sum(0) if ctx.has_bias and need_b else None
         return (
             x if need_x else None,
@@ -626,10 +713,11 @@ def _int8_linear_forward(
     self: nn.Module, x: torch.Tensor, linear: nn.Linear, up: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A fused MLP's activation: ``linear(act(x) [* up])`` (:class:`_Int8ActivationLinear`)."""
-    fn = functools.partial(type(self).forward, self)
     if self.training and torch.is_grad_enabled():
+        fn = _pointwise(self)
         return _Int8ActivationLinear.apply(x, up, fn, self._int8_block, linear.weight, linear.bias)
-    return linear(fn(x) if up is None else fn(x) * up)
+    h = type(self).forward(self, x)
+    return linear(h if up is None else h * up)
 
 
 def _fusable(m: nn.Module) -> bool:
@@ -687,6 +775,7 @@ def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]
         _patch_forward(m, _fused_mlp_forward)
         # The activation runs in the activation's own module call: its saves count as its.
         setattr(act, "_int8_block", block)  # noqa: B010
+        setattr(act, "_int8_kernel", _kernel_of(act))  # noqa: B010
         changed.append(m)
     return changed
 
@@ -1051,11 +1140,11 @@ def restore_blocks(model: nn.Module) -> nn.Module:
         if _patched_by(m, _checkpointed_forward):
             del m.forward
         if _patched_by(m, _int8_forward):
-            del m.forward, m._int8_block, m._int8_in_place
+            del m.forward, m._int8_block, m._int8_in_place, m._int8_kernel
         if _patched_by(m, _fused_mlp_forward):
             del m.forward
         if _patched_by(m, _int8_linear_forward):
-            del m.forward, m._int8_block
+            del m.forward, m._int8_block, m._int8_kernel
         saver = _SAVERS.pop(m, None)
         if saver is not None:
             saver.remove()

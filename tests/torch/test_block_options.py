@@ -370,7 +370,9 @@ def test_int8_composes_with_asi_and_restores() -> None:
 
 
 @pytest.mark.parametrize(
-    "act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU()], ids=str
+    "act",
+    [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU(), nn.Mish(), nn.ELU()],
+    ids=str,
 )
 def test_int8_activation_exact_forward_and_the_gradient_at_the_dequantized_input(
     act: nn.Module,
@@ -380,6 +382,8 @@ def test_int8_activation_exact_forward_and_the_gradient_at_the_dequantized_input
     grad = torch.randn(3, 70, 40, generator=g)
     reference = type(act)(**({"approximate": act.approximate} if isinstance(act, nn.GELU) else {}))
     assert int8_activations([act, nn.Softmax(-1), nn.PReLU(), nn.Linear(2, 2)]) == [act]
+    # GELU, SiLU and ReLU run aten's in-place kernels; the others autograd, in chunks.
+    assert (act._int8_kernel is None) == isinstance(act, (nn.Mish, nn.ELU))
     y = act(x)
     torch.testing.assert_close(y, reference(x), rtol=0, atol=0)  # the forward is exact
     (got,) = torch.autograd.grad(y, x, grad)
@@ -472,11 +476,18 @@ def test_int8_activation_errors_and_restore() -> None:
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8() -> None:
+@pytest.mark.parametrize("activation", ["model's", "mish"])
+def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8(
+    activation: str,
+) -> None:
     model = small_vit(torch.float32)
     mlp = model.vit.layers[0].mlp
+    if activation == "mish":  # no aten kernel: the derivative through autograd
+        mlp.activation_fn = nn.Mish()
     reference = copy.deepcopy(mlp)
     assert fused_mlps([mlp, model.vit.layers[0].layernorm_before]) == [mlp]
+    # Hugging Face's GELUActivation is recognised as GELU.
+    assert (mlp.activation_fn._int8_kernel is None) == (activation == "mish")
     g = torch.Generator().manual_seed(0)
     # 15000 rows of 64: several chunks.
     x = torch.randn(3, 5000, 32, generator=g, requires_grad=True)
