@@ -812,10 +812,8 @@ class Int8Saved:
     -----
     Packing costs a few passes over each tensor in forward, a chunk at a time,
     and unpacking two in backward, written straight into the dequantized
-    tensor: neither allocates a full-size float temporary. A permuted tensor
-    (attention's transposed query, key and value) is packed in its memory
-    order and comes back with its strides. The error of one element is at
-    most half a quantization step, ``absmax(block) / 254``.
+    tensor: neither allocates a full-size float temporary. The error of one
+    element is at most half a quantization step, ``absmax(block) / 254``.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], *, block: int = 64, min_bytes: int = 1 << 16):
