@@ -85,7 +85,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tensorcompress.torch.convert import convert
-from tensorcompress.torch.functions import memory_order
 from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure.training import module_kind
 from tensorcompress.torch.modules import CompressedModule
@@ -332,9 +331,9 @@ def _patched_by(m: nn.Module, forward: Callable[..., Any]) -> bool:
 class _Packed:
     data: Any  # int8 (n_blocks, block), as packed by the outer hook
     scale: Any  # float32 (n_blocks, 1), as packed by the outer hook
-    shape: torch.Size  # in memory order
+    shape: torch.Size
     dtype: torch.dtype
-    order: list[int]  # the tensor's dims in memory order
+    numel: int
 
 
 _CHUNK = 1 << 18  # elements quantized at a time: the only float temporary
@@ -887,17 +886,10 @@ class Int8Saved:
         hit = self._cache.get(key)
         if hit is not None and hit[0]() is t:
             return hit[1]
-        # Quantized in memory order and rebuilt with the same strides: a permuted
-        # tensor (attention's transposed query, key and value) needs no contiguous
-        # copy, and its backward sees the layout it would have seen.
-        order = memory_order(t)
-        dense = t.permute(order)
-        if not dense.is_contiguous():
-            order, dense = list(range(t.ndim)), t
-        q, scale = quantize_int8(dense, self.block)
+        q, scale = quantize_int8(t, self.block)
         if outer is not None:
             q, scale = outer(q), outer(scale)
-        packed = ("int8", _Packed(q, scale, dense.shape, t.dtype, order))
+        packed = ("int8", _Packed(q, scale, t.shape, t.dtype, t.numel()))
         self._cache[key] = (weakref.ref(t), packed)
         return packed
 
@@ -909,8 +901,7 @@ class Int8Saved:
         q, scale = value.data, value.scale
         if outer is not None:
             q, scale = outer(q), outer(scale)
-        dense = dequantize_int8(q, scale, value.shape, value.dtype)
-        return dense.permute([value.order.index(d) for d in range(dense.ndim)])
+        return dequantize_int8(q, scale, value.shape, value.dtype)
 
 
 # ---------------------------------------------------------------------------

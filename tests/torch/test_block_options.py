@@ -358,40 +358,6 @@ def test_int8_keeps_the_other_tensors_small_and_layer_inputs_exact() -> None:
     assert 0 < error < 0.02  # approximate, and close
 
 
-_SEEN: dict[str, torch.Tensor] = {}
-
-
-class _KeepForBackward(torch.autograd.Function):
-    """Saves its input and hands what backward gets back to ``_SEEN``."""
-
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(t)
-        return t * 2
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (_SEEN["t"],) = ctx.saved_tensors
-        return grad * 2
-
-
-def test_int8_saved_rebuilds_a_permuted_tensor_with_its_strides() -> None:
-    class Block(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _KeepForBackward.apply(x.transpose(1, 2))  # as attention's query
-
-    block = Block()
-    saver = Int8Saved([block], min_bytes=0)
-    x = torch.randn(4, 65, 3, 64, requires_grad=True)
-    block(x).sum().backward()
-    got, view = _SEEN["t"], x.detach().transpose(1, 2)
-    assert got.shape == view.shape and got.stride() == view.stride()
-    # Quantized in memory order: the int8 form of the underlying contiguous tensor.
-    want = dequantize_int8(*quantize_int8(x.detach(), 64), x.shape, x.dtype).transpose(1, 2)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    saver.remove()
-
-
 def test_int8_composes_with_asi_and_restores() -> None:
     example = vit_batch(torch.float32)
     opts = BlockOptions(attention="sdpa", saved="int8", int8_min_bytes=0)
