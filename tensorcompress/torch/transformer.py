@@ -559,13 +559,13 @@ def int8_activations(
     the derivative at the dequantized input, writing it over that input:
     GELU (exact or tanh), SiLU and ReLU, whatever their module class, through
     aten's in-place kernels in one pass each, any other activation through
-    autograd a chunk at a time. The gradient through the activation is then approximate (as
-    with :class:`Int8Saved`), but its backward holds one full-size float
-    tensor besides the incoming gradient, where a saved-tensor hook's
-    dequantized input plus the activation's own backward hold two: at the
-    MLP's width, that difference is what sets a block's peak. Installed on
-    the instances (their ``forward``), so names and ``state_dict`` are
-    unchanged; :func:`restore_blocks` removes it.
+    autograd a chunk at a time. The gradient through the activation is then
+    approximate (as with :class:`Int8Saved`), but its backward holds one
+    full-size float tensor besides the incoming gradient, where a
+    saved-tensor hook's dequantized input plus the activation's own backward
+    hold two: at the MLP's width, that difference is what sets a block's
+    peak. Installed on the instances (their ``forward``), so names and
+    ``state_dict`` are unchanged; :func:`restore_blocks` removes it.
 
     Parameters
     ----------
@@ -608,8 +608,8 @@ class _Int8ActivationLinear(torch.autograd.Function):
 
     ``x`` (and ``up``) are outputs of the MLP's first Linear layers, which
     nothing else reads: once their int8 copies are taken, the forward writes
-    the Linear's input over ``x``, so the MLP's forward
-    holds no MLP-wide float tensor besides them. The backward dequantizes
+    the Linear's input over ``x``, so the MLP's forward holds no MLP-wide
+    float tensor besides them. The backward dequantizes
     them and rebuilds the Linear's input a chunk of rows at a time, for the
     weight gradient and for the derivatives, written over the dequantized
     tensors. The chunk-sized temporaries are allocated once and reused.
