@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -308,18 +307,23 @@ def checkpoint_modules(modules: Sequence[nn.Module]) -> None:
 
 
 def _patch_forward(m: nn.Module, forward: Callable[..., Any]) -> None:
-    """Bind ``forward`` on the instance (a deep copy then binds to the copy)."""
+    """Bind ``forward`` on the instance.
+
+    As a ``functools.partial`` rather than a bound method: a deep copy binds
+    to the copy, and ``torch.save`` of the whole model pickles it (a bound
+    method pickles as an attribute lookup that the loaded module cannot do).
+    """
     if "forward" in m.__dict__:
         raise ValueError(
             f"{type(m).__name__} already has its own forward on the instance "
             "(checkpointed or int8 already, or patched elsewhere)"
         )
-    m.forward = types.MethodType(forward, m)
+    m.forward = functools.partial(forward, m)
 
 
 def _patched_by(m: nn.Module, forward: Callable[..., Any]) -> bool:
     fwd = m.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is forward
+    return isinstance(fwd, functools.partial) and fwd.func is forward
 
 
 # ---------------------------------------------------------------------------
@@ -472,20 +476,21 @@ def _relu_derive_(grad: torch.Tensor, x: torch.Tensor) -> object:
 
 # Activations with in-place kernels for the value and the derivative: one pass
 # over the whole tensor each, no autograd graph, no chunk-sized temporaries.
-_KERNELS = (
-    _Pointwise(nn.functional.gelu, _aten.gelu_, _gelu_derive_),
-    _Pointwise(
+# Modules name theirs (a pickled or copied model keeps a name, not aten ops).
+_KERNELS = {
+    "gelu": _Pointwise(nn.functional.gelu, _aten.gelu_, _gelu_derive_),
+    "gelu_tanh": _Pointwise(
         functools.partial(nn.functional.gelu, approximate="tanh"),
         functools.partial(_aten.gelu_, approximate="tanh"),
         _gelu_tanh_derive_,
     ),
-    _Pointwise(nn.functional.silu, _aten.silu_, _silu_derive_),
-    _Pointwise(nn.functional.relu, _aten.relu_, _relu_derive_),
-)
+    "silu": _Pointwise(nn.functional.silu, _aten.silu_, _silu_derive_),
+    "relu": _Pointwise(nn.functional.relu, _aten.relu_, _relu_derive_),
+}
 
 
-def _kernel_of(m: nn.Module) -> _Pointwise | None:
-    """The kernels of :data:`_KERNELS` that compute ``m`` exactly, if any.
+def _kernel_of(m: nn.Module) -> str | None:
+    """The name of the :data:`_KERNELS` entry that computes ``m`` exactly, if any.
 
     Found by evaluating ``m`` on a probe, so any module that is GELU, SiLU or
     ReLU (``nn.GELU``, Hugging Face's ``GELUActivation``, ...) gets them, and
@@ -494,18 +499,20 @@ def _kernel_of(m: nn.Module) -> _Pointwise | None:
     probe = torch.linspace(-8.0, 8.0, 4097)
     with torch.no_grad():
         want = type(m).forward(m, probe)
-        for kernel in _KERNELS:
+        for name, kernel in _KERNELS.items():
             got = probe.clone()
             kernel.apply_(got)
             if torch.equal(got, want):
-                return kernel
+                return name
     return None
 
 
 def _pointwise(m: nn.Module) -> _Pointwise:
     """The element-wise function of an activation module that int8 forms were installed on."""
-    kernel: _Pointwise | None = m._int8_kernel  # type: ignore[assignment]
-    return kernel or _Pointwise.through_autograd(functools.partial(type(m).forward, m))
+    name: str | None = m._int8_kernel  # type: ignore[assignment]
+    if name is not None:
+        return _KERNELS[name]
+    return _Pointwise.through_autograd(functools.partial(type(m).forward, m))
 
 
 class _Int8Elementwise(torch.autograd.Function):
@@ -1078,9 +1085,7 @@ def prepare(
                 if in_place is None:
                     in_place = type(parent).__name__ in _MLP_READ_ONCE
                 int8_activations(list(parent.children()), block=opts.int8_block, in_place=in_place)
-        saver = Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
-        for m in targets:
-            _SAVERS[m] = saver
+        Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
     return model
 
 
@@ -1089,9 +1094,6 @@ def prepare(
 _MLP_READ_ONCE = frozenset(
     {"ViTMLP", "ViTIntermediate", "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GPT2MLP"}
 )
-
-# The Int8Saved hooks of each prepared block, for restore_blocks.
-_SAVERS: weakref.WeakKeyDictionary[nn.Module, Int8Saved] = weakref.WeakKeyDictionary()
 
 
 def _lora(
@@ -1134,9 +1136,16 @@ def restore_blocks(model: nn.Module) -> nn.Module:
     """Undo the ``checkpoint``, ``recompute``, ``saved`` and ``fused_mlp`` of :func:`prepare`.
 
     Compressed layers stay (:func:`~tensorcompress.torch.restore`), and so do
-    LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags.
+    LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags. Works on a
+    deep copy of a prepared model, or one loaded whole by ``torch.load``.
     """
+    savers: dict[int, Int8Saved] = {}
     for m in model.modules():
+        # Found through the hooks themselves, so a copied or loaded model's too.
+        for hook in m._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Int8Saved):
+                savers[id(owner)] = owner
         if _patched_by(m, _checkpointed_forward):
             del m.forward
         if _patched_by(m, _int8_forward):
@@ -1145,7 +1154,6 @@ def restore_blocks(model: nn.Module) -> nn.Module:
             del m.forward
         if _patched_by(m, _int8_linear_forward):
             del m.forward, m._int8_block, m._int8_kernel
-        saver = _SAVERS.pop(m, None)
-        if saver is not None:
-            saver.remove()
+    for saver in savers.values():
+        saver.remove()
     return model
