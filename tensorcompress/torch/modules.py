@@ -170,6 +170,17 @@ def _permute_tucker(res: TuckerResult, perm: Sequence[int]) -> TuckerResult:
     )
 
 
+def check_finite_input(layer: nn.Module, x: torch.Tensor) -> None:
+    """Raise if ``x``, the input a layer is about to compress, holds NaN or Inf."""
+    if x.numel() and not all_finite(x):
+        name = getattr(layer, "layer_name", None) or "<unnamed>"
+        raise ValueError(
+            f"layer {name!r} ({type(layer).__name__}) received an input with NaN or Inf "
+            f"values (shape {tuple(x.shape)}); its compressed activation would give NaN "
+            "gradients. Fix the input, or pass check_finite=False to skip this check."
+        )
+
+
 def tucker_step(
     x: torch.Tensor,
     rank: Any,
@@ -376,15 +387,8 @@ class CompressedModule(nn.Module):
         )
 
     def _check_finite(self, x: torch.Tensor) -> None:
-        if not self.compression.check_finite or x.numel() == 0:
-            return
-        if not all_finite(x):
-            name = self.layer_name or "<unnamed>"
-            raise ValueError(
-                f"layer {name!r} ({type(self).__name__}) received an input with NaN or Inf "
-                f"values (shape {tuple(x.shape)}); its compressed activation would give NaN "
-                "gradients. Fix the input, or pass check_finite=False to skip this check."
-            )
+        if self.compression.check_finite:
+            check_finite_input(self, x)
 
     # -- compression ------------------------------------------------------
 

@@ -70,7 +70,6 @@ from torch.autograd.function import once_differentiable
 
 from tensorcompress import rank as _rank
 from tensorcompress import tenalg
-from tensorcompress._array import all_finite
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch.convert import replace_module
 from tensorcompress.torch.functions import (
@@ -86,7 +85,7 @@ from tensorcompress.torch.lowrank import (
     LowRankModule,
     conv_with,
 )
-from tensorcompress.torch.modules import tucker_step
+from tensorcompress.torch.modules import check_finite_input, tucker_step
 from tensorcompress.torch.selection import LayerSelection, select_layers
 
 __all__ = [
@@ -443,18 +442,8 @@ class WASIModule(LowRankModule):
     def _prepare(self, x: torch.Tensor) -> None:
         if self.config.refresh and self._versions() != self._refreshed:
             self.refresh()
-        if (
-            self.config.method == "wasi"
-            and self.config.check_finite
-            and x.numel()
-            and not all_finite(x)
-        ):
-            raise ValueError(
-                f"layer {self.layer_name or '<unnamed>'!r} ({type(self).__name__}) received "
-                f"an input with NaN or Inf values (shape {tuple(x.shape)}); its compressed "
-                "activation would give NaN gradients. Fix the input, or pass "
-                "check_finite=False."
-            )
+        if self.config.method == "wasi" and self.config.check_finite:
+            check_finite_input(self, x)
 
     # -- what the forward keeps ----------------------------------------------
 
