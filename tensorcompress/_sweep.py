@@ -217,9 +217,11 @@ def gram_flips(steps: Plan) -> Iterator[Plan]:
 # Measured choice
 # ---------------------------------------------------------------------------
 
-# Sweeps over fewer entries take a few milliseconds, where the estimate is
-# good enough; measuring would cost more than it saves.
-MEASURE_FROM = 1 << 20
+# Sweeps over fewer entries take a few milliseconds, where measuring would
+# cost more than it saves. From here it pays: a ViT-Tiny block's 64x65x192
+# token input (2**19.6 entries) ran its warm ASI step about 30 % faster on
+# the measured plan than on the estimate's.
+MEASURE_FROM = 1 << 19
 # Candidates timed: the cheapest estimates, then the winner's basis flips.
 _CANDIDATES = 6
 
@@ -237,9 +239,11 @@ def measured_plans(enabled: bool) -> bool:
     winner with each mode's basis switched between Gram matrix and thin
     products) and keeps the fastest for the rest of the process. The fastest
     order and product shapes depend on the BLAS and the thread count, which
-    an estimate cannot know. Every order is a valid ST-HOSVD / ASI sweep, but
-    the order changes the result slightly: turn measuring off where results
-    must not depend on the machine.
+    an estimate cannot know. The same switch covers the other measured
+    choices (:func:`fastest`: the contraction order of a Linear's weight
+    gradient from a Tucker input). Every order is a valid ST-HOSVD / ASI
+    sweep, but the order changes the result slightly: turn measuring off
+    where results must not depend on the machine.
 
     Parameters
     ----------
@@ -268,6 +272,28 @@ def chosen_plans() -> dict[tuple[Any, ...], Plan]:
     return dict(_chosen)
 
 
+def _worth_measuring(x: Array) -> bool:
+    return _measuring and math.prod(x.shape) >= MEASURE_FROM and str(device(x)) == "cpu"
+
+
+def _timed(fn: Callable[[], R], fastest: list[Any]) -> float:
+    """The faster of two runs of ``fn`` in seconds (the first pays one-time costs).
+
+    ``fastest`` holds ``[seconds, result]`` of the fastest run seen so far
+    and is updated, so only that run's result stays alive.
+    """
+    seconds = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        seconds = min(seconds, elapsed)
+        if elapsed < fastest[0]:
+            fastest[:] = [elapsed, result]
+        del result
+    return seconds
+
+
 def run(
     x: Array,
     ranks: tuple[_rank.ModeRank, ...],
@@ -282,31 +308,17 @@ def run(
     """
     shape = tuple(int(n) for n in x.shape)
     candidates = plans(shape, ranks, iterate)
-    if (
-        len(candidates) == 1
-        or not _measuring
-        or math.prod(shape) < MEASURE_FROM
-        or str(device(x)) != "cpu"
-    ):
+    if len(candidates) == 1 or not _worth_measuring(x):
         return sweep(candidates[0])
     key = (shape, ranks, iterate, str(x.dtype), _threads(x))
     if key in _chosen:
         return sweep(_chosen[key])
-    # Only the fastest run's result is kept: the others are dropped at once.
     timed: dict[Plan, float] = {}
     fastest: list[Any] = [math.inf, None]
 
     def measure(steps: Plan) -> None:
-        if steps in timed:
-            return
-        timed[steps] = math.inf
-        for _ in range(2):  # the first run pays one-time costs
-            start = time.perf_counter()
-            result = sweep(steps)
-            seconds = time.perf_counter() - start
-            timed[steps] = min(timed[steps], seconds)
-            if seconds < fastest[0]:
-                fastest[:] = [seconds, result]
+        if steps not in timed:
+            timed[steps] = _timed(functools.partial(sweep, steps), fastest)
 
     for steps in candidates[:_CANDIDATES]:
         measure(steps)
@@ -319,6 +331,47 @@ def run(
         winner = min(timed, key=timed.__getitem__)
     _chosen[key] = winner
     result: R = fastest[1]
+    return result
+
+
+_chosen_options: dict[tuple[Any, ...], str] = {}
+
+
+def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Array) -> R:
+    """The result of whichever of ``options`` computes it fastest here.
+
+    For the products whose fastest order depends on the BLAS and the thread
+    count (a weight gradient contracted in factored form, say). Under the
+    same conditions as the sweeps' measured plans (:func:`measured_plans`
+    on, ``like`` on a CPU and at least :data:`MEASURE_FROM` entries), the
+    first call for ``key`` (with ``like``'s dtype and the thread count)
+    times every option twice and keeps the fastest for the process;
+    otherwise the first option runs.
+
+    Parameters
+    ----------
+    key : tuple
+        What fixes the choice: the operation's name and shapes.
+    options : dict of str to callable
+        Ways to compute the same result, the default first.
+    like : array
+        The operation's largest input.
+
+    Returns
+    -------
+    The chosen option's result.
+    """
+    names = list(options)
+    if len(names) == 1 or not _worth_measuring(like):
+        return options[names[0]]()
+    full = (*key, str(like.dtype), _threads(like))
+    name = _chosen_options.get(full)
+    if name is not None:
+        return options[name]()
+    best: list[Any] = [math.inf, None]
+    timed = {name: _timed(options[name], best) for name in names}
+    _chosen_options[full] = min(timed, key=timed.__getitem__)
+    result: R = best[1]
     return result
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -127,6 +128,7 @@ LARGE_RANKS = (8, 8, 4, 4)
 @pytest.fixture(autouse=True)
 def _no_chosen_plans(monkeypatch) -> None:
     monkeypatch.setattr(_sweep, "_chosen", {})
+    monkeypatch.setattr(_sweep, "_chosen_options", {})
 
 
 def test_measured_choice_keeps_the_fastest_candidate_and_its_result() -> None:
@@ -179,3 +181,32 @@ def test_measured_asi_step_equals_the_chosen_plan_run_alone(monkeypatch) -> None
     monkeypatch.setattr(_sweep, "_chosen", {})
     alone = asi.decompose(x, LARGE_RANKS, warm_start=start, seed=0)
     np.testing.assert_array_equal(measured.core, alone.core)
+
+
+def test_fastest_keeps_the_fastest_option_and_its_result() -> None:
+    calls: list[str] = []
+
+    def option(name: str, seconds: float) -> str:
+        calls.append(name)
+        time.sleep(seconds)
+        return name
+
+    options = {
+        "default": functools.partial(option, "default", 0.004),
+        "quick": functools.partial(option, "quick", 0.0),
+    }
+    large = np.zeros(LARGE, dtype=np.float32)
+    assert _sweep.fastest(("op", 1), options, large) == "quick"
+    assert sorted(calls) == ["default", "default", "quick", "quick"]  # each timed twice
+    calls.clear()
+    assert _sweep.fastest(("op", 1), options, large) == "quick"
+    assert calls == ["quick"]  # cached
+    calls.clear()
+    # Small inputs, or measuring off: the first option, untimed.
+    assert _sweep.fastest(("op", 2), options, np.zeros((4, 4))) == "default"
+    previous = tensorcompress.measured_plans(False)
+    try:
+        assert _sweep.fastest(("op", 3), options, large) == "default"
+    finally:
+        tensorcompress.measured_plans(previous)
+    assert calls == ["default", "default"]

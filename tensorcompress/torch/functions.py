@@ -21,7 +21,9 @@ Backward:
     outside: the conv weight gradient runs on ``r_C`` channels and is then
     multiplied by ``U_C``. A 1x1 conv (stride 1, no padding) and Linear are
     plain matrix products: the output gradient is projected onto every
-    non-channel factor and contracted with the core.
+    non-channel factor and contracted with the core; a Linear may instead
+    expand the core over those factors and contract it with the whole
+    output gradient, whichever is measured faster.
   * Truncated SVD of the channel unfolding (``U``, ``S``, ``Vh``): the weight
     gradient runs on ``r`` channels (``S Vh`` folded), then is multiplied by ``U``.
   * Gradient filter: :func:`tensorcompress.torch.gradient_filter.weight_grad`.
@@ -34,6 +36,7 @@ cast themselves when autocast is on, as ``F.conv2d`` would.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tensorcompress import tenalg
+from tensorcompress import _sweep, tenalg
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch import gradient_filter as gf
 from tensorcompress.torch.gradient_filter import PatchAverage
@@ -429,25 +432,58 @@ def conv_weight_grad(
     return g
 
 
+def _projecting(compressed: TuckerResult, g: torch.Tensor) -> torch.Tensor:
+    # The output gradient projected onto every leading factor (the largest
+    # reduction first), contracted with the core, then with U_C.
+    *lead, u_c = compressed.factors
+    for k in sorted(range(len(lead)), key=lambda k: lead[k].shape[1] / lead[k].shape[0]):
+        g = tenalg.mode_dot(g.contiguous(), lead[k].transpose(0, 1), k)
+    core = compressed.core
+    r_c, c_out = int(core.shape[-1]), int(g.shape[-1])
+    gc = g.reshape(-1, c_out).transpose(0, 1) @ core.reshape(-1, r_c)  # (C_out, r_C)
+    return gc @ u_c.transpose(0, 1)
+
+
+def _expanding(compressed: TuckerResult, g: torch.Tensor) -> torch.Tensor:
+    # The core expanded over the leading factors (the input projected onto
+    # U_C, (N, r_C), small when r_C is), then one product with the whole
+    # output gradient, then U_C.
+    *lead, u_c = compressed.factors
+    y = compressed.core
+    for k, u in enumerate(lead):
+        y = tenalg.mode_dot(y, u, k)
+    c_out = int(g.shape[-1])
+    yg = y.reshape(-1, int(y.shape[-1])).transpose(0, 1) @ g.reshape(-1, c_out)  # (r_C, C_out)
+    return (u_c @ yg).transpose(0, 1)
+
+
 def linear_weight_grad(
     compressed: TuckerResult | SVDResult, grad_output: torch.Tensor
 ) -> torch.Tensor:
     """``dL/dW`` of a Linear from its compressed input ``(*lead, C_in)``.
 
-    Tucker: the output gradient is projected onto every leading factor (the
-    largest reduction first) and contracted with the core, then with ``U_C``.
-    SVD of the feature unfolding ``X^T = U S Vh``: ``dW = (gy^T Vh^T S) U^T``.
+    Tucker, in one of two orders: the output gradient projected onto every
+    leading factor (the largest reduction first) and contracted with the
+    core, then with ``U_C``; or the core expanded over the leading factors
+    and contracted with the whole output gradient, then with ``U_C``. The
+    second runs one long product where the first runs several short ones,
+    and is faster on token tensors at high ranks; which one runs is
+    measured per shape and ranks (``tensorcompress._sweep.fastest``, on a
+    CPU with :func:`~tensorcompress.measured_plans` on; the first
+    otherwise). SVD of the feature unfolding ``X^T = U S Vh``:
+    ``dW = (gy^T Vh^T S) U^T``.
     """
     c_out = int(grad_output.shape[-1])
     if isinstance(compressed, TuckerResult):
-        *lead, u_c = compressed.factors
         g = grad_output.reshape(*compressed.shape[:-1], c_out)
-        for k in sorted(range(len(lead)), key=lambda k: lead[k].shape[1] / lead[k].shape[0]):
-            g = tenalg.mode_dot(g.contiguous(), lead[k].transpose(0, 1), k)
-        core = compressed.core
-        r_c = int(core.shape[-1])
-        gc = g.reshape(-1, c_out).transpose(0, 1) @ core.reshape(-1, r_c)  # (C_out, r_C)
-        return gc @ u_c.transpose(0, 1)
+        return _sweep.fastest(
+            ("linear weight gradient", compressed.shape, compressed.ranks, c_out),
+            {
+                "projecting": functools.partial(_projecting, compressed, g),
+                "expanding": functools.partial(_expanding, compressed, g),
+            },
+            g,
+        )
     if isinstance(compressed, SVDResult):
         u, s, vh = compressed.U, compressed.S, compressed.Vh
         gm = grad_output.reshape(-1, c_out)

@@ -228,7 +228,7 @@ def _warm_up(layer: nn.Module, x: torch.Tensor, steps: int) -> None:
             torch.autograd.grad(out.sum(), params)
 
 
-def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -> PeakMemory:
+def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 2) -> PeakMemory:
     """Peak memory of one training forward of ``layer`` on ``x``.
 
     Parameters
@@ -237,10 +237,13 @@ def peak_forward_memory(layer: nn.Module, x: torch.Tensor, *, warmup: int = 1) -
         A single layer (compressed or not); put in training mode.
     x : Tensor
         Its input (CPU or CUDA).
-    warmup : int, default 1
+    warmup : int, default 2
         Full training steps (forward + backward, gradients discarded) run
         first, so the measured forward is a steady-state one: for ASI a warm
-        subspace-iteration step, not the cold-start HOSVD.
+        subspace-iteration step, not the cold-start HOSVD, nor the first warm
+        step, which on a large input times the candidate sweep plans
+        (:func:`~tensorcompress.measured_plans`) and holds the fastest one's
+        result while the others run.
 
     Returns
     -------
