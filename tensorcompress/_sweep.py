@@ -359,7 +359,8 @@ def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Arr
 
     Returns
     -------
-    The chosen option's result.
+    object
+        The chosen option's result.
     """
     names = list(options)
     if len(names) == 1 or not _worth_measuring(like):
