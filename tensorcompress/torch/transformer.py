@@ -507,6 +507,18 @@ def _kernel_of(m: nn.Module) -> str | None:
     return None
 
 
+def _install_int8(act: nn.Module, forward: Callable[..., Any], block: int) -> None:
+    """Patch an activation module's forward to an int8 one, with its block size and kernel."""
+    _patch_forward(act, forward)
+    # nn.Module attributes are typed as tensors, hence setattr.
+    setattr(act, "_int8_block", block)  # noqa: B010
+    setattr(act, "_int8_kernel", _kernel_of(act))  # noqa: B010
+
+
+def _uninstall_int8(act: nn.Module) -> None:
+    del act.forward, act._int8_block, act._int8_kernel
+
+
 def _pointwise(m: nn.Module) -> _Pointwise:
     """The element-wise function of an activation module that int8 forms were installed on."""
     name: str | None = m._int8_kernel  # type: ignore[assignment]
@@ -601,11 +613,8 @@ def int8_activations(
     for m in modules:
         if not _elementwise_activation(m):
             continue
-        _patch_forward(m, _int8_forward)
-        # nn.Module attributes are typed as tensors, hence setattr.
-        setattr(m, "_int8_block", block)  # noqa: B010
+        _install_int8(m, _int8_forward, block)
         setattr(m, "_int8_in_place", in_place)  # noqa: B010
-        setattr(m, "_int8_kernel", _kernel_of(m))  # noqa: B010
         changed.append(m)
     return changed
 
@@ -778,11 +787,9 @@ def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]
         if not _fusable(m):
             continue
         act = getattr(m, _MLP_LAYOUTS[type(m).__name__][1])
-        _patch_forward(act, _int8_linear_forward)
-        _patch_forward(m, _fused_mlp_forward)
         # The activation runs in the activation's own module call: its saves count as its.
-        setattr(act, "_int8_block", block)  # noqa: B010
-        setattr(act, "_int8_kernel", _kernel_of(act))  # noqa: B010
+        _install_int8(act, _int8_linear_forward, block)
+        _patch_forward(m, _fused_mlp_forward)
         changed.append(m)
     return changed
 
@@ -1149,11 +1156,12 @@ def restore_blocks(model: nn.Module) -> nn.Module:
         if _patched_by(m, _checkpointed_forward):
             del m.forward
         if _patched_by(m, _int8_forward):
-            del m.forward, m._int8_block, m._int8_in_place, m._int8_kernel
+            _uninstall_int8(m)
+            del m._int8_in_place
         if _patched_by(m, _fused_mlp_forward):
             del m.forward
         if _patched_by(m, _int8_linear_forward):
-            del m.forward, m._int8_block, m._int8_kernel
+            _uninstall_int8(m)
     for saver in savers.values():
         saver.remove()
     return model
