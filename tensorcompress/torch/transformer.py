@@ -81,15 +81,18 @@ from typing import Any, TypeAlias
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from tensorcompress.torch.convert import convert
+from tensorcompress.torch.functions import linear_base
 from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure.training import module_kind
 from tensorcompress.torch.modules import CompressedModule
 from tensorcompress.torch.selection import (
     LastBlocks,
     LayerSelection,
+    call_model,
     execution_order,
     fine_tuned_modules,
     last_blocks,
@@ -107,9 +110,11 @@ __all__ = [
     "dequantize_int8",
     "fused_mlps",
     "int8_activations",
+    "norm_fed_linears",
     "prepare",
     "quantize_int8",
     "restore_blocks",
+    "share_norm_inputs",
 ]
 
 METHODS = ("vanilla", "checkpoint", "lora", "lora+asi", "asi", "hosvd", "svd", "wsi", "wasi")
@@ -178,6 +183,16 @@ class BlockOptions:
         a decomposition and memory, where the int8 form is already kept).
         Its weight gradient is then approximate like the activation's. A
         plain ``nn.Linear`` only (not LoRA's, WSI's or WASI's).
+    norm_fed : bool, default False
+        With ``saved="int8"`` and method ``"vanilla"``, ``"asi"``,
+        ``"hosvd"`` or ``"svd"``: each norm of the blocks keeps its input as
+        int8 once (it keeps it for its own backward anyway), and the plain
+        Linear layers that read the norm's output (q/k/v after the first
+        norm, the MLP's first layers after the second) keep nothing: their
+        weight gradients use the norm's output rebuilt from that input
+        (:func:`share_norm_inputs`). They are left out of the method (a
+        decomposition of an input that is free to rebuild would cost time
+        and memory). Approximate like ``saved``.
     """
 
     attention: str | None = None
@@ -191,6 +206,7 @@ class BlockOptions:
     int8_min_bytes: int = 1 << 16
     in_place_activations: bool | None = None
     fused_mlp: bool = False
+    norm_fed: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in (None, "sdpa", "eager"):
@@ -216,6 +232,8 @@ class BlockOptions:
             raise ValueError("in_place_activations applies with saved='int8' only")
         if self.fused_mlp and self.saved != "int8":
             raise ValueError("fused_mlp applies with saved='int8' only")
+        if self.norm_fed and self.saved != "int8":
+            raise ValueError("norm_fed applies with saved='int8' only")
         for name in ("lora_r", "lora_alpha", "int8_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -794,6 +812,201 @@ def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]
     return changed
 
 
+# ---------------------------------------------------------------------------
+# Norm-fed Linear layers: one int8 input per norm
+# ---------------------------------------------------------------------------
+
+
+class _NormSource:
+    """A norm's input as int8, shared by the norm's backward and the Linear layers it feeds.
+
+    The backward rebuilds the norm's output from it once: the first fed
+    Linear to need it (for its weight gradient) recomputes it with autograd,
+    the others reuse it, and the norm's own backward differentiates that
+    same recomputation, then drops it.
+    """
+
+    def __init__(self, norm: nn.Module, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor):
+        self.norm = norm
+        self.q, self.scale = q, scale
+        self.shape, self.dtype, self.input_grad = x.shape, x.dtype, x.requires_grad
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+
+    def _recompute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._x is None or self._y is None:
+            x = dequantize_int8(self.q, self.scale, self.shape, self.dtype)
+            x.requires_grad_(self.input_grad)
+            with torch.enable_grad():
+                self._y = type(self.norm).forward(self.norm, x)
+            self._x = x
+        return self._x, self._y
+
+    def output(self) -> torch.Tensor:
+        """The norm's output, rebuilt from the int8 input (computed once per backward)."""
+        return self._recompute()[1].detach()
+
+    def backward(
+        self, grad: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of the input and of ``params`` through the rebuilt norm."""
+        x, y = self._recompute()
+        inputs = [t for t in (x, *params) if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, inputs, grad) if inputs else ())
+        self._x = self._y = None
+        return tuple(next(grads) if t.requires_grad else None for t in (x, *params))
+
+
+class _Int8Norm(torch.autograd.Function):
+    """A norm's forward, exact, keeping its input as int8 (:class:`_NormSource`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, norm: nn.Module, block: int, *params: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            y: torch.Tensor = type(norm).forward(norm, x)
+        q, scale = quantize_int8(x, block)
+        # Saved through autograd (so memory accounting sees it) and held by the source.
+        ctx.save_for_backward(q, scale)
+        source = _NormSource(norm, q, scale, x)
+        ctx.source, ctx.params = source, params
+        y._norm_source = source  # type: ignore[attr-defined]  # read by the fed Linear layers
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        gx, *gparams = ctx.source.backward(grad, ctx.params)
+        return (gx, None, None, *gparams)
+
+
+class _NormFedLinear(torch.autograd.Function):
+    """``F.linear`` that keeps no input: its weight gradient uses the norm's rebuilt output."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        source: _NormSource,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.source, ctx.has_bias = source, bias is not None
+        return linear_base(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (weight,) = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        gx = (grad @ weight) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            y = ctx.source.output()
+            gw = g.t() @ y.reshape(-1, weight.shape[1])
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+def _training_step(m: nn.Module, *tensors: torch.Tensor) -> bool:
+    return (
+        m.training
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (*tensors, *m.parameters()))
+    )
+
+
+def _int8_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm's forward through :class:`_Int8Norm` (training only)."""
+    if _training_step(self, x):
+        return _Int8Norm.apply(x, self, self._int8_block, *self.parameters())
+    return type(self).forward(self, x)
+
+
+def _norm_fed_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's forward through :class:`_NormFedLinear` when a prepared norm made ``x``."""
+    source = getattr(x, "_norm_source", None)
+    if source is not None and _training_step(self, x):
+        return _NormFedLinear.apply(x, self.weight, self.bias, source)
+    return type(self).forward(self, x)
+
+
+def norm_fed_linears(
+    model: nn.Module, blocks: Sequence[nn.Module], example_input: Any
+) -> dict[nn.Module, list[nn.Module]]:
+    """The norms of ``blocks`` and the plain ``nn.Linear`` layers that read their outputs.
+
+    Found by running ``model`` on ``example_input`` once (no gradients) and
+    matching each Linear's input against the norm outputs of the same forward.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the blocks belong to.
+    blocks : sequence of nn.Module
+        Where to look for norms and Linear layers.
+    example_input : tensor, tuple or dict
+        A batch, as in :func:`~tensorcompress.torch.selection.call_model`.
+
+    Returns
+    -------
+    dict
+        Each norm whose output some Linear layer reads, to those layers in call order.
+    """
+    norms = [m for b in blocks for m in b.modules() if module_kind(m) == "norm"]
+    linears = [m for b in blocks for m in b.modules() if plain_type(m) is nn.Linear]
+    outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    fed: dict[nn.Module, list[nn.Module]] = {}
+
+    def after_norm(m: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = (m, out)  # the tensor itself keeps its id unique
+
+    def before_linear(m: nn.Module, args: Any) -> None:
+        hit = outputs.get(id(args[0])) if args else None
+        if hit is not None and hit[1] is args[0] and m not in fed.get(hit[0], []):
+            fed.setdefault(hit[0], []).append(m)
+
+    handles = [n.register_forward_hook(after_norm) for n in norms]
+    handles += [m.register_forward_pre_hook(before_linear) for m in linears]
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return fed
+
+
+def share_norm_inputs(fed: dict[nn.Module, list[nn.Module]], block: int = 64) -> None:
+    """Make each norm keep its input as int8 once, for itself and the Linear layers it feeds.
+
+    In training, each norm of ``fed`` keeps its input in
+    :func:`quantize_int8`'s form and nothing else, and each of its Linear
+    layers keeps no input at all: in backward the norm's output is rebuilt
+    once from the int8 input, for those layers' weight gradients and for the
+    norm's own backward (which differentiates that rebuild). The forward is
+    exact; the weight gradients of the fed layers and the gradients through
+    the norm are approximate, as with :class:`Int8Saved`. Installed on the
+    instances (their ``forward``); :func:`restore_blocks` removes it.
+
+    Parameters
+    ----------
+    fed : dict
+        Norm module to the plain ``nn.Linear`` layers that read its output
+        (:func:`norm_fed_linears`).
+    block : int, default 64
+        Elements per scale.
+    """
+    for norm, linears in fed.items():
+        _patch_forward(norm, _int8_norm_forward)
+        setattr(norm, "_int8_block", block)  # noqa: B010
+        for m in linears:
+            _patch_forward(m, _norm_fed_linear_forward)
+
+
 class Int8Saved:
     """Keep the blocks' saved tensors that are not layer inputs as per-block int8.
 
@@ -1030,20 +1243,32 @@ def prepare(
         config.use_cache = False
     head = _freeze_to_blocks(model, names, example_input)
     block_modules = [modules[n] for n in names]
+    fed: dict[nn.Module, list[nn.Module]] = {}
+    if opts.norm_fed:
+        if method not in ("vanilla", *_COMPRESS):
+            raise ValueError(
+                f"norm_fed needs plain Linear layers: method 'vanilla', 'asi', 'hosvd' or 'svd', "
+                f"got {method!r}"
+            )
+        fed = norm_fed_linears(model, block_modules, example_input)
+        if not fed:
+            raise ValueError("norm_fed: no plain nn.Linear of the blocks reads a norm's output")
     head_modules = [modules[n] for n in head if plain_type(modules[n]) is None]
     if method == "checkpoint":
         checkpoint_modules(block_modules)
     elif method in _COMPRESS:
         layers: LayerSelection
+        # A fused MLP's second Linear and the norm-fed ones keep nothing: not compressed.
+        kept_nothing = {id(m) for linears in fed.values() for m in linears}
         if opts.fused_mlp:
-            # A fused MLP's second Linear keeps nothing: it is not compressed.
-            second = {
+            kept_nothing |= {
                 id(getattr(m, _MLP_LAYOUTS[type(m).__name__][2]))
                 for b in block_modules
                 for m in b.modules()
                 if _fusable(m)
             }
-            layers = [n for n in _linear_names(model, names) if id(modules[n]) not in second]
+        if opts.fused_mlp or fed:
+            layers = [n for n in _linear_names(model, names) if id(modules[n]) not in kept_nothing]
         elif isinstance(blocks, (int, LastBlocks)):
             layers = last_blocks(blocks) if isinstance(blocks, int) else blocks
         else:
@@ -1092,6 +1317,7 @@ def prepare(
                 if in_place is None:
                     in_place = type(parent).__name__ in _MLP_READ_ONCE
                 int8_activations(list(parent.children()), block=opts.int8_block, in_place=in_place)
+        share_norm_inputs(fed, opts.int8_block)
         Int8Saved(targets, block=opts.int8_block, min_bytes=opts.int8_min_bytes)
     return model
 
@@ -1140,7 +1366,7 @@ def _lora(
 
 
 def restore_blocks(model: nn.Module) -> nn.Module:
-    """Undo the ``checkpoint``, ``recompute``, ``saved`` and ``fused_mlp`` of :func:`prepare`.
+    """Undo :func:`prepare`'s ``checkpoint`` and its options but ``attention``.
 
     Compressed layers stay (:func:`~tensorcompress.torch.restore`), and so do
     LoRA adapters (PEFT's ``unload``) and ``requires_grad`` flags. Works on a
@@ -1162,6 +1388,10 @@ def restore_blocks(model: nn.Module) -> nn.Module:
             del m.forward
         if _patched_by(m, _int8_linear_forward):
             _uninstall_int8(m)
+        if _patched_by(m, _int8_norm_forward):
+            del m.forward, m._int8_block
+        if _patched_by(m, _norm_fed_linear_forward):
+            del m.forward
     for saver in savers.values():
         saver.remove()
     return model

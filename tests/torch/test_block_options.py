@@ -26,9 +26,11 @@ from tensorcompress.torch.transformer import (
     dequantize_int8,
     fused_mlps,
     int8_activations,
+    norm_fed_linears,
     prepare,
     quantize_int8,
     restore_blocks,
+    share_norm_inputs,
 )
 
 pytestmark = [
@@ -604,6 +606,138 @@ def test_fused_mlp_errors() -> None:
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match="method 'lora'"):
         prepare(small_vit(), "lora", 1, example_input=vit_batch(), options=opts)
+
+
+# ---------------------------------------------------------------------------
+# Norm-fed Linear layers
+# ---------------------------------------------------------------------------
+
+
+def rounded(t: torch.Tensor) -> torch.Tensor:
+    """``t``, valued at its int8 form, with ``t``'s gradient (straight through)."""
+    t_hat = dequantize_int8(*quantize_int8(t.detach(), 64), t.shape, t.dtype)
+    return t + (t_hat - t).detach()
+
+
+def test_norm_fed_linears_are_found_per_norm() -> None:
+    vit = small_vit(torch.float32)
+    block = vit.vit.layers[2]
+    fed = norm_fed_linears(vit, [block], vit_batch(torch.float32))
+    attention = block.attention
+    assert fed == {
+        block.layernorm_before: [attention.q_proj, attention.k_proj, attention.v_proj],
+        block.layernorm_after: [block.mlp.fc1],
+    }
+    llama = small_llama()
+    layer = llama.model.layers[1]
+    fed = norm_fed_linears(llama, [layer], llama_batch())
+    attn = layer.self_attn
+    assert fed == {
+        layer.input_layernorm: [attn.q_proj, attn.k_proj, attn.v_proj],
+        layer.post_attention_layernorm: [layer.mlp.gate_proj, layer.mlp.up_proj],
+    }
+
+
+@pytest.mark.parametrize("case", ["layernorm", "rmsnorm"])
+def test_shared_norm_input_gradients_are_those_at_the_int8_input(case: str) -> None:
+    if case == "layernorm":
+        block = small_vit(torch.float32).vit.layers[0]
+        norm = block.layernorm_before
+        attention = block.attention
+        linears = [attention.q_proj, attention.k_proj, attention.v_proj]
+    else:
+        layer = small_llama().float().model.layers[0]
+        norm, linears = layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]
+    for p in norm.parameters():  # trained norm parameters, not the initial ones
+        p.data.add_(0.1 * torch.randn_like(p))
+    reference = copy.deepcopy(nn.ModuleList([norm, *linears]))
+    share_norm_inputs({norm: linears})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 700, 32, generator=g, requires_grad=True)
+    grads_out = [torch.randn(3, 700, m.out_features, generator=g) for m in linears]
+    y = norm(x)
+    outs = [m(y) for m in linears]
+    y_ref = reference[0](x)
+    for out, m in zip(outs, reference[1:], strict=True):
+        torch.testing.assert_close(out, m(y_ref), rtol=0, atol=0)  # the forward is exact
+    # Saved: the int8 input and its scales, the weights; no float activation.
+    shapes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = norm(x)
+        outs = [m(y) for m in linears]
+    blocks = x.numel() // 64
+    weights = [(tuple(m.weight.shape), torch.float32) for m in linears]
+    assert shapes == [((blocks, 64), torch.int8), ((blocks, 1), torch.float32), *weights]
+    params = [x, *norm.parameters(), *(p for m in linears for p in m.parameters())]
+    got = torch.autograd.grad(outs, params, grads_out)
+    y_hat = reference[0](rounded(x))
+    want_outs = [m(y_hat) for m in reference[1:]]
+    ref_params = [x, *(p for m in reference for p in m.parameters())]
+    want = torch.autograd.grad(want_outs, ref_params, grads_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    norm.eval()  # evaluation runs the plain norm
+    assert not hasattr(norm(x), "_norm_source")
+
+
+@pytest.mark.parametrize("case", ["vit", "llama"])
+def test_norm_fed_in_prepare_leaves_the_fed_linears_plain_and_keeping_nothing(case: str) -> None:
+    if case == "vit":
+        plain, example = small_vit(torch.float32), vit_batch(torch.float32)
+    else:
+        plain, example = small_llama().float(), llama_batch()
+        example = {"inputs_embeds": example["inputs_embeds"].float()}
+    exact = grads(prepare(copy.deepcopy(plain), "vanilla", 2, example_input=example), example)
+    opts = BlockOptions(
+        attention="sdpa", saved="int8", fused_mlp=True, norm_fed=True, rank=1.0, int8_min_bytes=0
+    )
+    model = prepare(copy.deepcopy(plain), "asi", 2, example_input=example, options=opts)
+    fed, compressed = [], []
+    for name, m in model.named_modules():
+        if "forward" in m.__dict__ and plain_linear(m):
+            fed.append(name.rsplit(".", 1)[1])
+        if isinstance(m, CompressedLinear):
+            compressed.append(name.rsplit(".", 1)[1])
+    if case == "vit":
+        assert fed == ["q_proj", "k_proj", "v_proj", "fc1"] * 2
+    else:
+        assert fed == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * 2
+    assert compressed == ["o_proj"] * 2  # the attention output's projection
+    # The fed layers keep nothing, the norms their int8 input only.
+    saved = saved_by_module(model, example)
+    for name in saved:
+        if name.endswith(("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj")):
+            assert saved[name] == 0, name
+    got = grads(model, example)
+    assert got.keys() == exact.keys()
+    names = sorted(exact)
+    error = rel_err(
+        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
+    )
+    assert 0 < error < 0.02
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear
+
+
+def test_norm_fed_errors() -> None:
+    with pytest.raises(ValueError, match="norm_fed applies with saved='int8' only"):
+        BlockOptions(norm_fed=True)
+    opts = BlockOptions(saved="int8", norm_fed=True)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"no plain nn\.Linear of the blocks reads a norm"):
+        prepare(model, "vanilla", ["0"], example_input=torch.randn(2, 8), options=opts)
+    with pytest.raises(ValueError, match="method 'vanilla', 'asi', 'hosvd' or 'svd'"):
+        prepare(small_vit(), "wsi", 1, example_input=vit_batch(), options=opts)
 
 
 def test_int8_saved_only_while_training() -> None:
