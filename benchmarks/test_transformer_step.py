@@ -16,9 +16,11 @@ r=8, the blocks' Linear layers); ``lora+asi`` (ASI on the LoRA
 down-projections' input); ``asi``, ``hosvd``, ``svd`` (the blocks' Linear
 inputs, explained variance 0.8 or ``--rank``, q/k/v sharing one decomposition); with the
 options ``+sdpa`` (SDPA attention instead of stored probabilities),
-``+int8`` (the other saved tensors as per-block int8) and ``+fused`` (each
+``+int8`` (the other saved tensors as per-block int8), ``+fused`` (each
 MLP's GELU and fc2 as one function keeping the GELU input as int8; fc2 not
-compressed).
+compressed) and ``+norm`` (the Linear layers reading a norm's output, q/k/v
+and fc1 or gate/up, keep nothing and are not compressed: their weight
+gradients rebuild the norm's output from the int8 input the norm keeps).
 
 A step is ``zero_grad``, forward, the model's loss, backward and an AdamW
 step. Per method the script reports, from
@@ -68,9 +70,17 @@ METHODS: dict[str, tuple[str, BlockOptions]] = {
         "asi",
         BlockOptions(attention="sdpa", saved="int8", fused_mlp=True),
     ),
+    "asi+sdpa+int8+fused+norm": (
+        "asi",
+        BlockOptions(attention="sdpa", saved="int8", fused_mlp=True, norm_fed=True),
+    ),
     "lora+asi+sdpa+int8": ("lora+asi", BlockOptions(attention="sdpa", saved="int8")),
     "sdpa+int8": ("vanilla", BlockOptions(attention="sdpa", saved="int8")),
     "sdpa+int8+fused": ("vanilla", BlockOptions(attention="sdpa", saved="int8", fused_mlp=True)),
+    "sdpa+int8+fused+norm": (
+        "vanilla",
+        BlockOptions(attention="sdpa", saved="int8", fused_mlp=True, norm_fed=True),
+    ),
     "hosvd": ("hosvd", BlockOptions()),
     "svd": ("svd", BlockOptions()),
 }

@@ -987,6 +987,13 @@ def _notes(
                     if b.fused_mlp
                     else ""
                 )
+                + (
+                    "; the Linear layers reading a norm (q/k/v, fc1) keep nothing and are not "
+                    "compressed: their weight gradients rebuild the norm's output from its int8 "
+                    "input (approximate)"
+                    if b.norm_fed
+                    else ""
+                )
                 if b.saved == "int8"
                 else ""
             ),
@@ -1203,6 +1210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="vit_tiny, with --saved int8: HOSVD/SVD/ASI run each MLP's GELU and fc2 as one "
         "function keeping the GELU input as int8, fc2 uncompressed (fused)",
     )
+    g.add_argument(
+        "--norms",
+        choices=["shared", "separate"],
+        default="shared",
+        help="vit_tiny, with --saved int8: HOSVD/SVD/ASI leave q/k/v and fc1 uncompressed, "
+        "their weight gradients rebuilding the norm's output from its int8 input (shared)",
+    )
     g.add_argument("--lora-r", type=int, default=8, help="vit_tiny: LoRA rank (8)")
     g.add_argument("--epochs", type=int, help="fine-tuning epochs (4; vit_tiny 2)")
     g.add_argument("--batch-size", type=int, help="per process (32)")
@@ -1320,6 +1334,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",
+            norm_fed=getattr(args, "norms", "shared") == "shared",
             lora_r=getattr(args, "lora_r", 8),
         ),
     )

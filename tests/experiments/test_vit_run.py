@@ -248,7 +248,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         "run", "--model", "vit_tiny", "--quick", "--quiet", "--threads", "1",
         "--pretrain-steps", "2", "--epochs", "1", "--train-samples", "32",
         "--test-samples", "20", "--batch-size", "16", "--layers", "1",
-        "--methods", "vanilla", "asi", "--saved", "none", "--mlp", "separate", "--lora-r", "4",
+        "--methods", "vanilla", "asi", "--saved", "none", "--mlp", "separate", "--norms", "separate",
+        "--lora-r", "4",
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     assert main(args) == 0
@@ -258,4 +259,4 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     config = doc["config"]
     assert config["pretrain"]["steps"] == 2 and config["pretrain"]["coarse_steps"] <= 2
     assert config["finetune"]["optimizer"] == "adamw" and config["blocks"]["saved"] is None
-    assert config["blocks"]["fused_mlp"] is False
+    assert config["blocks"]["fused_mlp"] is False and config["blocks"]["norm_fed"] is False
