@@ -84,6 +84,7 @@ METHODS: dict[str, tuple[str, BlockOptions]] = {
     "hosvd": ("hosvd", BlockOptions()),
     "svd": ("svd", BlockOptions()),
 }
+W = max(map(len, METHODS))  # the method column's width
 # The models whose MLP layout fused_mlp knows (ViTMLP, LlamaMLP).
 FUSED_MODELS = ("vit", "llama")
 
@@ -325,7 +326,7 @@ def _errors_and_memory(
 def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> None:
     print(f"\n{workload}")
     header = (
-        f"{'method':<20} {'peak act':>8} {'x van':>6} {'saved':>7} {'kept':>7} {'weights':>7} "
+        f"{'method':<{W}} {'peak act':>8} {'x van':>6} {'saved':>7} {'kept':>7} {'weights':>7} "
         f"{'grads':>6} {'AdamW':>6} {'peak':>7} {'step s':>7} {'x van':>6} {'cpu x':>6} "
         f"{'grad err':>8}"
     )
@@ -345,7 +346,8 @@ def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> N
                 f"{m.optimizer_bytes / MB:6.1f} {m.peak_bytes / MB:7.1f}"
             )
         err = "" if r.error is None else f"{r.error:.4f}"
-        print(f"{r.name:<20} {memory} {r.median_s:7.2f} {r.ratio:6.2f} {r.cpu_ratio:6.2f} {err:>8}")
+        timing = f"{r.median_s:7.2f} {r.ratio:6.2f} {r.cpu_ratio:6.2f}"
+        print(f"{r.name:<{W}} {memory} {timing} {err:>8}")
     print(
         "MB = 2**20 bytes. peak act: highest memory over forward+backward besides weights, "
         "gradients and optimizer state; saved: autograd's saved tensors after the forward; "
@@ -361,13 +363,13 @@ def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> N
     print("saved by kind (MB):")
     for name, m in measured:
         kinds = ", ".join(f"{k} {b / MB:.1f}" for k, b in m.activations_by_kind if b)
-        print(f"  {name:<20} {kinds}")
+        print(f"  {name:<{W}} {kinds}")
     print(f"live at the peak (largest {top} groups, MB):")
     for name, m in measured:
         groups = "; ".join(
             f"{g.nbytes / MB:.1f} {g.phase} {g.kind} {g.where}" for g in m.live_at_peak[:top]
         )
-        print(f"  {name:<20} {groups}")
+        print(f"  {name:<{W}} {groups}")
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -386,7 +388,7 @@ def targets(rows: list[Row]) -> list[str]:
             checks["peak <= checkpoint's"] = peak <= ckpt.memory.peak_activation_bytes
             checks["peak <= 0.3 x vanilla's"] = peak <= 0.3 * van.memory.peak_activation_bytes
         marks = ", ".join(f"{k}: {'ok' if v else 'MISS'}" for k, v in checks.items())
-        lines.append(f"  {r.name:<20} {marks}")
+        lines.append(f"  {r.name:<{W}} {marks}")
     return lines
 
 
