@@ -64,9 +64,17 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   first layers' outputs as int8 (:func:`fused_mlps`); the last Linear keeps
   no input and is left out of the method. **Approximate** like ``saved``:
   its weight gradient comes from the rebuilt input.
+- ``norm_fed=True`` (with ``saved="int8"``): each norm keeps its input as
+  int8 once, for its own backward and for the plain Linear layers that
+  read its output (q/k/v, the MLP's first layers), which then keep nothing
+  and are left out of the method (:func:`share_norm_inputs`). In a pre-norm
+  block those are most of the Linear inputs, and the norm keeps its input
+  anyway: a decomposition of them only adds time, memory and error. The
+  backward rebuilds the norm's output once from the int8 input.
+  **Approximate** like ``saved``: those weight gradients come from it.
 
-:func:`restore_blocks` undoes ``checkpoint``, ``recompute``, ``saved`` and
-``fused_mlp`` on a prepared model (LoRA and compressed layers have their own undo:
+:func:`restore_blocks` undoes ``checkpoint``, ``recompute``, ``saved``,
+``fused_mlp`` and ``norm_fed`` on a prepared model (LoRA and compressed layers have their own undo:
 ``peft_model.unload()``, :func:`~tensorcompress.torch.restore`).
 """
 
@@ -682,12 +690,13 @@ class _Int8ActivationLinear(torch.autograd.Function):
         shape, width, fn = ctx.shape, ctx.shape[-1], ctx.fn
         x = dequantize_int8(kept[0], kept[1], shape, ctx.dtype)
         up = dequantize_int8(kept[2], kept[3], shape, ctx.dtype) if len(kept) > 2 else None
-        rows, g = x.view(-1, width), grad.reshape(-1, weight.shape[0])
+        # In x's dtype: under autocast the gradient, x and the weight may each have their own.
+        rows, g = x.view(-1, width), grad.reshape(-1, weight.shape[0]).to(ctx.dtype)
         ups = up.view(-1, width) if up is not None else None
         need_x, need_up, _, _, need_w, need_b = ctx.needs_input_grad
         need_h = need_x or need_up
-        dw = torch.zeros_like(weight) if need_w else None
-        w = weight.detach()
+        dw = torch.zeros(weight.shape, dtype=ctx.dtype, device=g.device) if need_w else None
+        w = weight.detach().to(ctx.dtype)
         step = max(1, _CHUNK // width)
         # Chunk-sized buffers, reused: the activation, h's gradient and (gated) act's.
         n = min(step, rows.shape[0])
@@ -714,6 +723,8 @@ class _Int8ActivationLinear(torch.autograd.Function):
             if need_x:
                 fn.derive_(dfn, xc)  # written over x
         db = g.sum(0) if ctx.has_bias and need_b else None
+        if dw is not None:
+            dw = dw.to(weight.dtype)
         return (
             x if need_x else None,
             up if need_up else None,

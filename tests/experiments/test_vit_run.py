@@ -248,8 +248,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         "run", "--model", "vit_tiny", "--quick", "--quiet", "--threads", "1",
         "--pretrain-steps", "2", "--epochs", "1", "--train-samples", "32",
         "--test-samples", "20", "--batch-size", "16", "--layers", "1",
-        "--methods", "vanilla", "asi", "--saved", "none", "--mlp", "separate", "--norms", "separate",
-        "--lora-r", "4",
+        "--methods", "vanilla", "asi", "--saved", "none", "--mlp", "separate",
+        "--norms", "separate", "--lora-r", "4",
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     assert main(args) == 0

@@ -729,6 +729,25 @@ def plain_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
+def test_int8_options_train_under_autocast() -> None:
+    example = vit_batch(torch.float32)
+    plain = small_vit(torch.float32)
+    exact = grads(prepare(copy.deepcopy(plain), "vanilla", 2, example_input=example), example)
+    opts = BlockOptions(saved="int8", fused_mlp=True, norm_fed=True, rank=1.0, int8_min_bytes=0)
+    model = prepare(copy.deepcopy(plain), "asi", 2, example_input=example, options=opts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**example).logits
+    out.float().square().mean().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == exact.keys()
+    assert all(g.dtype == torch.float32 for g in got.values())
+    names = sorted(exact)
+    error = rel_err(
+        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
+    )
+    assert error < 0.05  # bfloat16's 8-bit mantissa, not a broken gradient
+
+
 def test_norm_fed_errors() -> None:
     with pytest.raises(ValueError, match="norm_fed applies with saved='int8' only"):
         BlockOptions(norm_fed=True)
