@@ -645,14 +645,16 @@ def _interleaved_timing(
 
     One untimed warm-up round first; then ``rounds`` rounds, each running one
     step of every configuration in turn on the same batch, so slow drifts of
-    the machine (other load, thermal state) hit every method alike. The
-    learning-rate schedule is not advanced (training is over; the accuracy
-    was measured before).
+    the machine (other load, thermal state) hit every method alike. Each
+    round starts at the next configuration, so that none always runs right
+    after the same other one. The learning-rate schedule is not advanced
+    (training is over; the accuracy was measured before).
     """
     times: list[list[float]] = [[] for _ in trained]
+    n = len(trained)
     for r in range(rounds + 1):
-        for k, t in enumerate(trained):
-            _, seconds = t.stepper.step(*batch, schedule=False)
+        for k in [(r + i) % n for i in range(n)]:
+            _, seconds = trained[k].stepper.step(*batch, schedule=False)
             if r > 0:
                 times[k].append(seconds)
     for t, ts in zip(trained, times):
