@@ -11,7 +11,8 @@ Models (randomly initialised from configs, :mod:`tensorcompress.models`):
   sequence classification, batch 16 of 128 tokens; the last 2 blocks.
 
 Methods (:func:`tensorcompress.torch.transformer.prepare`): ``vanilla``;
-``checkpoint`` (each block under ``torch.utils.checkpoint``); ``lora`` (PEFT,
+``checkpoint`` (each block under ``torch.utils.checkpoint``; ``checkpoint+sdpa``
+with SDPA attention, Hugging Face's default); ``lora`` (PEFT,
 r=8, the blocks' Linear layers); ``lora+asi`` (ASI on the LoRA
 down-projections' input); ``asi``, ``hosvd``, ``svd`` (the blocks' Linear
 inputs, explained variance 0.8 or ``--rank``, q/k/v sharing one decomposition); with the
@@ -61,6 +62,7 @@ from tensorcompress.torch.transformer import BlockOptions, prepare
 METHODS: dict[str, tuple[str, BlockOptions]] = {
     "vanilla": ("vanilla", BlockOptions()),
     "checkpoint": ("checkpoint", BlockOptions()),
+    "checkpoint+sdpa": ("checkpoint", BlockOptions(attention="sdpa")),
     "lora": ("lora", BlockOptions()),
     "lora+asi": ("lora+asi", BlockOptions()),
     "asi": ("asi", BlockOptions()),
@@ -373,19 +375,26 @@ def print_table(workload: Workload, rows: list[Row], rounds: int, top: int) -> N
 
 
 def targets(rows: list[Row]) -> list[str]:
-    """Which ASI-based methods are not dominated by checkpointing (the issue's targets)."""
+    """Which ASI-based methods are not dominated by checkpointing (the issue's targets).
+
+    Against the better of ``checkpoint`` and ``checkpoint+sdpa`` in each
+    figure where both ran: the shorter step, the lower peak.
+    """
     by = {r.name: r for r in rows}
-    if "vanilla" not in by or "checkpoint" not in by:
+    checkpoints = [by[n] for n in ("checkpoint", "checkpoint+sdpa") if n in by]
+    if "vanilla" not in by or not checkpoints:
         return []
-    van, ckpt = by["vanilla"], by["checkpoint"]
+    van = by["vanilla"]
+    step = min(r.median_s for r in checkpoints)
+    peaks = [r.memory.peak_activation_bytes for r in checkpoints if r.memory is not None]
     lines = []
     for r in rows:
         if "asi" not in r.name:
             continue
-        checks = {"time <= checkpoint's": r.median_s <= ckpt.median_s}
-        if r.memory is not None and van.memory is not None and ckpt.memory is not None:
+        checks = {"time <= checkpoint's": r.median_s <= step}
+        if r.memory is not None and van.memory is not None and peaks:
             peak = r.memory.peak_activation_bytes
-            checks["peak <= checkpoint's"] = peak <= ckpt.memory.peak_activation_bytes
+            checks["peak <= checkpoint's"] = peak <= min(peaks)
             checks["peak <= 0.3 x vanilla's"] = peak <= 0.3 * van.memory.peak_activation_bytes
         marks = ", ".join(f"{k}: {'ok' if v else 'MISS'}" for k, v in checks.items())
         lines.append(f"  {r.name:<{W}} {marks}")
