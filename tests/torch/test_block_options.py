@@ -579,7 +579,7 @@ def test_fused_mlp_in_prepare_leaves_the_second_linear_uncompressed() -> None:
 
 def test_a_prepared_model_saves_and_loads_whole() -> None:
     example = vit_batch(torch.float32)
-    opts = BlockOptions(attention="sdpa", saved="int8", fused_mlp=True)
+    opts = BlockOptions(attention="sdpa", saved="int8", fused_mlp=True, norm_fed=True)
     model = prepare(small_vit(torch.float32), "asi", 2, example_input=example, options=opts)
     grads(model, example)  # a step first: ASI's state and the hooks' caches exist
     buffer = io.BytesIO()
