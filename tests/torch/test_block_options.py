@@ -116,6 +116,25 @@ def saved_shapes(model: nn.Module, example: Any) -> list[tuple[tuple[int, ...], 
     return shapes
 
 
+def total_rel_err(got: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    """The relative error of all gradients together (the same parameters in both)."""
+    assert got.keys() == exact.keys()
+    names = sorted(exact)
+    return rel_err(
+        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
+    )
+
+
+def trains_close_and_restores(
+    model: nn.Module, plain: nn.Module, exact: dict[str, torch.Tensor], example: Any
+) -> None:
+    """An int8-approximate step of a prepared model, its names, and its undo."""
+    assert 0 < total_rel_err(grads(model, example), exact) < 0.02
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def trains(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -565,16 +584,7 @@ def test_fused_mlp_in_prepare_leaves_the_second_linear_uncompressed() -> None:
     wide = BATCH * TOKENS * 64
     saved = saved_shapes(model, example)
     assert not [s for s, dtype in saved if math.prod(s) >= wide and dtype != torch.int8]
-    got = grads(model, example)
-    assert got.keys() == exact.keys()
-    names = sorted(exact)
-    error = rel_err(
-        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
-    )
-    assert 0 < error < 0.02
-    assert model.state_dict().keys() == plain.state_dict().keys()
-    restore_blocks(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    trains_close_and_restores(model, plain, exact, example)
 
 
 def test_a_prepared_model_saves_and_loads_whole() -> None:
@@ -713,16 +723,7 @@ def test_norm_fed_in_prepare_leaves_the_fed_linears_plain_and_keeping_nothing(ca
     for name in saved:
         if name.endswith(("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj")):
             assert saved[name] == 0, name
-    got = grads(model, example)
-    assert got.keys() == exact.keys()
-    names = sorted(exact)
-    error = rel_err(
-        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
-    )
-    assert 0 < error < 0.02
-    assert model.state_dict().keys() == plain.state_dict().keys()
-    restore_blocks(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    trains_close_and_restores(model, plain, exact, example)
 
 
 def plain_linear(m: nn.Module) -> bool:
@@ -739,13 +740,8 @@ def test_int8_options_train_under_autocast() -> None:
         out = model(**example).logits
     out.float().square().mean().backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert got.keys() == exact.keys()
     assert all(g.dtype == torch.float32 for g in got.values())
-    names = sorted(exact)
-    error = rel_err(
-        torch.cat([got[n].ravel() for n in names]), torch.cat([exact[n].ravel() for n in names])
-    )
-    assert error < 0.05  # bfloat16's 8-bit mantissa, not a broken gradient
+    assert total_rel_err(got, exact) < 0.05  # bfloat16's 8-bit mantissa, not a broken gradient
 
 
 def test_norm_fed_errors() -> None:
