@@ -1,7 +1,8 @@
 """Converted models train under DistributedDataParallel (gloo, 2 CPU processes).
 
-A small CNN, and a Hugging Face ViT converted with ``last_blocks`` (its q/k/v
-sharing one decomposition).
+A small CNN, a Hugging Face ViT converted with ``last_blocks`` (its q/k/v
+sharing one decomposition), and the same ViT prepared with the recommended
+block options (ASI, SDPA, int8 saved tensors, fused MLP, norm-fed layers).
 
 At full rank the compressed weight gradients are exact, so DDP on two halves
 of a batch must give the parameters of single-process training on the whole
@@ -248,3 +249,56 @@ def test_ddp_vit_last_blocks_with_shared_inputs(
             got = worker["state"][name]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=name)
             torch.testing.assert_close(got, vanilla.state_dict()[name], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# The ViT's recommended block configuration (transformer.prepare)
+# ---------------------------------------------------------------------------
+
+
+def prepare_vit(x: torch.Tensor) -> nn.Module:
+    """Last 2 blocks: ASI (full rank), SDPA, int8 saved tensors, fused MLP, norm-fed layers."""
+    from tensorcompress.torch.transformer import BlockOptions, prepare
+
+    options = BlockOptions(attention="sdpa", saved="int8", fused_mlp=True, norm_fed=True, rank=1.0)
+    return prepare(tiny_vit(), "asi", 2, example_input=x, options=options)
+
+
+def _prepared_vit_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        half = GLOBAL_BATCH // WORLD
+        part = slice(rank * half, (rank + 1) * half)
+        shard = [(x[part], y[part]) for x, y in vit_data()]
+        model = prepare_vit(shard[0][0])
+        train_vit(DistributedDataParallel(model), shard)
+        torch.save(model.state_dict(), Path(out) / f"prepared{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_vit_prepared_with_int8_fused_and_norm_fed_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each half batch is a whole number of 64-element int8 blocks of every
+    # kept tensor, so the halves' int8 forms are the whole batch's: DDP must
+    # give single-process training on the whole batch.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_prepared_vit_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    reference = prepare_vit(vit_data()[0][0])
+    train_vit(reference, vit_data())
+    initial = tiny_vit().state_dict()
+    trained = reference.state_dict()
+    assert max((trained[k] - v).abs().max() for k, v in initial.items()) > 1e-2
+    for r in range(WORLD):
+        state = torch.load(tmp_path / f"prepared{r}.pt")
+        for name, expected in trained.items():
+            # 1e-6: the int8 forms themselves move these weights by ~4e-5 in 3 steps.
+            torch.testing.assert_close(state[name], expected, atol=1e-6, rtol=0, msg=name)
