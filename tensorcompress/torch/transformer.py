@@ -587,9 +587,18 @@ class _Int8Elementwise(torch.autograd.Function):
         return x, None, None, None
 
 
+def _training_step(m: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether ``m`` runs a training forward that something will differentiate."""
+    return (
+        m.training
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (*tensors, *m.parameters()))
+    )
+
+
 def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An element-wise activation's forward through :class:`_Int8Elementwise` (training only)."""
-    if self.training and torch.is_grad_enabled() and x.requires_grad:
+    if _training_step(self, x):  # an activation of int8_activations owns no parameter
         return _Int8Elementwise.apply(x, _pointwise(self), self._int8_block, self._int8_in_place)
     return type(self).forward(self, x)
 
@@ -919,14 +928,6 @@ class _NormFedLinear(torch.autograd.Function):
             gw = g.t() @ y.reshape(-1, weight.shape[1])
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
-
-
-def _training_step(m: nn.Module, *tensors: torch.Tensor) -> bool:
-    return (
-        m.training
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (*tensors, *m.parameters()))
-    )
 
 
 def _int8_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

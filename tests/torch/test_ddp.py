@@ -13,6 +13,8 @@ halves, which is the gradient of the mean loss over the whole batch.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,11 @@ def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) ->
         opt.step()
 
 
-METHODS = ("asi", "hosvd")
-
-
-def _worker(rank: int, port: int, out: str) -> None:
+@contextmanager
+def gloo_process(
+    rank: int, port: int, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A worker's process group (gloo, one thread), yielding its half of each batch."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -83,16 +86,23 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         half = GLOBAL_BATCH // WORLD
         part = slice(rank * half, (rank + 1) * half)
-        shard = [(x[part], y[part]) for x, y in data()]
+        yield [(x[part], y[part]) for x, y in batches]
+    finally:
+        dist.destroy_process_group()
+
+
+METHODS = ("asi", "hosvd")
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    with gloo_process(rank, port, data()) as shard:
         results = {}
         for method in METHODS:  # one spawn for both: starting processes is the slow part
-            model = convert(tiny_model(), method=method, rank=full_ranks(half))
+            model = convert(tiny_model(), method=method, rank=full_ranks(GLOBAL_BATCH // WORLD))
             train(DistributedDataParallel(model), shard)
             ranks = {name: layer.ranks for name, layer in compressed_layers(model).items()}
             results[method] = {"state": model.state_dict(), "ranks": ranks}
         torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -202,18 +212,7 @@ def train_vit(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
 def _vit_worker(rank: int, port: int, out: str) -> None:
     from tensorcompress.torch import input_groups
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        half = GLOBAL_BATCH // WORLD
-        part = slice(rank * half, (rank + 1) * half)
-        shard = [(x[part], y[part]) for x, y in vit_data()]
+    with gloo_process(rank, port, vit_data()) as shard:
         model = convert_vit(shard[0][0])
         train_vit(DistributedDataParallel(model), shard)
         result = {
@@ -222,8 +221,6 @@ def _vit_worker(rank: int, port: int, out: str) -> None:
             "groups": [group.names for group in input_groups(model)],
         }
         torch.save(result, Path(out) / f"vit{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_vit_last_blocks_with_shared_inputs(
@@ -265,23 +262,10 @@ def prepare_vit(x: torch.Tensor) -> nn.Module:
 
 
 def _prepared_vit_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        half = GLOBAL_BATCH // WORLD
-        part = slice(rank * half, (rank + 1) * half)
-        shard = [(x[part], y[part]) for x, y in vit_data()]
+    with gloo_process(rank, port, vit_data()) as shard:
         model = prepare_vit(shard[0][0])
         train_vit(DistributedDataParallel(model), shard)
         torch.save(model.state_dict(), Path(out) / f"prepared{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_vit_prepared_with_int8_fused_and_norm_fed_layers(
