@@ -37,13 +37,18 @@ class Setting:
     source: Source
     threads: int
     threshold: float
+    product_dtype: torch.dtype | None = None
+    """Warm ASI's ``product_dtype`` (``None``: the input's, float32)."""
 
     def __str__(self) -> str:
-        return f"{self.source}, {self.threads} thread(s), ranks from eps {self.threshold:g}"
+        text = f"{self.source}, {self.threads} thread(s), ranks from eps {self.threshold:g}"
+        if self.product_dtype is not None:
+            text += f", warm ASI's products in {str(self.product_dtype).removeprefix('torch.')}"
+        return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--sources``, ``--thresholds`` and ``--threads`` to a script's parser."""
+    """Add ``--sources``, ``--thresholds``, ``--threads``, ``--plans`` and ``--product-dtype``."""
     parser.add_argument(
         "--sources", nargs="+", choices=SOURCES, default=["images"], help="activation images"
     )
@@ -65,16 +70,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sweep plans: the fastest measured on the first call, or the cost estimate's "
         "(tensorcompress.measured_plans)",
     )
+    parser.add_argument(
+        "--product-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of warm ASI's tensor products (asi.decompose's product_dtype); the "
+        "baselines, vanilla and HOSVD stay in float32",
+    )
 
 
 def settings(args: argparse.Namespace) -> Iterator[Setting]:
     """Every (threads, source, threshold) of ``args``, setting torch's threads on the way."""
     tensorcompress.measured_plans(args.plans == "measured")
+    low = None if args.product_dtype == "float32" else getattr(torch, args.product_dtype)
     for threads in args.threads:
         torch.set_num_threads(threads)
         for source in args.sources:
             for threshold in args.thresholds:
-                yield Setting(source, threads, threshold)
+                yield Setting(source, threads, threshold, low)
     torch.set_num_threads(DEFAULT_THREADS)
 
 

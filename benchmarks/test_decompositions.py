@@ -135,8 +135,15 @@ class Case:
     all of them see the same batch after the same history.
     """
 
-    def __init__(self, shape: tuple[int, ...], source: Source, threshold: float) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        source: Source,
+        threshold: float,
+        product_dtype: torch.dtype | None = None,
+    ) -> None:
         self.shape = shape
+        self.product_dtype = product_dtype
         self.batches = [activation(shape, seed, source) for seed in (0, 1)]
         self.ranks = hosvd.decompose(self.batches[0], threshold).ranks
         cold = asi.decompose(self.batches[0], self.ranks)
@@ -152,7 +159,13 @@ class Case:
         x = self.batches[self.steps[stream] % 2]
         self.steps[stream] += 1
         if stream == "asi_warm":
-            result = asi.decompose(x, self.ranks, warm_start=self.state[stream], check_finite=False)
+            result = asi.decompose(
+                x,
+                self.ranks,
+                warm_start=self.state[stream],
+                product_dtype=self.product_dtype,
+                check_finite=False,
+            )
             self.state[stream] = result
             return x, result
         core, factors = {"asi_reference": reference_asi, "asi_official": official_asi}[stream](
@@ -204,9 +217,14 @@ class Case:
 
 
 @functools.lru_cache(maxsize=4)
-def case(shape: tuple[int, ...], source: Source, threshold: float) -> Case:
+def case(
+    shape: tuple[int, ...],
+    source: Source,
+    threshold: float,
+    product_dtype: torch.dtype | None = None,
+) -> Case:
     """The :class:`Case` of ``shape``, built once per process."""
-    return Case(shape, source, threshold)
+    return Case(shape, source, threshold, product_dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +284,7 @@ def measure(setting: Setting, shapes: list[tuple[int, ...]], rounds: int) -> lis
     """One row per shape: each method's times and error, in ``rounds`` interleaved rounds."""
     rows = []
     for shape in shapes:
-        c = case(shape, setting.source, setting.threshold)
+        c = case(shape, setting.source, setting.threshold, setting.product_dtype)
         calls = c.calls()
         times = time_rounds(calls, rounds, WARMUP)
         errors = {m: error(*calls[m]()) for m in METHODS if m not in ASI_STREAMS}
@@ -371,7 +389,8 @@ def main() -> None:
             print_stats(rows)
         if args.breakdown:
             for shape in args.shapes:
-                calls = case(shape, setting.source, setting.threshold).calls()
+                c = case(shape, setting.source, setting.threshold, setting.product_dtype)
+                calls = c.calls()
                 for method in (*ASI_STREAMS, "hosvd"):
                     print_breakdown(f"{method} on {_id(shape)} ({setting})", calls[method])
 

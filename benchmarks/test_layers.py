@@ -86,11 +86,14 @@ class Step:
         source: Source = "images",
         threshold: float = 0.8,
         seed: int = 0,
+        product_dtype: torch.dtype | None = None,
     ) -> Step:
         build, shape = LAYERS[layer_name]
         torch.manual_seed(seed)
         module = build()
-        if method != "vanilla":
+        if method == "asi":
+            module = convert(module, method=method, rank=threshold, product_dtype=product_dtype)
+        elif method != "vanilla":
             module = convert(module, method=method, rank=threshold)
         batches = [activation(shape, s, source).detach().requires_grad_() for s in (0, 1)]
         with torch.no_grad():
@@ -227,7 +230,9 @@ def measure(
     rows = []
     for layer in layers:
         steps = {
-            m: Step.make(layer, m, setting.source, setting.threshold)
+            m: Step.make(
+                layer, m, setting.source, setting.threshold, product_dtype=setting.product_dtype
+            )
             for m in methods
             if applicable(layer, m)
         }
@@ -310,7 +315,13 @@ def main() -> None:
             for layer in args.layers:
                 for method in methods:
                     if applicable(layer, method):
-                        step = Step.make(layer, method, setting.source, setting.threshold)
+                        step = Step.make(
+                            layer,
+                            method,
+                            setting.source,
+                            setting.threshold,
+                            product_dtype=setting.product_dtype,
+                        )
                         step()  # ASI's cold start is not profiled
                         print_breakdown(f"{method} step of {layer} ({setting})", step)
 

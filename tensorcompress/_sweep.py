@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from tensorcompress import rank as _rank
 from tensorcompress import tenalg
-from tensorcompress._array import Array, device
+from tensorcompress._array import Array, cast, device
 
 # A product narrower than this is bound by memory traffic, not arithmetic: one
 # pass over the tensor costs about as much as a product this wide.
@@ -415,7 +415,9 @@ def block_sweep(
     basis : callable
         ``basis(mode, g)`` returns the mode's factor and its explained
         variance from the Gram matrix ``g`` of the mode's unfolding of ``t``
-        already projected onto the block's earlier factors.
+        already projected onto the block's earlier factors (in ``t``'s
+        dtype); the factor may be in another dtype (the products cast it to
+        ``t``'s).
 
     Returns
     -------
@@ -438,10 +440,10 @@ def block_sweep(
             explained[k] = 1.0
             continue
         factors[k], explained[k] = basis(k, _mode_gram(xp, g, dims, i))
-        ut = xp.matrix_transpose(factors[k])
+        ut = xp.matrix_transpose(cast(xp, factors[k], g.dtype))
         g = tenalg.mode_dot(tenalg.mode_dot(g, ut, i, xp=xp), ut, b + i, xp=xp)
         dims[i] = int(ranks[k])
-    op = factors[first]
+    op = cast(xp, factors[first], t.dtype)
     for k in range(first + 1, first + b):
-        op = tenalg.kron(op, factors[k], xp=xp)
+        op = tenalg.kron(op, cast(xp, factors[k], t.dtype), xp=xp)
     return xp.reshape(flat @ op, (*lead, *dims)), factors, explained

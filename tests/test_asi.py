@@ -131,6 +131,48 @@ def test_bfloat16_warm_start() -> None:
     assert warm.relative_error(x) < cold.relative_error(x) + 0.05
 
 
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [
+        ((16, 12, 7, 7), (5, 6, 3, 3)),  # one mode at a time, Gram matrices
+        ((64, 48, 6, 5), (6, 8, 3, 3)),  # thin products, and a joint 6 x 5 block
+    ],
+)
+@pytest.mark.parametrize(
+    ("backend", "dtype", "low"),
+    [("numpy", np.float64, np.float32), ("torch", torch.float32, torch.bfloat16)],
+)
+def test_product_dtype_runs_the_products_in_lower_precision(
+    shape: tuple[int, ...], ranks: tuple[int, ...], backend: str, dtype: object, low: object
+) -> None:
+    a, b = (decaying_tensor(shape, seed=s, decay=0.7) for s in (11, 12))
+    if backend == "torch":
+        a, b = torch.as_tensor(a, dtype=dtype), torch.as_tensor(b, dtype=dtype)  # type: ignore[arg-type]
+    cold = asi.decompose(a, ranks)
+    full = asi.decompose(b, ranks, warm_start=cold)
+    fast = asi.decompose(b, ranks, warm_start=cold, product_dtype=low)
+    assert fast.core.dtype == b.dtype and all(u.dtype == b.dtype for u in fast.factors)
+    for u in fast.factors:  # orthonormalised in x's precision, not the products'
+        m = np.asarray(u, dtype=np.float64)
+        np.testing.assert_allclose(m.T @ m, np.eye(m.shape[1]), atol=tol(b) * 10)
+    unit = 2.0 ** -(8 if low is torch.bfloat16 else 24)  # the products' rounding unit
+    assert not np.array_equal(np.asarray(fast.core), np.asarray(full.core))
+    # The error moves by less than the products' rounding (a mode's subspace
+    # can move more where its singular values cross the cut: no check on it).
+    assert abs(fast.relative_error(b) - full.relative_error(b)) < 2 * unit
+    np.testing.assert_allclose(fast.explained_variance, full.explained_variance, atol=4 * unit)
+
+
+def test_product_dtype_errors() -> None:
+    x = torch.as_tensor(decaying_tensor((8, 7, 6), seed=13), dtype=torch.float32)
+    cold = asi.decompose(x, (3, 3, 3))
+    with pytest.raises(ValueError, match=r"product_dtype.*warm_start"):
+        asi.decompose(x, (3, 3, 3), product_dtype=torch.bfloat16)
+    for bad in ("bfloat16", torch.int32, np.float32):
+        with pytest.raises(TypeError, match="product_dtype must be a real floating dtype"):
+            asi.decompose(x, (3, 3, 3), warm_start=cold, product_dtype=bad)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 7), min_size=2, max_size=4),

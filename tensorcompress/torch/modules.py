@@ -96,6 +96,12 @@ class CompressionConfig:
     seed : int, default 0
         Seeds the layer's own generator (combined with the layer's name), used
         only when ASI pads a subspace. The global RNG is never touched.
+    product_dtype : torch.dtype, optional
+        The dtype of ASI's warm-step products (``product_dtype`` of
+        :func:`tensorcompress.asi.decompose`): ``torch.bfloat16`` runs them
+        on a CPU's AMX or a GPU's tensor cores. The forward, the input
+        gradient and the kept factors keep the input's dtype. ``None`` (the
+        default): the input's dtype.
     """
 
     method: str = "asi"
@@ -104,6 +110,7 @@ class CompressionConfig:
     patch: int = 2
     check_finite: bool = True
     seed: int = 0
+    product_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,6 +121,7 @@ class CompressionConfig:
             raise ValueError(f"patch must be a positive int, got {self.patch!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_product_dtype(self.product_dtype)
         rank = self.rank
         if isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
             rank = tuple(rank)  # hashable, and safe from later mutation
@@ -126,6 +134,15 @@ class CompressionConfig:
             raise TypeError(f"method='svd' takes an int or a float rank, got {rank!r}")
         elif self.method == "svd":
             _check_rank_arg(rank)
+
+
+def check_product_dtype(dtype: Any) -> None:
+    """Refuse a ``product_dtype`` that is neither ``None`` nor a floating torch dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"product_dtype must be None or a floating torch dtype such as torch.bfloat16, "
+            f"got {dtype!r}"
+        )
 
 
 def _check_rank_arg(rank: Any) -> None:
@@ -191,6 +208,7 @@ def tucker_step(
     n_iter: int,
     rng: np.random.Generator,
     layer: str,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[TuckerResult, tuple[int | None, ...] | None]:
     """One training step's Tucker decomposition of a layer input.
 
@@ -238,6 +256,7 @@ def tucker_step(
             warm_start=_permute_tucker(warm, perm),
             n_iter=n_iter,
             seed=rng,
+            product_dtype=product_dtype,
             check_finite=False,
         )
     else:
@@ -403,6 +422,7 @@ class CompressedModule(nn.Module):
             n_iter=cfg.n_iter,
             rng=self._rng,
             layer=self.layer_name or "<unnamed>",
+            product_dtype=cfg.product_dtype,
         )
         self._fixed_ranks = fixed
         return res

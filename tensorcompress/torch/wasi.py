@@ -85,7 +85,7 @@ from tensorcompress.torch.lowrank import (
     LowRankModule,
     conv_with,
 )
-from tensorcompress.torch.modules import check_finite_input, tucker_step
+from tensorcompress.torch.modules import check_finite_input, check_product_dtype, tucker_step
 from tensorcompress.torch.selection import LayerSelection, select_layers
 
 __all__ = [
@@ -124,7 +124,7 @@ class WASIConfig:
         last refresh. With False the factors evolve freely (``L R`` is still
         the weight; only ``L``'s orthonormality is lost).
     share_inputs : bool, default True
-        Layers with the same ``act_rank`` and ``n_iter`` that read the same
+        Layers with the same ``act_rank``, ``n_iter`` and ``product_dtype`` that read the same
         tensor one after another (q/k/v) reuse one decomposition.
     check_finite : bool, default True
         ``"wasi"`` refuses an input holding NaN or Inf (``ValueError`` naming
@@ -132,6 +132,9 @@ class WASIConfig:
     seed : int, default 0
         Seeds the layer's own generator (with its name); used only when ASI
         pads a subspace. The global RNG is never touched.
+    product_dtype : torch.dtype, optional
+        The dtype of ASI's warm-step products, as in
+        :class:`~tensorcompress.torch.modules.CompressionConfig`.
     """
 
     method: str = "wasi"
@@ -141,8 +144,10 @@ class WASIConfig:
     share_inputs: bool = True
     check_finite: bool = True
     seed: int = 0
+    product_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        check_product_dtype(self.product_dtype)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 0:
@@ -452,7 +457,7 @@ class WASIModule(LowRankModule):
         cfg = self.config
         if cfg.method == "wsi":
             return x
-        key = (cfg.act_rank, cfg.n_iter, tuple(x.shape), x.dtype, x.device)
+        key = (cfg.act_rank, cfg.n_iter, cfg.product_dtype, tuple(x.shape), x.dtype, x.device)
         slot = getattr(_SHARED, "slot", None)
         if (
             cfg.share_inputs
@@ -480,6 +485,7 @@ class WASIModule(LowRankModule):
             n_iter=cfg.n_iter,
             rng=self._rng,
             layer=self.layer_name or "<unnamed>",
+            product_dtype=cfg.product_dtype,
         )
         return res
 

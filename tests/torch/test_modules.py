@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -162,3 +163,31 @@ def test_explained_variance_is_per_logical_mode_for_channels_last_input(method: 
     if method == "hosvd":
         # Thresholds are applied to the input's own unfoldings, whatever the layout.
         assert ev[2:] == pytest.approx(ref.explained_variance[2:], abs=1e-5)
+
+
+def test_product_dtype_runs_asi_products_in_bfloat16_and_keeps_the_rest_exact() -> None:
+    plain = nn.Linear(24, 16)
+    x = torch.randn(32, 20, 24, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for low in (None, torch.bfloat16):
+        config = CompressionConfig(method="asi", rank=(8, 10, 12), seed=0, product_dtype=low)
+        layer = CompressedLinear.from_module(copy.deepcopy(plain), config, name="fc")
+        for batch in (x, x.flip(0)):  # the cold start, then a warm step in product_dtype
+            layer.zero_grad()
+            inp = batch.clone().requires_grad_(True)
+            out = layer(inp)
+            out.square().sum().backward()
+        assert isinstance(layer.last_result, TuckerResult)
+        assert layer.last_result.core.dtype == torch.float32
+        grads[low] = (out.detach(), inp.grad, layer.weight.grad.clone())
+    (out32, dx32, dw32), (out16, dx16, dw16) = grads[None], grads[torch.bfloat16]
+    torch.testing.assert_close(out16, out32, rtol=0, atol=0)  # the forward is untouched
+    torch.testing.assert_close(dx16, dx32, rtol=0, atol=0)  # and so is the input gradient
+    assert not torch.equal(dw16, dw32)
+    assert float((dw16 - dw32).norm() / dw32.norm()) < 2**-8
+
+
+@pytest.mark.parametrize("bad", ["bfloat16", torch.int8])
+def test_product_dtype_must_be_a_floating_torch_dtype(bad: object) -> None:
+    with pytest.raises(TypeError, match="product_dtype must be None or a floating torch dtype"):
+        CompressionConfig(product_dtype=bad)  # type: ignore[arg-type]
