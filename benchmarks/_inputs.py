@@ -38,12 +38,12 @@ class Setting:
     threads: int
     threshold: float
     product_dtype: torch.dtype | None = None
-    """Warm ASI's ``product_dtype`` (``None``: the input's, float32)."""
+    """ASI's and HOSVD's ``product_dtype`` (``None``: the input's, float32)."""
 
     def __str__(self) -> str:
         text = f"{self.source}, {self.threads} thread(s), ranks from eps {self.threshold:g}"
         if self.product_dtype is not None:
-            text += f", warm ASI's products in {str(self.product_dtype).removeprefix('torch.')}"
+            text += f", ASI and HOSVD products in {str(self.product_dtype).removeprefix('torch.')}"
         return text
 
 
@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--product-dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="dtype of warm ASI's tensor products (asi.decompose's product_dtype); the "
-        "baselines, vanilla and HOSVD stay in float32",
+        help="dtype of ASI's and HOSVD's tensor products (their product_dtype); the "
+        "baselines, TensorLy and vanilla stay in float32",
     )
 
 

@@ -181,7 +181,12 @@ class Case:
             "asi_warm": functools.partial(self.step, "asi_warm"),
             "asi_reference": functools.partial(self.step, "asi_reference"),
             "asi_official": functools.partial(self.step, "asi_official"),
-            "hosvd": lambda: (x, hosvd.decompose(x, self.ranks, check_finite=False)),
+            "hosvd": lambda: (
+                x,
+                hosvd.decompose(
+                    x, self.ranks, product_dtype=self.product_dtype, check_finite=False
+                ),
+            ),
             "tensorly_tucker": lambda: (x, tensorly_tucker(x, self.ranks)),
             "torch_svd_lowrank": lambda: (x, svd_lowrank(x, self.ranks)),
         }

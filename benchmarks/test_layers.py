@@ -91,7 +91,7 @@ class Step:
         build, shape = LAYERS[layer_name]
         torch.manual_seed(seed)
         module = build()
-        if method == "asi":
+        if method in ("asi", "hosvd"):
             module = convert(module, method=method, rank=threshold, product_dtype=product_dtype)
         elif method != "vanilla":
             module = convert(module, method=method, rank=threshold)

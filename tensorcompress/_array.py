@@ -6,6 +6,7 @@ steps receive it as an argument, so the core never imports a framework.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from array_api_compat import array_namespace, device, is_torch_array
 
 __all__ = [
     "Array",
+    "Casts",
     "all_finite",
     "as_compute",
     "cast",
@@ -112,3 +114,41 @@ def from_numpy(xp: Any, a: np.ndarray, like: Array) -> Array:
 def cast(xp: Any, a: Array, dtype: Any) -> Array:
     """Return ``a`` in ``dtype`` (no copy when it already is)."""
     return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
+@dataclass(frozen=True)
+class Casts:
+    """The two dtypes of a decomposition with ``product_dtype``.
+
+    Tensor products run in ``low`` (the input is cast once, each factor as
+    it is used); bases are orthonormalised, energies summed and results
+    kept in ``high``, the input's compute dtype.
+    """
+
+    xp: Any
+    high: Any
+    low: Any
+
+    @classmethod
+    def of(cls, xp: Any, x: Array, product_dtype: Any) -> Casts:
+        """Validate ``product_dtype`` (``None``: ``x``'s dtype) against ``x``'s namespace."""
+        if product_dtype is None:
+            return cls(xp, x.dtype, x.dtype)
+        try:
+            floating = bool(xp.isdtype(product_dtype, "real floating"))
+        except (TypeError, ValueError, AttributeError):
+            floating = False
+        if not floating:
+            raise TypeError(
+                "product_dtype must be a real floating dtype of x's array library "
+                f"(such as torch.bfloat16 for a torch tensor), got {product_dtype!r}"
+            )
+        return cls(xp, x.dtype, product_dtype)
+
+    def to_low(self, a: Array) -> Array:
+        """``a`` in the products' dtype."""
+        return cast(self.xp, a, self.low)
+
+    def to_high(self, a: Array) -> Array:
+        """``a`` in the results' dtype."""
+        return cast(self.xp, a, self.high)

@@ -29,6 +29,7 @@ from tensorcompress import _sweep, hosvd, tenalg
 from tensorcompress import rank as _rank
 from tensorcompress._array import (
     Array,
+    Casts,
     as_compute,
     cast,
     check_tensor,
@@ -109,18 +110,11 @@ def _warm_step(
     ranks: tuple[int, ...],
     n_iter: int,
     rng: np.random.Generator,
-    product_dtype: Any,
+    casts: Casts,
 ) -> tuple[Array, list[Array], list[float]]:
     shape = tuple(int(n) for n in x.shape)
-    # The products run on a copy in product_dtype (made once); every basis is
-    # orthonormalised, and every energy summed, in x's dtype.
-    x_products = cast(xp, x, product_dtype)
-
-    def low(a: Array) -> Array:
-        return cast(xp, a, x_products.dtype)
-
-    def high(a: Array) -> Array:
-        return cast(xp, a, x.dtype)
+    x_products = casts.to_low(x)  # the one cast of the input (none without product_dtype)
+    low, high = casts.to_low, casts.to_high
 
     def squared_norm(t: Array) -> float:
         return to_float(xp.linalg.vector_norm(x if t is x_products else high(t))) ** 2
@@ -175,21 +169,6 @@ def _warm_step(
     return _sweep.run(x_products, ranks, True, sweep)
 
 
-def _product_dtype(xp: Any, dtype: Any, x: Array) -> Any:
-    if dtype is None:
-        return x.dtype
-    try:
-        floating = bool(xp.isdtype(dtype, "real floating"))
-    except (TypeError, ValueError, AttributeError):
-        floating = False
-    if not floating:
-        raise TypeError(
-            f"product_dtype must be a real floating dtype of x's array library "
-            f"(such as torch.bfloat16 for a torch tensor), got {dtype!r}"
-        )
-    return dtype
-
-
 def decompose(
     x: Array,
     rank: _rank.RankLike,
@@ -225,16 +204,16 @@ def decompose(
         (rank or size changes). Only with ``warm_start``, like ``n_iter``.
         Never touches the global RNG.
     product_dtype : dtype, optional
-        The dtype a warm step's tensor products run in (the input is cast
-        once, each factor as it is used): ``torch.bfloat16`` runs them on a
-        CPU's AMX or a GPU's tensor cores. The bases are orthonormalised, the
-        energies summed and the result returned in ``x``'s dtype. ``None``
-        (the default) computes in ``x``'s dtype. Only with ``warm_start``,
-        like ``n_iter``. The subspace then carries the products' rounding
-        error (about 1e-3 relative for bfloat16), far below what a
-        truncated decomposition leaves out;
-        ``benchmarks/test_decompositions.py --product-dtype bfloat16``
-        prints the relative errors and speed-ups side by side.
+        The dtype the tensor products run in (the input is cast once, each
+        factor as it is used), in the cold start (see
+        :func:`tensorcompress.hosvd.decompose`) and the warm steps:
+        ``torch.bfloat16`` runs them on a CPU's AMX or a GPU's tensor cores.
+        The bases are orthonormalised, the energies summed and the result
+        returned in ``x``'s dtype. ``None`` (the default) computes in ``x``'s
+        dtype. The subspaces then carry the products' rounding (about 1e-3
+        relative for bfloat16), far below what a truncated decomposition
+        leaves out; ``benchmarks/test_decompositions.py --product-dtype
+        bfloat16`` prints the errors and speed-ups.
     check_finite : bool, default True
         Refuse NaN/Inf input (costs one pass over ``x``).
 
@@ -273,14 +252,14 @@ def decompose(
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
     ranks = _rank.resolve(rank, tuple(x.shape))
     if warm_start is None:
-        for name, value in (("n_iter", n_iter), ("seed", seed), ("product_dtype", product_dtype)):
+        for name, value in (("n_iter", n_iter), ("seed", seed)):
             if value is not None:
                 raise ValueError(
                     f"{name}={value!r} has no effect without a warm_start: the cold start is "
                     "the exact ST-HOSVD (no iterations, nothing random); pass it only with "
                     "warm_start"
                 )
-        return hosvd.decompose(x, ranks, check_finite=False)
+        return hosvd.decompose(x, ranks, product_dtype=product_dtype, check_finite=False)
     if not isinstance(warm_start, TuckerResult):
         raise TypeError(
             f"warm_start must be a TuckerResult or None, got {type(warm_start).__name__}"
@@ -305,7 +284,7 @@ def decompose(
     steps = 1 if n_iter is None else n_iter
     xc = as_compute(xp, x)
     core, factors, explained = _warm_step(
-        xp, xc, warm_start, step_ranks, steps, _rng(seed), _product_dtype(xp, product_dtype, xc)
+        xp, xc, warm_start, step_ranks, steps, _rng(seed), Casts.of(xp, xc, product_dtype)
     )
     return TuckerResult(
         core=cast(xp, core, x.dtype),

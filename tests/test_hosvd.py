@@ -172,3 +172,32 @@ def test_fixed_rank_explained_variance_one_per_mode(
     # multiply to the share of x's energy the core keeps.
     core = np.asarray(res.core, dtype=np.float64)
     assert math.prod(ev) == pytest.approx(float(np.sum(core**2) / np.sum(a**2)), rel=1e-3)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "rank"),
+    [
+        ((16, 12, 7, 7), (5, 6, 3, 3)),  # a joint 7 x 7 block (sequential)
+        ((40, 3, 2), (4, 3, 2)),  # mode 0's unfolding is tall: the other Gram matrix
+        ((16, 12, 7, 7), 0.8),  # thresholds, from the input's own unfoldings
+    ],
+)
+@pytest.mark.parametrize(
+    ("backend", "dtype", "low"),
+    [("numpy", np.float64, np.float32), ("torch", torch.float32, torch.bfloat16)],
+)
+def test_product_dtype_runs_the_products_in_lower_precision(
+    sequential: bool, shape: tuple[int, ...], rank: object, backend: str, dtype, low
+) -> None:
+    x = low_rank_tensor(shape, tuple(min(3, n) for n in shape), seed=3, noise=0.2)
+    if backend == "torch":
+        x = torch.as_tensor(x, dtype=dtype)
+    exact = hosvd.decompose(x, rank, sequential=sequential)
+    fast = hosvd.decompose(x, rank, sequential=sequential, product_dtype=low)
+    assert fast.ranks == exact.ranks  # a clear spectral gap at 3: no rank moves
+    assert fast.core.dtype == x.dtype and all(_orthonormal(u) for u in fast.factors)
+    unit = 2.0 ** -(8 if low is torch.bfloat16 else 24)  # the products' rounding unit
+    assert not np.array_equal(np.asarray(fast.core), np.asarray(exact.core))
+    assert abs(fast.relative_error(x) - exact.relative_error(x)) < 2 * unit
+    np.testing.assert_allclose(fast.explained_variance, exact.explained_variance, atol=4 * unit)

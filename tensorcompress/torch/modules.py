@@ -97,7 +97,8 @@ class CompressionConfig:
         Seeds the layer's own generator (combined with the layer's name), used
         only when ASI pads a subspace. The global RNG is never touched.
     product_dtype : torch.dtype, optional
-        The dtype of ASI's warm-step products (``product_dtype`` of
+        The dtype of the Tucker decompositions' tensor products, for
+        ``"asi"`` and ``"hosvd"`` (``product_dtype`` of
         :func:`tensorcompress.asi.decompose`): ``torch.bfloat16`` runs them
         on a CPU's AMX or a GPU's tensor cores. The forward, the input
         gradient and the kept factors keep the input's dtype. ``None`` (the
@@ -261,7 +262,9 @@ def tucker_step(
         )
     else:
         entries = _mode_ranks(rank, shape, layer)
-        res = hosvd.decompose(xs, [entries[p] for p in perm], check_finite=False)
+        res = hosvd.decompose(
+            xs, [entries[p] for p in perm], product_dtype=product_dtype, check_finite=False
+        )
         if track:
             # Thresholds are resolved once, by the cold start (as in the paper).
             # A mode kept whole (None) stays whole if it grows: the user's None,

@@ -133,7 +133,7 @@ class WASIConfig:
         Seeds the layer's own generator (with its name); used only when ASI
         pads a subspace. The global RNG is never touched.
     product_dtype : torch.dtype, optional
-        The dtype of ASI's warm-step products, as in
+        The dtype of ASI's tensor products, as in
         :class:`~tensorcompress.torch.modules.CompressionConfig`.
     """
 
