@@ -291,8 +291,14 @@ class BlockSettings:
     norm_fed: bool = True
     lora_r: int = 8
 
-    def options(self, method: str, threshold: float | None) -> Any:
-        """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row."""
+    def options(
+        self, method: str, threshold: float | None, product_dtype: torch.dtype | None = None
+    ) -> Any:
+        """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row.
+
+        ``product_dtype`` is the run's (:attr:`RunConfig.product_dtype
+        <tensorcompress.experiments.run.RunConfig.product_dtype>`).
+        """
         from tensorcompress.torch.transformer import BlockOptions
 
         eps = 0.8 if threshold is None else threshold
@@ -307,6 +313,7 @@ class BlockSettings:
             weight_rank=eps if method in FACTORED_METHODS else 0.9,
             lora_r=self.lora_r,
             lora_alpha=2 * self.lora_r,
+            product_dtype=product_dtype,
         )
 
 
@@ -319,6 +326,7 @@ def prepare_blocks(
     settings: BlockSettings,
     *,
     seed: int,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """A transformer ready to fine-tune one row: the model to train and its trained layers.
 
@@ -354,7 +362,7 @@ def prepare_blocks(
             method,
             n,
             example_input=example_input,
-            options=settings.options(method, threshold),
+            options=settings.options(method, threshold, product_dtype),
         )
     # After prepare: the blocks hold LoRA's adapters or the compressed layers.
     inside = {id(m) for b in blocks for m in b.modules()}

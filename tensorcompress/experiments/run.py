@@ -204,6 +204,12 @@ class RunConfig:
         and each order rounds slightly differently, which training
         amplifies: ASI rows then vary by about a point of accuracy from run
         to run. Estimated plans make a run repeatable.
+    product_dtype : {"float32", "bfloat16"}
+        The dtype of the tensor products inside ASI's and HOSVD's
+        decompositions (WASI's ASI too), as
+        :class:`~tensorcompress.torch.CompressionConfig`'s ``product_dtype``:
+        ``"bfloat16"`` runs them on a CPU's AMX or a GPU's tensor cores. The
+        training itself stays in float32.
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -234,11 +240,16 @@ class RunConfig:
     device: str = "cpu"
     quiet: bool = False
     plans: str = "measured"
+    product_dtype: str = "float32"
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
         if self.plans not in PLANS:
             raise ValueError(f"plans must be one of {PLANS}, got {self.plans!r}")
+        if self.product_dtype not in PRODUCT_DTYPES:
+            raise ValueError(
+                f"product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}"
+            )
         key = self.model.lower().replace("-", "_")
         if key not in RUN_MODELS:
             raise ValueError(
@@ -302,6 +313,11 @@ class RunConfig:
     def transformer(self) -> bool:
         """Whether the model is a transformer (N counts blocks)."""
         return K.is_transformer(self.model)
+
+    @property
+    def products(self) -> torch.dtype | None:
+        """:attr:`product_dtype` as the adapter takes it (``None``: float32, the input's)."""
+        return None if self.product_dtype == "float32" else torch.bfloat16
 
     @property
     def valid_methods(self) -> tuple[str, ...]:
@@ -462,7 +478,14 @@ def prepare(
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
     if config.transformer:
         net, names = K.prepare_blocks(
-            model, method, layers, threshold, example, config.blocks, seed=seed
+            model,
+            method,
+            layers,
+            threshold,
+            example,
+            config.blocks,
+            seed=seed,
+            product_dtype=config.products,
         )
         return net, names, {}
     names = T.freeze_for(model, layers, example)
@@ -476,14 +499,27 @@ def prepare(
         ranks, extra["asi_ranks"] = asi_ranks[threshold]
         rank = {n: ranks[n] for n in names}
     if method in K.FACTORED_METHODS:
-        _factor(model, method, names, threshold, seed)
+        _factor(model, method, names, threshold, seed, config.products)
     elif method != "vanilla":
-        convert(model, method=method, rank=rank, layers=names, patch=config.patch, seed=seed)
+        convert(
+            model,
+            method=method,
+            rank=rank,
+            layers=names,
+            patch=config.patch,
+            seed=seed,
+            product_dtype=config.products,
+        )
     return model, names, extra
 
 
 def _factor(
-    model: nn.Module, method: str, names: Sequence[str], threshold: float | None, seed: int
+    model: nn.Module,
+    method: str,
+    names: Sequence[str],
+    threshold: float | None,
+    seed: int,
+    product_dtype: torch.dtype | None,
 ) -> None:
     """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight and,
     for WASI, input at ``threshold``); WASI compresses the others' inputs with ASI."""
@@ -493,10 +529,20 @@ def _factor(
     modules = dict(model.named_modules())
     factors = [n for n in names if getattr(modules[n], "groups", 1) == 1]
     if factors:
-        to_wasi(model, method=method, rank=threshold, act_rank=threshold, layers=factors, seed=seed)
+        to_wasi(
+            model,
+            method=method,
+            rank=threshold,
+            act_rank=threshold,
+            layers=factors,
+            seed=seed,
+            product_dtype=product_dtype,
+        )
     rest = [n for n in names if n not in factors]
     if method == "wasi" and rest:
-        convert(model, method="asi", rank=threshold, layers=rest, seed=seed)
+        convert(
+            model, method="asi", rank=threshold, layers=rest, seed=seed, product_dtype=product_dtype
+        )
 
 
 @dataclass
@@ -1017,6 +1063,11 @@ def _notes(
             "that keeps ε of each weight's spectrum (WASI: inputs by ASI at ε, depthwise "
             f"convs' too), SGD lr {lr:g} (factored steps diverge at the dense lr)"
         )
+    if config.product_dtype != "float32":
+        notes.append(
+            f"ASI and HOSVD decompositions: tensor products in {config.product_dtype} "
+            "(--product-dtype), eigendecompositions, bases and training in float32"
+        )
     if replayed:
         notes.append(
             f"frozen prefix (last {', '.join(replayed)} layers) computed once per seed and "
@@ -1129,6 +1180,7 @@ _QUICK: dict[str, Any] = {
 
 
 PLANS = ("measured", "estimated")
+PRODUCT_DTYPES = ("float32", "bfloat16")
 """Sweep plans a run takes (:attr:`RunConfig.plans`)."""
 
 _VIT_FULL: dict[str, Any] = {
@@ -1274,6 +1326,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ASI/HOSVD sweep plans: the fastest measured (default) or the estimate's, "
         "which makes ASI rows repeatable",
     )
+    o.add_argument(
+        "--product-dtype",
+        choices=PRODUCT_DTYPES,
+        default="float32",
+        help="dtype of the tensor products inside the ASI/HOSVD decompositions (bfloat16: "
+        "AMX or tensor cores); training stays in float32",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1333,6 +1392,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         device=args.device,
         quiet=args.quiet,
         plans=getattr(args, "plans", "measured"),
+        product_dtype=getattr(args, "product_dtype", "float32"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",

@@ -96,7 +96,7 @@ from tensorcompress.torch.convert import convert
 from tensorcompress.torch.functions import linear_base
 from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure.training import module_kind
-from tensorcompress.torch.modules import CompressedModule
+from tensorcompress.torch.modules import CompressedModule, check_product_dtype
 from tensorcompress.torch.selection import (
     LastBlocks,
     LayerSelection,
@@ -201,6 +201,10 @@ class BlockOptions:
         (:func:`share_norm_inputs`). They are left out of the method (a
         decomposition of an input that is free to rebuild would cost time
         and memory). Approximate like ``saved``.
+    product_dtype : torch.dtype or None, default None
+        The dtype of the decompositions' tensor products in ``"asi"``,
+        ``"hosvd"``, ``"lora+asi"`` and ``"wasi"`` (``product_dtype`` of
+        :class:`~tensorcompress.torch.CompressionConfig`).
     """
 
     attention: str | None = None
@@ -215,8 +219,10 @@ class BlockOptions:
     in_place_activations: bool | None = None
     fused_mlp: bool = False
     norm_fed: bool = False
+    product_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        check_product_dtype(self.product_dtype)
         if self.attention not in (None, "sdpa", "eager"):
             raise ValueError(f"attention must be 'sdpa', 'eager' or None, got {self.attention!r}")
         if isinstance(self.recompute, str):
@@ -1285,7 +1291,14 @@ def prepare(
             layers = last_blocks(blocks) if isinstance(blocks, int) else blocks
         else:
             layers = _linear_names(model, names)
-        convert(model, method=method, rank=opts.rank, layers=layers, example_input=example_input)
+        convert(
+            model,
+            method=method,
+            rank=opts.rank,
+            layers=layers,
+            example_input=example_input,
+            product_dtype=opts.product_dtype,
+        )
     elif method in _FACTOR:
         from tensorcompress.torch.wasi import to_wasi
 
@@ -1295,6 +1308,7 @@ def prepare(
             rank=opts.weight_rank,
             act_rank=opts.rank,
             layers=_linear_names(model, names),
+            product_dtype=opts.product_dtype,
         )
     elif method in ("lora", "lora+asi"):
         model = _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
@@ -1372,7 +1386,12 @@ def _lora(
             if plain_type(m) is nn.Linear and ".lora_A." in name
         ]
         convert(
-            peft_model, method="asi", rank=opts.rank, layers=lora_a, example_input=example_input
+            peft_model,
+            method="asi",
+            rank=opts.rank,
+            layers=lora_a,
+            example_input=example_input,
+            product_dtype=opts.product_dtype,
         )
     return peft_model
 

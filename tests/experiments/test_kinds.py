@@ -116,6 +116,22 @@ def test_prepare_blocks(method: str) -> None:
         assert fields["mem_bytes"] == 0  # the block keeps its input only
 
 
+@pytest.mark.parametrize("method", ["asi", "hosvd", "lora+asi", "wasi"])
+def test_prepare_blocks_passes_the_product_dtype(method: str) -> None:
+    from tensorcompress.torch.modules import CompressedModule
+    from tensorcompress.torch.wasi import wasi_layers
+
+    x, _ = batch()
+    settings = K.BlockSettings(lora_r=2)
+    assert settings.options(method, 0.9, torch.bfloat16).product_dtype is torch.bfloat16
+    net, _ = K.prepare_blocks(
+        small_vit(), method, "1", 0.9, x, settings, seed=0, product_dtype=torch.bfloat16
+    )
+    configs = [m.compression for m in net.modules() if isinstance(m, CompressedModule)]
+    configs += [m.config for m in wasi_layers(net).values()]
+    assert configs and all(c.product_dtype is torch.bfloat16 for c in configs)
+
+
 def test_prepare_all_layers() -> None:
     x, _ = batch()
     net, names = K.prepare_blocks(small_vit(), "vanilla", "all", None, x, K.BlockSettings(), seed=0)

@@ -168,6 +168,28 @@ def test_frontier_over_thresholds(tmp_path: Path, single_thread: None) -> None:
     assert summary["tolerance"] == {"2": tol} and len(summary["equal_accuracy"]) == 2
 
 
+def test_product_dtype_reaches_every_warm_asi_step(
+    tmp_path: Path, single_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorcompress import asi
+
+    seen: list[Any] = []
+    decompose = asi.decompose
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("warm_start") is not None:
+            seen.append(kwargs.get("product_dtype"))
+        return decompose(*args, **kwargs)
+
+    monkeypatch.setattr(asi, "decompose", recording)
+    exp = run_mod.run_experiment(
+        _tiny(tmp_path, methods=("vanilla", "asi", "wasi"), product_dtype="bfloat16")
+    )
+    assert seen and set(seen) == {torch.bfloat16}  # ASI's and WASI's layers, every step
+    assert any("tensor products in bfloat16" in note for note in exp.notes)
+    assert all(math.isfinite(r.accuracy) for r in exp.rows)
+
+
 def test_findings_state_the_noise() -> None:
     def res(method: str, acc: float, mem: float, threshold: float | None) -> dict[str, Any]:
         return {"method": method, "label": method, "layers": "2", "seed": 0, "accuracy": acc,
@@ -318,6 +340,10 @@ def test_summary_ratios_spread_and_missing_flops() -> None:
 
 
 def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="product_dtype must be one of"):
+        run_mod.RunConfig(product_dtype="float16")
+    assert run_mod.RunConfig(product_dtype="bfloat16").products is torch.bfloat16
+    assert run_mod.RunConfig().products is None
     with pytest.raises(ValueError, match="unknown method"):
         run_mod.RunConfig(methods=("vanilla", "nope"))
     with pytest.raises(ValueError, match="vanilla only"):

@@ -526,7 +526,10 @@ def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8(
     y_hat = reference.fc2(reference.activation_fn(h + (h_hat - h).detach()))
     want = torch.autograd.grad(y_hat, (x, *reference.parameters()), grad)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # fc2's weight gradient sums 15000 rows chunk by chunk: float32 rounds
+        # those sums in another order (3.6e-7 of its norm on an AMX machine's
+        # BLAS), so the check is relative to the whole tensor.
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())
     mlp.eval()  # evaluation runs the plain layers
     assert "Int8" not in type(mlp(x).grad_fn).__name__
     torch.testing.assert_close(mlp(x), reference(x), rtol=0, atol=0)
