@@ -452,7 +452,7 @@ def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None
     for method in ("wsi", "wasi"):
         model = get_model(config.model, num_classes=10)
         names = run_mod.T.freeze_for(model, "4", torch.randn(2, 3, 32, 32))
-        run_mod._factor(model, method, names, 0.9, seed=0)
+        run_mod._factor(model, method, names, 0.9, seed=0, product_dtype=None)
         modules = dict(model.named_modules())
         kinds = {n: type(modules[n]).__name__ for n in names}
         grouped = {n for n in names if getattr(modules[n], "groups", 1) > 1}
