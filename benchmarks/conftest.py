@@ -1,7 +1,8 @@
 """Options of the benchmark suites in pytest mode.
 
-``--source`` and ``--threshold`` (each repeatable) parametrize every
-benchmark that takes a ``source`` or ``threshold`` argument, so they are part
+``--source``, ``--threshold`` and ``--product-dtype`` (each repeatable)
+parametrize every benchmark that takes a ``source``, ``threshold`` or
+``product_dtype`` argument, so they are part
 of each benchmark's name and a saved run compares only with a run of the same
 settings; ``--threads`` sets torch's intra-op threads for the session. The
 defaults (scikit-learn images, 0.8, torch's default threads) keep CI's
@@ -34,6 +35,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="explained variance that sets the ranks (repeat for several; default: 0.8)",
     )
     group.addoption(
+        "--product-dtype",
+        action="append",
+        choices=("float32", "bfloat16"),
+        help="dtype of ASI's and HOSVD's tensor products (repeat for both; default: float32)",
+    )
+    group.addoption(
         "--threads", type=int, default=0, help="torch intra-op threads (default: torch's)"
     )
 
@@ -50,6 +57,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "threshold" in metafunc.fixturenames:
         thresholds = metafunc.config.getoption("threshold") or [0.8]
         metafunc.parametrize("threshold", thresholds, ids=lambda t: f"eps{t:g}")
+    if "product_dtype" in metafunc.fixturenames:
+        names = metafunc.config.getoption("product_dtype") or ["float32"]
+        dtypes = [None if n == "float32" else getattr(torch, n) for n in names]
+        metafunc.parametrize("product_dtype", dtypes, ids=names)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

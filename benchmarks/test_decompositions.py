@@ -244,10 +244,16 @@ def _id(shape: tuple[int, ...]) -> str:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_decomposition(
-    benchmark: Any, shape: tuple[int, ...], method: str, source: Source, threshold: float
+    benchmark: Any,
+    shape: tuple[int, ...],
+    method: str,
+    source: Source,
+    threshold: float,
+    product_dtype: torch.dtype | None,
 ) -> None:
-    c = case(shape, source, threshold)
-    benchmark.group = f"decompose {_id(shape)}, {source}, eps {threshold:g}"
+    c = case(shape, source, threshold, product_dtype)
+    products = "" if product_dtype is None else f", {product_dtype}"
+    benchmark.group = f"decompose {_id(shape)}, {source}, eps {threshold:g}{products}"
     x, result = bench(benchmark, c.calls()[method], ROUNDS, WARMUP)
     parts = tuple(result)
     if method == "torch_svd_lowrank":

@@ -185,10 +185,16 @@ CASES = [(layer, method) for layer in LAYERS for method in METHODS if applicable
 
 @pytest.mark.parametrize("layer, method", CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_training_step(
-    benchmark: Any, layer: str, method: str, source: Source, threshold: float
+    benchmark: Any,
+    layer: str,
+    method: str,
+    source: Source,
+    threshold: float,
+    product_dtype: torch.dtype | None,
 ) -> None:
-    step = Step.make(layer, method, source, threshold)
-    benchmark.group = f"step {layer}, {source}, eps {threshold:g}"
+    step = Step.make(layer, method, source, threshold, product_dtype=product_dtype)
+    products = "" if product_dtype is None else f", {product_dtype}"
+    benchmark.group = f"step {layer}, {source}, eps {threshold:g}{products}"
     bench(benchmark, step, ROUNDS, WARMUP)
     # Every method keeps the input gradient exact: only dW uses the compressed input.
     x, gy = step.last_batch()
