@@ -272,10 +272,11 @@ class BlockSettings:
         activation's int8 input (``BlockOptions.fused_mlp``); that Linear is
         then not compressed.
     norm_fed : bool
-        With ``saved="int8"``, HOSVD, SVD and ASI leave the Linear layers
-        that read a norm's output (q/k/v, fc1) uncompressed and keeping
-        nothing: their weight gradients rebuild the norm's output from the
-        int8 input the norm keeps (``BlockOptions.norm_fed``).
+        With ``saved="int8"``, HOSVD, SVD, ASI and WASI leave the Linear
+        layers that read a norm's output (q/k/v, fc1) uncompressed and
+        keeping nothing: their weight gradients (WASI: their factors'
+        gradients) rebuild the norm's output from the int8 input the norm
+        keeps (``BlockOptions.norm_fed``).
 
     Notes
     -----
@@ -308,7 +309,7 @@ class BlockSettings:
             saved=saved,
             # A factored fc2 has no dense input to rebuild.
             fused_mlp=self.fused_mlp and saved == "int8" and method not in FACTORED_METHODS,
-            norm_fed=self.norm_fed and saved == "int8" and method not in FACTORED_METHODS,
+            norm_fed=self.norm_fed and saved == "int8",
             rank=eps,
             weight_rank=eps if method in FACTORED_METHODS else 0.9,
             lora_r=self.lora_r,

@@ -107,6 +107,7 @@ from tensorcompress.torch.selection import (
     plain_type,
     trainable_only,
 )
+from tensorcompress.torch.wasi import WASILinear, to_wasi
 
 __all__ = [
     "METHODS",
@@ -193,14 +194,16 @@ class BlockOptions:
         plain ``nn.Linear`` only (not LoRA's, WSI's or WASI's).
     norm_fed : bool, default False
         With ``saved="int8"`` and method ``"vanilla"``, ``"asi"``,
-        ``"hosvd"`` or ``"svd"``: each norm of the blocks keeps its input as
-        int8 once (it keeps it for its own backward anyway), and the plain
-        Linear layers that read the norm's output (q/k/v after the first
-        norm, the MLP's first layers after the second) keep nothing: their
-        weight gradients use the norm's output rebuilt from that input
-        (:func:`share_norm_inputs`). They are left out of the method (a
-        decomposition of an input that is free to rebuild would cost time
-        and memory). Approximate like ``saved``.
+        ``"hosvd"``, ``"svd"``, ``"wsi"`` or ``"wasi"``: each norm of the
+        blocks keeps its input as int8 once (it keeps it for its own
+        backward anyway), and the Linear layers that read the norm's output
+        (q/k/v after the first norm, the MLP's first layers after the
+        second) keep nothing: their weight gradients (WSI's and WASI's: the
+        factors' gradients) use the norm's output rebuilt from that input
+        (:func:`share_norm_inputs`). They are left out of the method's
+        compression (a decomposition of an input that is free to rebuild
+        would cost time and memory); WSI and WASI still factor their
+        weights. Approximate like ``saved``.
     product_dtype : torch.dtype or None, default None
         The dtype of the decompositions' tensor products in ``"asi"``,
         ``"hosvd"``, ``"lora+asi"`` and ``"wasi"`` (``product_dtype`` of
@@ -944,8 +947,15 @@ def _int8_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_fed_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Linear's forward through :class:`_NormFedLinear` when a prepared norm made ``x``."""
+    """A Linear's forward keeping nothing of ``x`` when a prepared norm made it.
+
+    A plain Linear runs :class:`_NormFedLinear`; a factored one
+    (:class:`~tensorcompress.torch.wasi.WASILinear`) its own
+    :meth:`~tensorcompress.torch.wasi.WASILinear.forward_from`.
+    """
     source = getattr(x, "_norm_source", None)
+    if source is not None and isinstance(self, WASILinear):
+        return self.forward_from(x, source)
     if source is not None and _training_step(self, x):
         return _NormFedLinear.apply(x, self.weight, self.bias, source)
     return type(self).forward(self, x)
@@ -1013,8 +1023,10 @@ def share_norm_inputs(fed: dict[nn.Module, list[nn.Module]], block: int = 64) ->
     Parameters
     ----------
     fed : dict
-        Norm module to the plain ``nn.Linear`` layers that read its output
-        (:func:`norm_fed_linears`).
+        Norm module to the layers that read its output
+        (:func:`norm_fed_linears`): plain ``nn.Linear``, or
+        :class:`~tensorcompress.torch.wasi.WASILinear` (their factors'
+        gradients then use the rebuilt output, whatever their method).
     block : int, default 64
         Elements per scale.
     """
@@ -1154,6 +1166,10 @@ class Int8Saved:
 # ---------------------------------------------------------------------------
 
 
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def _linear_names(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     return [
         name
@@ -1263,10 +1279,10 @@ def prepare(
     block_modules = [modules[n] for n in names]
     fed: dict[nn.Module, list[nn.Module]] = {}
     if opts.norm_fed:
-        if method not in ("vanilla", *_COMPRESS):
+        if method not in ("vanilla", *_COMPRESS, *_FACTOR):
             raise ValueError(
-                f"norm_fed needs plain Linear layers: method 'vanilla', 'asi', 'hosvd' or 'svd', "
-                f"got {method!r}"
+                "norm_fed needs nn.Linear layers (plain or factored): method 'vanilla', 'asi', "
+                f"'hosvd', 'svd', 'wsi' or 'wasi', got {method!r}"
             )
         fed = norm_fed_linears(model, block_modules, example_input)
         if not fed:
@@ -1300,8 +1316,7 @@ def prepare(
             product_dtype=opts.product_dtype,
         )
     elif method in _FACTOR:
-        from tensorcompress.torch.wasi import to_wasi
-
+        fed_names = {norm: [_name_of(model, m) for m in linears] for norm, linears in fed.items()}
         to_wasi(
             model,
             method=method,
@@ -1310,6 +1325,9 @@ def prepare(
             layers=_linear_names(model, names),
             product_dtype=opts.product_dtype,
         )
+        # The factored layers replaced the plain ones the norms feed.
+        factored = dict(model.named_modules())
+        fed = {norm: [factored[n] for n in fed_names[norm]] for norm in fed}
     elif method in ("lora", "lora+asi"):
         model = _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
         # PEFT wraps the trained head modules (modules_to_save): hook the wrappers.

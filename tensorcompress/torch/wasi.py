@@ -60,7 +60,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -90,6 +90,7 @@ from tensorcompress.torch.selection import LayerSelection, select_layers
 
 __all__ = [
     "METHODS",
+    "InputSource",
     "WASIConfig",
     "WASIConv2d",
     "WASILinear",
@@ -227,8 +228,17 @@ def _leading_contraction(res: TuckerResult, g: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, out).transpose(0, 1) @ res.core.reshape(-1, r_c)
 
 
-Kept = torch.Tensor | TuckerResult
-"""What a training forward keeps of its input: the input itself, or its Tucker factors."""
+class InputSource(Protocol):
+    """What rebuilds a layer's input in backward (a norm's output from its int8 input)."""
+
+    def output(self) -> torch.Tensor:
+        """The layer's input, rebuilt."""
+        ...
+
+
+Kept = torch.Tensor | TuckerResult | InputSource
+"""What a training forward keeps of its input: the input itself, its Tucker
+factors, or nothing of its own (a source that rebuilds it)."""
 
 KeepFn = Callable[[torch.Tensor], Kept]
 
@@ -236,7 +246,9 @@ KeepFn = Callable[[torch.Tensor], Kept]
 def _pack(kept: Kept) -> tuple[str, tuple[torch.Tensor, ...]]:
     if isinstance(kept, TuckerResult):
         return "tucker", (kept.core, *kept.factors)
-    return "exact", (kept,)
+    if isinstance(kept, torch.Tensor):
+        return "exact", (kept,)
+    return "source", ()
 
 
 def _unpack(kind: str, tensors: Sequence[torch.Tensor]) -> Kept:
@@ -265,6 +277,7 @@ class _LinearFunction(torch.autograd.Function):
             needs_factors = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
             kept = keep(x) if needs_factors else None
         ctx.kind, tensors = _pack(kept) if kept is not None else ("none", ())
+        ctx.source = kept if ctx.kind == "source" else None
         ctx.x_shape = tuple(x.shape)
         ctx.save_for_backward(left, right, *tensors)
         return y
@@ -278,12 +291,14 @@ class _LinearFunction(torch.autograd.Function):
         gx = gl = gr = gb = None
         with _no_autocast(gy.device.type):
             g = gy.reshape(-1, out)
-            g_l = g @ left if (need_x or (need_r and ctx.kind == "exact")) else None
+            whole = ctx.kind in ("exact", "source")  # the input itself, kept or rebuilt
+            g_l = g @ left if (need_x or (need_r and whole)) else None
             if need_x:
                 assert g_l is not None
                 gx = (g_l @ right).reshape(ctx.x_shape)
-            if ctx.kind == "exact" and (need_l or need_r):
-                x = tensors[0].reshape(-1, int(right.shape[1]))
+            if whole and (need_l or need_r):
+                x = tensors[0] if ctx.kind == "exact" else ctx.source.output()
+                x = x.reshape(-1, int(right.shape[1]))
                 if need_l:
                     gl = g.transpose(0, 1) @ (x @ right.transpose(0, 1))  # G^T (X R^T)
                 if need_r:
@@ -444,10 +459,10 @@ class WASIModule(LowRankModule):
             and (self.left.requires_grad or self.right.requires_grad)
         )
 
-    def _prepare(self, x: torch.Tensor) -> None:
+    def _prepare(self, x: torch.Tensor, decomposed: bool = True) -> None:
         if self.config.refresh and self._versions() != self._refreshed:
             self.refresh()
-        if self.config.method == "wasi" and self.config.check_finite:
+        if decomposed and self.config.method == "wasi" and self.config.check_finite:
             check_finite_input(self, x)
 
     # -- what the forward keeps ----------------------------------------------
@@ -551,6 +566,21 @@ class WASILinear(WASIModule, LowRankLinear):
         self._prepare(input)
         x, left, right, bias = self._cast(input)
         out: torch.Tensor = _LinearFunction.apply(x, left, right, bias, self._keep)
+        return out
+
+    def forward_from(self, input: torch.Tensor, source: InputSource) -> torch.Tensor:
+        """:meth:`forward` keeping nothing of ``input``: the factors' gradients use
+        ``source.output()``, ``input`` rebuilt in backward (whatever ``method``).
+
+        For a layer that reads a tensor something else keeps anyway (a norm's
+        output, rebuilt from the int8 input the norm keeps:
+        :func:`tensorcompress.torch.transformer.share_norm_inputs`).
+        """
+        if not self._training_step():
+            return LowRankLinear.forward(self, input)
+        self._prepare(input, decomposed=False)
+        x, left, right, bias = self._cast(input)
+        out: torch.Tensor = _LinearFunction.apply(x, left, right, bias, lambda _: source)
         return out
 
 

@@ -157,9 +157,9 @@ def test_block_settings_options() -> None:
     assert not any(s.options(m, 0.9).fused_mlp for m in ("wasi", "wsi", "lora", "vanilla"))
     assert not K.BlockSettings(saved=None).options("asi", 0.9).fused_mlp
     assert not K.BlockSettings(fused_mlp=False).options("asi", 0.9).fused_mlp
-    # The norm-fed Linear layers likewise, for the methods that keep plain Linear layers.
-    assert s.options("asi", 0.9).norm_fed and s.options("svd", 0.9).norm_fed
-    assert not any(s.options(m, 0.9).norm_fed for m in ("wasi", "wsi", "lora", "vanilla"))
+    # The norm-fed Linear layers wherever the norms keep int8 (WASI's factored ones too).
+    assert all(s.options(m, 0.9).norm_fed for m in ("asi", "svd", "hosvd", "wasi"))
+    assert not any(s.options(m, 0.9).norm_fed for m in ("wsi", "lora", "vanilla"))
     assert not K.BlockSettings(saved=None).options("asi", 0.9).norm_fed
     assert not K.BlockSettings(norm_fed=False).options("asi", 0.9).norm_fed
 

@@ -32,6 +32,7 @@ from tensorcompress.torch.transformer import (
     restore_blocks,
     share_norm_inputs,
 )
+from tensorcompress.torch.wasi import WASIConfig, WASILinear, wasi_layers
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -174,7 +175,6 @@ def block_layers(model: nn.Module, blocks: tuple[int, ...]) -> list[str]:
 @pytest.mark.parametrize("method", ["wsi", "wasi"])
 def test_factored_methods_train_the_factors_and_int8_leaves_their_inputs(method: str) -> None:
     from tensorcompress.torch.measure.training import module_kind
-    from tensorcompress.torch.wasi import wasi_layers
 
     example = vit_batch(torch.float32)
     reference = small_vit(torch.float32)
@@ -651,8 +651,9 @@ def test_norm_fed_linears_are_found_per_norm() -> None:
     }
 
 
+@pytest.mark.parametrize("factored", [False, True], ids=["plain", "wasi"])
 @pytest.mark.parametrize("case", ["layernorm", "rmsnorm"])
-def test_shared_norm_input_gradients_are_those_at_the_int8_input(case: str) -> None:
+def test_shared_norm_input_gradients_are_those_at_the_int8_input(case: str, factored: bool) -> None:
     if case == "layernorm":
         block = small_vit(torch.float32).vit.layers[0]
         norm = block.layernorm_before
@@ -664,6 +665,24 @@ def test_shared_norm_input_gradients_are_those_at_the_int8_input(case: str) -> N
     for p in norm.parameters():  # trained norm parameters, not the initial ones
         p.data.add_(0.1 * torch.randn_like(p))
     reference = copy.deepcopy(nn.ModuleList([norm, *linears]))
+    if factored:
+        # WASI layers (their own method would decompose the input): the fed ones
+        # keep nothing either. The reference trains the same factors on the exact
+        # input (WSI).
+        ranks = [m.in_features // 2 for m in linears]
+        linears = [
+            WASILinear.from_dense(m, k, WASIConfig(method="wasi"))
+            for m, k in zip(linears, ranks, strict=True)
+        ]
+        reference = nn.ModuleList(
+            [
+                reference[0],
+                *(
+                    WASILinear.from_dense(m, k, WASIConfig(method="wsi"))
+                    for m, k in zip(reference[1:], ranks, strict=True)
+                ),
+            ]
+        )
     share_norm_inputs({norm: linears})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 700, 32, generator=g, requires_grad=True)
@@ -684,7 +703,11 @@ def test_shared_norm_input_gradients_are_those_at_the_int8_input(case: str) -> N
         y = norm(x)
         outs = [m(y) for m in linears]
     blocks = x.numel() // 64
-    weights = [(tuple(m.weight.shape), torch.float32) for m in linears]
+    weights = [
+        (tuple(p.shape), torch.float32)
+        for m in linears
+        for p in ((m.left, m.right) if factored else (m.weight,))
+    ]
     assert shapes == [((blocks, 64), torch.int8), ((blocks, 1), torch.float32), *weights]
     params = [x, *norm.parameters(), *(p for m in linears for p in m.parameters())]
     got = torch.autograd.grad(outs, params, grads_out)
@@ -733,6 +756,39 @@ def plain_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
+@pytest.mark.parametrize("case", ["vit", "llama"])
+def test_norm_fed_in_prepare_feeds_wasi_layers_too(case: str) -> None:
+    if case == "vit":
+        plain, example = small_vit(torch.float32), vit_batch(torch.float32)
+        fed_names = ("q_proj", "k_proj", "v_proj", "fc1")
+    else:
+        plain, example = small_llama().float(), llama_batch()
+        example = {"inputs_embeds": example["inputs_embeds"].float()}
+        fed_names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    # Full weight rank and act_rank 1.0: only the int8 forms are approximate.
+    opts = BlockOptions(saved="int8", norm_fed=True, rank=1.0, weight_rank=1.0, int8_min_bytes=0)
+    model = prepare(copy.deepcopy(plain), "wasi", 2, example_input=example, options=opts)
+    layers = wasi_layers(model)
+    fed = sorted(n for n, m in layers.items() if "forward" in m.__dict__)
+    assert fed and all(n.endswith(fed_names) for n in fed)
+    assert len(fed) == 2 * len(fed_names) and len(layers) > len(fed)
+    saved = saved_by_module(model, example)
+    for name in fed:
+        assert saved.get(name, 0) == 0, name  # the norm's int8 input serves them
+    model.zero_grad(set_to_none=True)
+    logits(model(**example)).square().mean().backward()
+    assert all(layers[n].act_ranks is None for n in fed)  # nothing decomposed
+    assert all(layers[n].act_ranks is not None for n in layers if n not in fed)
+    # The factors' gradients are those of the dense weight, projected: dL = dW R^T.
+    exact = grads(prepare(copy.deepcopy(plain), "vanilla", 2, example_input=example), example)
+    for name in fed:
+        m = layers[name]
+        want = exact[name + ".weight"] @ m.right.detach().T
+        assert rel_err(m.left.grad, want) < 0.02, name
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_int8_options_train_under_autocast() -> None:
     example = vit_batch(torch.float32)
     plain = small_vit(torch.float32)
@@ -754,8 +810,8 @@ def test_norm_fed_errors() -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"no plain nn\.Linear of the blocks reads a norm"):
         prepare(model, "vanilla", ["0"], example_input=torch.randn(2, 8), options=opts)
-    with pytest.raises(ValueError, match="method 'vanilla', 'asi', 'hosvd' or 'svd'"):
-        prepare(small_vit(), "wsi", 1, example_input=vit_batch(), options=opts)
+    with pytest.raises(ValueError, match="'wsi' or 'wasi', got 'lora'"):
+        prepare(small_vit(), "lora", 1, example_input=vit_batch(), options=opts)
 
 
 def test_int8_saved_only_while_training() -> None:
