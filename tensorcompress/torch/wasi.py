@@ -298,7 +298,8 @@ class _LinearFunction(torch.autograd.Function):
                 gx = (g_l @ right).reshape(ctx.x_shape)
             if whole and (need_l or need_r):
                 x = tensors[0] if ctx.kind == "exact" else ctx.source.output()
-                x = x.reshape(-1, int(right.shape[1]))
+                # A rebuilt input comes in its own dtype (float32 under autocast).
+                x = x.to(right.dtype).reshape(-1, int(right.shape[1]))
                 if need_l:
                     gl = g.transpose(0, 1) @ (x @ right.transpose(0, 1))  # G^T (X R^T)
                 if need_r:

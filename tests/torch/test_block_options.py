@@ -803,6 +803,18 @@ def test_int8_options_train_under_autocast() -> None:
     assert total_rel_err(got, exact) < 0.05  # bfloat16's 8-bit mantissa, not a broken gradient
 
 
+def test_norm_fed_wasi_trains_under_autocast() -> None:
+    example = vit_batch(torch.float32)
+    opts = BlockOptions(saved="int8", norm_fed=True, rank=1.0, weight_rank=1.0, int8_min_bytes=0)
+    model = prepare(small_vit(torch.float32), "wasi", 2, example_input=example, options=opts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**example).logits
+    out.float().square().mean().backward()
+    factors = [p for m in wasi_layers(model).values() for p in (m.left, m.right)]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in factors)
+    assert all(bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0 for p in factors)
+
+
 def test_norm_fed_errors() -> None:
     with pytest.raises(ValueError, match="norm_fed applies with saved='int8' only"):
         BlockOptions(norm_fed=True)
