@@ -1166,10 +1166,6 @@ class Int8Saved:
 # ---------------------------------------------------------------------------
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
 def _linear_names(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     return [
         name
@@ -1316,7 +1312,8 @@ def prepare(
             product_dtype=opts.product_dtype,
         )
     elif method in _FACTOR:
-        fed_names = {norm: [_name_of(model, m) for m in linears] for norm, linears in fed.items()}
+        name_of = {id(m): n for n, m in modules.items()}
+        fed_names = {norm: [name_of[id(m)] for m in linears] for norm, linears in fed.items()}
         to_wasi(
             model,
             method=method,
