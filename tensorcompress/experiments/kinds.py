@@ -267,10 +267,10 @@ class BlockSettings:
         inputs (attention, norm, GELU), for the compressed methods
         (:data:`COMPRESSED_METHODS`); ``None`` keeps them as they are.
     fused_mlp : bool
-        With ``saved="int8"``, HOSVD, SVD and ASI run each MLP's
+        With ``saved="int8"``, HOSVD, SVD, ASI and WASI run each MLP's
         activation and second Linear as one function that keeps only the
         activation's int8 input (``BlockOptions.fused_mlp``); that Linear is
-        then not compressed.
+        then not compressed (WASI's still trains as factors).
     norm_fed : bool
         With ``saved="int8"``, HOSVD, SVD, ASI and WASI leave the Linear
         layers that read a norm's output (q/k/v, fc1) uncompressed and
@@ -307,8 +307,7 @@ class BlockSettings:
         return BlockOptions(
             attention=self.attention,
             saved=saved,
-            # A factored fc2 has no dense input to rebuild.
-            fused_mlp=self.fused_mlp and saved == "int8" and method not in FACTORED_METHODS,
+            fused_mlp=self.fused_mlp and saved == "int8",
             norm_fed=self.norm_fed and saved == "int8",
             rank=eps,
             weight_rank=eps if method in FACTORED_METHODS else 0.9,

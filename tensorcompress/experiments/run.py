@@ -1030,8 +1030,9 @@ def _notes(
                 ", and every other tensor the blocks save (attention, norms, GELU) kept as "
                 "per-block int8 (approximate)"
                 + (
-                    "; HOSVD, SVD, ASI run each MLP's GELU and fc2 as one function that keeps "
-                    "the GELU input as int8 (fc2 not compressed, its weight gradient approximate)"
+                    "; HOSVD, SVD, ASI, WASI run each MLP's GELU and fc2 as one function that "
+                    "keeps the GELU input as int8 (fc2 not compressed, its weight gradient, "
+                    "WASI's factors' gradients, approximate)"
                     if b.fused_mlp
                     else ""
                 )
@@ -1261,7 +1262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mlp",
         choices=["fused", "separate"],
         default="fused",
-        help="vit_tiny, with --saved int8: HOSVD/SVD/ASI run each MLP's GELU and fc2 as one "
+        help="vit_tiny, with --saved int8: HOSVD/SVD/ASI/WASI run each MLP's GELU and fc2 as one "
         "function keeping the GELU input as int8, fc2 uncompressed (fused)",
     )
     g.add_argument(

@@ -62,8 +62,9 @@ Options (:class:`BlockOptions`), for the tensors that are not Linear inputs:
   (or ``down(act(gate(x)) * up(x))``) of a known layout runs its activation
   (and product) and its last Linear as one function that keeps only the
   first layers' outputs as int8 (:func:`fused_mlps`); the last Linear keeps
-  no input and is left out of the method. **Approximate** like ``saved``:
-  its weight gradient comes from the rebuilt input.
+  no input and is left out of the method's compression (WSI/WASI still
+  train it as factors). **Approximate** like ``saved``: its weight (or
+  factors') gradient comes from the rebuilt input.
 - ``norm_fed=True`` (with ``saved="int8"``): each norm keeps its input as
   int8 once, for its own backward and for the plain Linear layers that
   read its output (q/k/v, the MLP's first layers), which then keep nothing
@@ -191,7 +192,8 @@ class BlockOptions:
         and is left out of the method (not compressed: its input would cost
         a decomposition and memory, where the int8 form is already kept).
         Its weight gradient is then approximate like the activation's. A
-        plain ``nn.Linear`` only (not LoRA's, WSI's or WASI's).
+        plain ``nn.Linear``, or WSI's/WASI's factored layer (its factors'
+        gradients contracted chunk by chunk; no decomposition), not LoRA's.
     norm_fed : bool, default False
         With ``saved="int8"`` and method ``"vanilla"``, ``"asi"``,
         ``"hosvd"``, ``"svd"``, ``"wsi"`` or ``"wasi"``: each norm of the
@@ -666,6 +668,9 @@ def int8_activations(
 class _Int8ActivationLinear(torch.autograd.Function):
     """``linear(fn(x))``, or ``linear(fn(x) * up)`` (gated MLPs), keeping ``x`` and ``up`` as int8.
 
+    The Linear's weight is ``weight``, or ``weight @ right`` (``L R``, a
+    factored layer's; its factors' gradients are contracted from the chunks,
+    no dense weight or gradient is formed).
     ``x`` (and ``up``) are outputs of the MLP's first Linear layers, which
     nothing else reads: once their int8 copies are taken, the forward writes
     the Linear's input over ``x``, so the MLP's forward holds no MLP-wide
@@ -684,37 +689,42 @@ class _Int8ActivationLinear(torch.autograd.Function):
         block: int,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
+        right: torch.Tensor | None,
     ) -> torch.Tensor:
         kept = [*quantize_int8(x, block)]
         if up is not None:
             kept += quantize_int8(up, block)
-        ctx.save_for_backward(weight, *kept)
+        ctx.save_for_backward(weight, right, *kept)
         ctx.fn, ctx.shape, ctx.dtype, ctx.has_bias = fn, x.shape, x.dtype, bias is not None
         in_place = not x._is_view() and x.is_contiguous()
         if up is not None:
             in_place = in_place and up.shape == x.shape
         if not in_place:
             h = fn.fn(x) if up is None else fn.fn(x) * up
-            return nn.functional.linear(h, weight, bias)
-        h = x.detach()
-        fn.apply_(h)
-        if up is not None:
-            h.mul_(up.detach())
+        else:
+            h = x.detach()
+            fn.apply_(h)
+            if up is not None:
+                h.mul_(up.detach())
+        if right is not None:
+            h = nn.functional.linear(h, right)
         return nn.functional.linear(h, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        weight, *kept = ctx.saved_tensors
+        weight, right, *kept = ctx.saved_tensors
         shape, width, fn = ctx.shape, ctx.shape[-1], ctx.fn
         x = dequantize_int8(kept[0], kept[1], shape, ctx.dtype)
         up = dequantize_int8(kept[2], kept[3], shape, ctx.dtype) if len(kept) > 2 else None
         # In x's dtype: under autocast the gradient, x and the weight may each have their own.
         rows, g = x.view(-1, width), grad.reshape(-1, weight.shape[0]).to(ctx.dtype)
         ups = up.view(-1, width) if up is not None else None
-        need_x, need_up, _, _, need_w, need_b = ctx.needs_input_grad
+        need_x, need_up, _, _, need_w, need_b, need_r = ctx.needs_input_grad
         need_h = need_x or need_up
         dw = torch.zeros(weight.shape, dtype=ctx.dtype, device=g.device) if need_w else None
         w = weight.detach().to(ctx.dtype)
+        r = None if right is None else right.detach().to(ctx.dtype)
+        dr = torch.zeros(right.shape, dtype=ctx.dtype, device=g.device) if need_r else None
         step = max(1, _CHUNK // width)
         # Chunk-sized buffers, reused: the activation, h's gradient and (gated) act's.
         n = min(step, rows.shape[0])
@@ -725,7 +735,12 @@ class _Int8ActivationLinear(torch.autograd.Function):
             xc, gc = rows[i : i + step], g[i : i + step]
             a = a_buf[: xc.shape[0]].copy_(xc)
             fn.apply_(a)
-            dh = torch.mm(gc, w, out=dh_buf[: xc.shape[0]]) if dh_buf is not None else None
+            # Factored (L R): G L once per chunk, for dh = (G L) R and dR = (G L)^T a.
+            gl = None if r is None else torch.mm(gc, w)
+            dh = None
+            if dh_buf is not None:
+                lhs, rhs = (gc, w) if r is None or gl is None else (gl, r)
+                dh = torch.mm(lhs, rhs, out=dh_buf[: xc.shape[0]])
             dfn = dh
             if ups is not None:
                 other = ups[i : i + step]
@@ -737,12 +752,16 @@ class _Int8ActivationLinear(torch.autograd.Function):
                 if need_up and dh is not None:
                     other.copy_(dh)  # written over up
             if dw is not None:
-                dw.addmm_(gc.t(), a)
+                dw.addmm_(gc.t(), a if r is None else torch.mm(a, r.t()))
+            if dr is not None and gl is not None:
+                dr.addmm_(gl.t(), a)
             if need_x:
                 fn.derive_(dfn, xc)  # written over x
         db = g.sum(0) if ctx.has_bias and need_b else None
         if dw is not None:
             dw = dw.to(weight.dtype)
+        if dr is not None:
+            dr = dr.to(right.dtype)
         return (
             x if need_x else None,
             up if need_up else None,
@@ -750,6 +769,7 @@ class _Int8ActivationLinear(torch.autograd.Function):
             None,
             dw,
             db,
+            dr,
         )
 
 
@@ -773,12 +793,18 @@ def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_linear_forward(
-    self: nn.Module, x: torch.Tensor, linear: nn.Linear, up: torch.Tensor | None = None
+    self: nn.Module, x: torch.Tensor, linear: nn.Module, up: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A fused MLP's activation: ``linear(act(x) [* up])`` (:class:`_Int8ActivationLinear`)."""
     if self.training and torch.is_grad_enabled():
         fn = _pointwise(self)
-        return _Int8ActivationLinear.apply(x, up, fn, self._int8_block, linear.weight, linear.bias)
+        block = self._int8_block
+        if isinstance(linear, WASILinear):
+            linear.refresh_if_changed()  # as its own forward would
+            return _Int8ActivationLinear.apply(
+                x, up, fn, block, linear.left, linear.bias, linear.right
+            )
+        return _Int8ActivationLinear.apply(x, up, fn, block, linear.weight, linear.bias, None)
     h = type(self).forward(self, x)
     return linear(h if up is None else h * up)
 
@@ -792,8 +818,10 @@ def _fusable(m: nn.Module) -> bool:
         isinstance(act, nn.Module)
         and _elementwise_activation(act)
         and isinstance(second, nn.Module)
-        and plain_type(second) is nn.Linear
-        and not isinstance(second, CompressedModule)
+        and (
+            (plain_type(second) is nn.Linear and not isinstance(second, CompressedModule))
+            or isinstance(second, WASILinear)
+        )
     )
 
 
@@ -803,7 +831,10 @@ def fused_mlps(modules: Sequence[nn.Module], block: int = 64) -> list[nn.Module]
     An MLP of a known layout, Hugging Face's ``ViTMLP`` (``fc2(act(fc1(x)))``)
     or a gated MLP of Llama, Mistral, Qwen2/3 (``down_proj(act(gate_proj(x))
     * up_proj(x))``), whose activation acts element-wise and whose last
-    layer is a plain ``nn.Linear``, then keeps in training the int8 forms
+    layer is a plain ``nn.Linear`` or a factored
+    :class:`~tensorcompress.torch.wasi.WASILinear` (trained as ``L R``; its
+    factors' gradients are contracted chunk by chunk, it decomposes
+    nothing), then keeps in training the int8 forms
     (:func:`quantize_int8`) of the first layer's output (and of the up
     projection's) and nothing else for the rest: no float activation input,
     no product for the gate, no input for the last layer. The forward is

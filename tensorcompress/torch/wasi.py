@@ -460,9 +460,17 @@ class WASIModule(LowRankModule):
             and (self.left.requires_grad or self.right.requires_grad)
         )
 
-    def _prepare(self, x: torch.Tensor, decomposed: bool = True) -> None:
+    def refresh_if_changed(self) -> None:
+        """:meth:`refresh` if ``config.refresh`` and the factors changed since the last one.
+
+        Every training forward starts with it; code that computes the layer's
+        product itself (a fused MLP) calls it first.
+        """
         if self.config.refresh and self._versions() != self._refreshed:
             self.refresh()
+
+    def _prepare(self, x: torch.Tensor, decomposed: bool = True) -> None:
+        self.refresh_if_changed()
         if decomposed and self.config.method == "wasi" and self.config.check_finite:
             check_finite_input(self, x)
 

@@ -535,6 +535,43 @@ def test_fused_mlp_is_exact_forward_and_rebuilds_the_activation_from_int8(
     torch.testing.assert_close(mlp(x), reference(x), rtol=0, atol=0)
 
 
+def test_fused_mlp_with_a_factored_second_layer_contracts_the_factors_gradients() -> None:
+    model = small_vit(torch.float32)
+    mlp = model.vit.layers[0].mlp
+    mlp.fc2 = WASILinear.from_dense(mlp.fc2, 24, WASIConfig(method="wasi"), name="fc2")
+    reference = copy.deepcopy(mlp)
+    assert fused_mlps([mlp]) == [mlp]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5000, 32, generator=g, requires_grad=True)  # several chunks
+    grad = torch.randn(3, 5000, 32, generator=g)
+    y = mlp(x)
+    torch.testing.assert_close(y, reference(x))  # the forward is exact
+    got = torch.autograd.grad(y, (x, *mlp.parameters()), grad)
+    # The reference: the factored layer's own products at the dequantized fc1 output.
+    h = reference.fc1(x)
+    h_hat = dequantize_int8(*quantize_int8(h.detach(), 64), h.shape, h.dtype)
+    a = reference.activation_fn(h + (h_hat - h).detach())
+    fc2 = reference.fc2
+    y_hat = nn.functional.linear(nn.functional.linear(a, fc2.right), fc2.left, fc2.bias)
+    want = torch.autograd.grad(y_hat, (x, *reference.parameters()), grad)
+    for a_, b in zip(got, want, strict=True):
+        assert float((a_ - b).norm()) <= 1e-5 * float(b.norm())
+    assert mlp.fc2.act_ranks is None  # fc2 decomposed nothing and kept nothing of its own
+
+
+def test_fused_mlp_refreshes_a_stepped_factored_layer() -> None:
+    mlp = small_vit(torch.float32).vit.layers[0].mlp
+    mlp.fc2 = WASILinear.from_dense(mlp.fc2, 24, WASIConfig(method="wasi"), name="fc2")
+    fused_mlps([mlp])
+    with torch.no_grad():
+        mlp.fc2.left.mul_(2.0)  # an optimizer step: L loses its orthonormal columns
+    product = (mlp.fc2.left @ mlp.fc2.right).detach()
+    mlp(torch.randn(2, 5, 32)).sum().backward()
+    left = mlp.fc2.left.detach()
+    torch.testing.assert_close(left.T @ left, torch.eye(24), atol=1e-5, rtol=0)
+    torch.testing.assert_close((left @ mlp.fc2.right).detach(), product, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_gated_mlp_rebuilds_the_product_from_int8() -> None:
     model = small_llama().float()
     mlp = model.model.layers[0].mlp
@@ -608,6 +645,29 @@ def test_a_prepared_model_saves_and_loads_whole() -> None:
         restore_blocks(m)
         assert not any("forward" in sub.__dict__ for sub in m.modules())
         assert not any(dtype == torch.int8 for _, dtype in saved_shapes(m, example))
+
+
+def test_fused_mlp_in_prepare_keeps_nothing_for_a_factored_second_layer() -> None:
+    example = vit_batch(torch.float32)
+    plain = small_vit(torch.float32)
+    opts = BlockOptions(saved="int8", fused_mlp=True, norm_fed=True, rank=1.0, int8_min_bytes=0)
+    model = prepare(copy.deepcopy(plain), "wasi", 2, example_input=example, options=opts)
+    layers = wasi_layers(model)
+    fc2 = {n: m for n, m in layers.items() if n.endswith("mlp.fc2")}
+    assert len(fc2) == 2 and all("forward" in model.vit.layers[i].mlp.__dict__ for i in (1, 2))
+    saved = saved_by_module(model, example)
+    assert all(saved.get(n, 0) == 0 for n in fc2)
+    wide = BATCH * TOKENS * 64
+    shapes = saved_shapes(model, example)
+    assert not [s for s, dtype in shapes if math.prod(s) >= wide and dtype != torch.int8]
+    model.zero_grad(set_to_none=True)
+    logits(model(**example)).square().mean().backward()
+    assert all(m.act_ranks is None and m.left.grad is not None for m in fc2.values())
+    # Only the attention output's projection decomposes its input now.
+    decomposed = sorted(n for n, m in layers.items() if m.act_ranks is not None)
+    assert decomposed == ["vit.layers.1.attention.o_proj", "vit.layers.2.attention.o_proj"]
+    restore_blocks(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_fused_mlp_errors() -> None:
