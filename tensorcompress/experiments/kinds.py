@@ -293,12 +293,18 @@ class BlockSettings:
     lora_r: int = 8
 
     def options(
-        self, method: str, threshold: float | None, product_dtype: torch.dtype | None = None
+        self,
+        method: str,
+        threshold: float | None,
+        product_dtype: torch.dtype | None = None,
+        only_if_smaller: bool = False,
     ) -> Any:
         """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row.
 
-        ``product_dtype`` is the run's (:attr:`RunConfig.product_dtype
-        <tensorcompress.experiments.run.RunConfig.product_dtype>`).
+        ``product_dtype`` and ``only_if_smaller`` (WSI/WASI rows only) are
+        the run's (:attr:`RunConfig.product_dtype
+        <tensorcompress.experiments.run.RunConfig.product_dtype>`,
+        :attr:`RunConfig.factor <tensorcompress.experiments.run.RunConfig.factor>`).
         """
         from tensorcompress.torch.transformer import BlockOptions
 
@@ -314,6 +320,7 @@ class BlockSettings:
             lora_r=self.lora_r,
             lora_alpha=2 * self.lora_r,
             product_dtype=product_dtype,
+            only_if_smaller=only_if_smaller and method in FACTORED_METHODS,
         )
 
 
@@ -327,6 +334,7 @@ def prepare_blocks(
     *,
     seed: int,
     product_dtype: torch.dtype | None = None,
+    only_if_smaller: bool = False,
 ) -> tuple[nn.Module, list[str]]:
     """A transformer ready to fine-tune one row: the model to train and its trained layers.
 
@@ -362,7 +370,7 @@ def prepare_blocks(
             method,
             n,
             example_input=example_input,
-            options=settings.options(method, threshold, product_dtype),
+            options=settings.options(method, threshold, product_dtype, only_if_smaller),
         )
     # After prepare: the blocks hold LoRA's adapters or the compressed layers.
     inside = {id(m) for b in blocks for m in b.modules()}

@@ -210,6 +210,13 @@ class RunConfig:
         :class:`~tensorcompress.torch.CompressionConfig`'s ``product_dtype``:
         ``"bfloat16"`` runs them on a CPU's AMX or a GPU's tensor cores. The
         training itself stays in float32.
+    factor : {"all", "smaller"}
+        WSI/WASI rows: factor every fine-tuned layer (groups 1) at the row's
+        ε (the published method), or only those whose factors hold fewer
+        numbers than their weights (``only_if_smaller`` of
+        :func:`~tensorcompress.torch.wasi.to_wasi`); the others then train
+        dense, WASI's with their inputs compressed as ASI's rows compress
+        them.
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -241,11 +248,14 @@ class RunConfig:
     quiet: bool = False
     plans: str = "measured"
     product_dtype: str = "float32"
+    factor: str = "all"
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
         if self.plans not in PLANS:
             raise ValueError(f"plans must be one of {PLANS}, got {self.plans!r}")
+        if self.factor not in FACTOR_CHOICES:
+            raise ValueError(f"factor must be one of {FACTOR_CHOICES}, got {self.factor!r}")
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(
                 f"product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}"
@@ -486,6 +496,7 @@ def prepare(
             config.blocks,
             seed=seed,
             product_dtype=config.products,
+            only_if_smaller=config.factor == "smaller",
         )
         return net, names, {}
     names = T.freeze_for(model, layers, example)
@@ -499,7 +510,7 @@ def prepare(
         ranks, extra["asi_ranks"] = asi_ranks[threshold]
         rank = {n: ranks[n] for n in names}
     if method in K.FACTORED_METHODS:
-        _factor(model, method, names, threshold, seed, config.products)
+        _factor(model, method, names, threshold, seed, config)
     elif method != "vanilla":
         convert(
             model,
@@ -519,11 +530,12 @@ def _factor(
     names: Sequence[str],
     threshold: float | None,
     seed: int,
-    product_dtype: torch.dtype | None,
+    config: RunConfig,
 ) -> None:
     """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight and,
-    for WASI, input at ``threshold``); WASI compresses the others' inputs with ASI."""
-    from tensorcompress.torch.wasi import to_wasi
+    for WASI, input at ``threshold``; with ``config.factor == "smaller"`` only those
+    whose factors are smaller); WASI compresses the others' inputs with ASI."""
+    from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
     assert threshold is not None
     modules = dict(model.named_modules())
@@ -536,12 +548,19 @@ def _factor(
             act_rank=threshold,
             layers=factors,
             seed=seed,
-            product_dtype=product_dtype,
+            product_dtype=config.products,
+            only_if_smaller=config.factor == "smaller",
         )
-    rest = [n for n in names if n not in factors]
+    factored = wasi_layers(model)
+    rest = [n for n in names if n not in factored]
     if method == "wasi" and rest:
         convert(
-            model, method="asi", rank=threshold, layers=rest, seed=seed, product_dtype=product_dtype
+            model,
+            method="asi",
+            rank=threshold,
+            layers=rest,
+            seed=seed,
+            product_dtype=config.products,
         )
 
 
@@ -1064,6 +1083,12 @@ def _notes(
             "that keeps ε of each weight's spectrum (WASI: inputs by ASI at ε, depthwise "
             f"convs' too), SGD lr {lr:g} (factored steps diverge at the dense lr)"
         )
+    if config.factor == "smaller" and any(m in K.FACTORED_METHODS for m in config.methods):
+        notes.append(
+            "WSI ε, WASI ε (--factor smaller): only the layers whose factors at ε hold fewer "
+            "numbers than their weights are factored; the others train dense (WASI: their "
+            "inputs compressed as ASI's rows compress them)"
+        )
     if config.product_dtype != "float32":
         notes.append(
             f"ASI and HOSVD decompositions: tensor products in {config.product_dtype} "
@@ -1182,6 +1207,7 @@ _QUICK: dict[str, Any] = {
 
 PLANS = ("measured", "estimated")
 PRODUCT_DTYPES = ("float32", "bfloat16")
+FACTOR_CHOICES = ("all", "smaller")
 """Sweep plans a run takes (:attr:`RunConfig.plans`)."""
 
 _VIT_FULL: dict[str, Any] = {
@@ -1334,6 +1360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of the tensor products inside the ASI/HOSVD decompositions (bfloat16: "
         "AMX or tensor cores); training stays in float32",
     )
+    o.add_argument(
+        "--factor",
+        choices=FACTOR_CHOICES,
+        default="all",
+        help="WSI/WASI: factor every fine-tuned layer (all) or only those whose factors are "
+        "smaller than their weights (smaller; the others train dense)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1394,6 +1427,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         quiet=args.quiet,
         plans=getattr(args, "plans", "measured"),
         product_dtype=getattr(args, "product_dtype", "float32"),
+        factor=getattr(args, "factor", "all"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",

@@ -172,6 +172,15 @@ class LowRankModule(nn.Module):
             k = self.rank
             return (self.left @ self.right.reshape(k, -1)).reshape(self.dense_shape)
 
+    @property
+    def smaller_than_dense(self) -> bool:
+        """Whether ``L`` and ``R`` hold fewer numbers than the dense weight.
+
+        That is ``k < out * in / (out + in)`` (``in`` counting a conv's
+        kernel), the break-even rank of memory, optimizer state and FLOPs.
+        """
+        return self.left.numel() + self.right.numel() < math.prod(self.dense_shape)
+
     def factor_bytes(self) -> int:
         """Bytes of ``left``, ``right`` and ``bias``."""
         return sum(p.numel() * p.element_size() for p in self.parameters(recurse=False))

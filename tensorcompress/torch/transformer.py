@@ -210,6 +210,13 @@ class BlockOptions:
         The dtype of the decompositions' tensor products in ``"asi"``,
         ``"hosvd"``, ``"lora+asi"`` and ``"wasi"`` (``product_dtype`` of
         :class:`~tensorcompress.torch.CompressionConfig`).
+    only_if_smaller : bool, default False
+        ``"wsi"``/``"wasi"``: factor only the Linear layers whose factors at
+        ``weight_rank`` hold fewer numbers than their weights
+        (``only_if_smaller`` of :func:`~tensorcompress.torch.wasi.to_wasi`).
+        The others train their dense weights as the method would without
+        factors: WSI's keep their inputs; WASI's are compressed by ASI at
+        ``rank`` (or keep nothing, norm-fed or in a fused MLP).
     """
 
     attention: str | None = None
@@ -225,6 +232,7 @@ class BlockOptions:
     fused_mlp: bool = False
     norm_fed: bool = False
     product_dtype: torch.dtype | None = None
+    only_if_smaller: bool = False
 
     def __post_init__(self) -> None:
         check_product_dtype(self.product_dtype)
@@ -1314,20 +1322,22 @@ def prepare(
         fed = norm_fed_linears(model, block_modules, example_input)
         if not fed:
             raise ValueError("norm_fed: no plain nn.Linear of the blocks reads a norm's output")
+    if opts.only_if_smaller and method not in _FACTOR:
+        raise ValueError(f"only_if_smaller applies to 'wsi' and 'wasi', got {method!r}")
     head_modules = [modules[n] for n in head if plain_type(modules[n]) is None]
+    # A fused MLP's second Linear and the norm-fed ones keep nothing: not compressed.
+    kept_nothing = {id(m) for linears in fed.values() for m in linears}
+    if opts.fused_mlp:
+        kept_nothing |= {
+            id(getattr(m, _MLP_LAYOUTS[type(m).__name__][2]))
+            for b in block_modules
+            for m in b.modules()
+            if _fusable(m)
+        }
     if method == "checkpoint":
         checkpoint_modules(block_modules)
     elif method in _COMPRESS:
         layers: LayerSelection
-        # A fused MLP's second Linear and the norm-fed ones keep nothing: not compressed.
-        kept_nothing = {id(m) for linears in fed.values() for m in linears}
-        if opts.fused_mlp:
-            kept_nothing |= {
-                id(getattr(m, _MLP_LAYOUTS[type(m).__name__][2]))
-                for b in block_modules
-                for m in b.modules()
-                if _fusable(m)
-            }
         if opts.fused_mlp or fed:
             layers = [n for n in _linear_names(model, names) if id(modules[n]) not in kept_nothing]
         elif isinstance(blocks, (int, LastBlocks)):
@@ -1345,17 +1355,31 @@ def prepare(
     elif method in _FACTOR:
         name_of = {id(m): n for n, m in modules.items()}
         fed_names = {norm: [name_of[id(m)] for m in linears] for norm, linears in fed.items()}
+        linears = _linear_names(model, names)
         to_wasi(
             model,
             method=method,
             rank=opts.weight_rank,
             act_rank=opts.rank,
-            layers=_linear_names(model, names),
+            layers=linears,
+            only_if_smaller=opts.only_if_smaller,
             product_dtype=opts.product_dtype,
         )
         # The factored layers replaced the plain ones the norms feed.
         factored = dict(model.named_modules())
         fed = {norm: [factored[n] for n in fed_names[norm]] for norm in fed}
+        # Layers left dense (only_if_smaller): WASI keeps their inputs as ASI would.
+        dense = [n for n in linears if factored[n] is modules[n]]
+        rest = [n for n in dense if id(modules[n]) not in kept_nothing]
+        if method == "wasi" and rest:
+            convert(
+                model,
+                method="asi",
+                rank=opts.rank,
+                layers=rest,
+                example_input=example_input,
+                product_dtype=opts.product_dtype,
+            )
     elif method in ("lora", "lora+asi"):
         model = _lora(model, names, head, opts, example_input, asi=method == "lora+asi")
         # PEFT wraps the trained head modules (modules_to_save): hook the wrappers.

@@ -680,6 +680,7 @@ def to_wasi(
     layers: LayerSelection = None,
     *,
     example_input: Any = None,
+    only_if_smaller: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Replace the selected Linear/Conv2d layers by factored training layers, in place.
@@ -705,9 +706,19 @@ def to_wasi(
     example_input : tensor, tuple or dict, optional
         Resolves :func:`~tensorcompress.torch.selection.last_layers` in
         execution order.
+    only_if_smaller : bool, default False
+        Factor a layer only where its factors hold fewer numbers than its
+        weight: ``k (in + out) < out * in`` (a conv's ``in`` counts its
+        kernel). Above that break-even rank the factors cost more memory,
+        optimizer state and FLOPs than the dense weight, for nothing; a
+        threshold near 1 on a weight with a flat spectrum lands there.
+        The other selected layers stay as they are (dense); compress their
+        inputs as you would a dense layer's (with
+        :func:`~tensorcompress.torch.convert` and method ``"asi"``, say).
+        :func:`wasi_layers` names the layers that were factored.
     **options
         The other :class:`WASIConfig` fields: ``n_iter``, ``refresh``,
-        ``share_inputs``, ``check_finite``, ``seed``.
+        ``share_inputs``, ``check_finite``, ``seed``, ``product_dtype``.
 
     Returns
     -------
@@ -751,8 +762,10 @@ def to_wasi(
     for name in names:
         r = rank[name] if isinstance(rank, Mapping) else rank
         new[name] = _convert_one(modules[name], name, r, cfg)
+    if only_if_smaller:
+        new = {n: m for n, m in new.items() if m.smaller_than_dense}
     root = model
-    for name in names:
+    for name in new:
         if name == "":
             root = new[name]
         else:

@@ -132,6 +132,20 @@ def test_prepare_blocks_passes_the_product_dtype(method: str) -> None:
     assert configs and all(c.product_dtype is torch.bfloat16 for c in configs)
 
 
+def test_prepare_blocks_factors_only_smaller_layers_on_request() -> None:
+    from tensorcompress.torch.wasi import wasi_layers
+
+    x, _ = batch()
+    settings = K.BlockSettings()
+    assert settings.options("wasi", 0.9, None, True).only_if_smaller
+    assert not settings.options("asi", 0.9, None, True).only_if_smaller  # WSI/WASI only
+    every, _ = K.prepare_blocks(small_vit(), "wasi", "1", 1.0, x, settings, seed=0)
+    some, _ = K.prepare_blocks(
+        small_vit(), "wasi", "1", 1.0, x, settings, seed=0, only_if_smaller=True
+    )
+    assert wasi_layers(every) and not wasi_layers(some)  # full rank: no factor is smaller
+
+
 def test_prepare_all_layers() -> None:
     x, _ = batch()
     net, names = K.prepare_blocks(small_vit(), "vanilla", "all", None, x, K.BlockSettings(), seed=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
 from tensorcompress.torch import METHODS
+from tensorcompress.torch.wasi import wasi_layers
 
 # Small enough for seconds per run: 4 steps of 16 images at 32x32, 3 pretraining steps.
 TINY = [
@@ -344,6 +347,8 @@ def test_config_validation() -> None:
         run_mod.RunConfig(product_dtype="float16")
     assert run_mod.RunConfig(product_dtype="bfloat16").products is torch.bfloat16
     assert run_mod.RunConfig().products is None
+    with pytest.raises(ValueError, match="factor must be one of"):
+        run_mod.RunConfig(factor="some")
     with pytest.raises(ValueError, match="unknown method"):
         run_mod.RunConfig(methods=("vanilla", "nope"))
     with pytest.raises(ValueError, match="vanilla only"):
@@ -452,7 +457,7 @@ def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None
     for method in ("wsi", "wasi"):
         model = get_model(config.model, num_classes=10)
         names = run_mod.T.freeze_for(model, "4", torch.randn(2, 3, 32, 32))
-        run_mod._factor(model, method, names, 0.9, seed=0, product_dtype=None)
+        run_mod._factor(model, method, names, 0.9, 0, config)
         modules = dict(model.named_modules())
         kinds = {n: type(modules[n]).__name__ for n in names}
         grouped = {n for n in names if getattr(modules[n], "groups", 1) > 1}
@@ -463,6 +468,19 @@ def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None
                 assert kind == "WASIConv2d", kinds  # the one factored class, either method
             else:
                 assert kind == ("CompressedConv2d" if method == "wasi" else "Conv2d"), kinds
+    # --factor smaller: a random initialisation's flat spectra at ε 0.99 give factors
+    # larger than the weights, so those convs train dense (WASI: compressed by ASI).
+    smaller = dataclasses.replace(config, factor="smaller")
+    model = get_model(config.model, num_classes=10)
+    names = run_mod.T.freeze_for(model, "4", torch.randn(2, 3, 32, 32))
+    every = copy.deepcopy(model)
+    run_mod._factor(every, "wasi", names, 0.99, 0, config)
+    run_mod._factor(model, "wasi", names, 0.99, 0, smaller)
+    larger = [n for n, m in wasi_layers(every).items() if not m.smaller_than_dense]
+    assert larger and not set(larger) & set(wasi_layers(model))
+    modules = dict(model.named_modules())
+    assert all(type(modules[n]).__name__ == "CompressedConv2d" for n in larger)
+    assert set(wasi_layers(model)) == set(wasi_layers(every)) - set(larger)
     exp = run_mod.run_experiment(config)
     by = {(r.method, r.threshold): r for r in exp.rows}
     assert set(by) == {("vanilla", None), ("wsi", 0.5), ("wsi", 0.9), ("wasi", 0.5), ("wasi", 0.9)}

@@ -670,6 +670,29 @@ def test_fused_mlp_in_prepare_keeps_nothing_for_a_factored_second_layer() -> Non
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_only_if_smaller_trains_unfactored_layers_as_asi_does() -> None:
+    example = vit_batch(torch.float32)
+    plain = small_vit(torch.float32)
+    common = {"saved": "int8", "fused_mlp": True, "norm_fed": True, "rank": 0.9}
+    opts = BlockOptions(**common, weight_rank=1.0, only_if_smaller=True)  # full rank: none pays
+    model = prepare(copy.deepcopy(plain), "wasi", 2, example_input=example, options=opts)
+    assert not wasi_layers(model)
+    asi = prepare(
+        copy.deepcopy(plain), "asi", 2, example_input=example, options=BlockOptions(**common)
+    )
+    assert sorted(compressed_layers(model)) == sorted(compressed_layers(asi))
+    got, want = grads(model, example), grads(asi, example)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    # At rank 8 (break-even 16 and 25.6) every Linear is factored.
+    opts = BlockOptions(**common, weight_rank=8, only_if_smaller=True)
+    model = prepare(copy.deepcopy(plain), "wasi", 2, example_input=example, options=opts)
+    assert len(wasi_layers(model)) == 12 and not compressed_layers(model)
+    with pytest.raises(ValueError, match="only_if_smaller applies to 'wsi' and 'wasi'"):
+        prepare(copy.deepcopy(plain), "asi", 2, example_input=example, options=opts)
+
+
 def test_fused_mlp_errors() -> None:
     with pytest.raises(ValueError, match="saved='int8' only"):
         BlockOptions(fused_mlp=True)

@@ -487,6 +487,28 @@ def test_to_wasi_selects_layers_and_keeps_everything_else() -> None:
     assert by_filter[6].weight_explained_variance >= 0.5
 
 
+def test_only_if_smaller_leaves_dense_the_layers_whose_factors_are_larger() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Conv2d(8, 8, 3)
+    )
+    with torch.no_grad():  # layer 0: rank 4 and a little noise; the others: flat spectra
+        net[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) + 1e-3 * torch.randn(64, 64))
+    layers = ["0", "2", "4"]
+    rank = {"0": 0.9, "2": 0.9, "4": 8}
+    every = to_wasi(copy.deepcopy(net), method="wsi", rank=rank, layers=layers)
+    ranks = {n: m.rank for n, m in wasi_layers(every).items()}
+    # Break-even ranks: 64*64/128 = 32, 48*64/112 = 27.4, 8*72/80 = 7.2.
+    assert ranks["0"] == 4 and ranks["2"] > 28 and ranks["4"] == 8
+    assert [wasi_layers(every)[n].smaller_than_dense for n in layers] == [True, False, False]
+    some = to_wasi(
+        copy.deepcopy(net), method="wasi", rank=rank, layers=layers, only_if_smaller=True
+    )
+    assert list(wasi_layers(some)) == ["0"]
+    assert type(some[2]) is nn.Linear and type(some[4]) is nn.Conv2d
+    torch.testing.assert_close(some[2].weight, net[2].weight, rtol=0, atol=0)
+
+
 def test_to_wasi_takes_the_last_blocks_of_a_transformer_like_model() -> None:
     torch.manual_seed(0)
     net = nn.ModuleDict(
