@@ -671,6 +671,8 @@ def _run_one(
     step = training_step_flops(
         model, x_measure, loss_fn=lambda out: K.cross_entropy(out, y_measure)
     )
+    if method in K.FACTORED_METHODS:
+        whole.update(_factored_fields(model))
     result = {
         "method": method,
         "label": _label(method, config, threshold),
@@ -701,6 +703,21 @@ def _run_one(
         **extra,
     }
     return _Trained(key, stepper, result)
+
+
+def _factored_fields(model: nn.Module) -> dict[str, Any]:
+    """WSI/WASI rows: each factored layer's weight rank and break-even rank.
+
+    The break-even rank ``out * in / (out + in)`` is where the factors hold
+    as many numbers as the dense weight.
+    """
+    from tensorcompress.torch.wasi import wasi_layers
+
+    ranks, break_even = {}, {}
+    for name, m in wasi_layers(model).items():
+        out, inner = m.left.shape[0], m.right[0].numel()
+        ranks[name], break_even[name] = m.rank, out * inner / (out + inner)
+    return {"weight_ranks": ranks, "break_even_ranks": break_even}
 
 
 def _interleaved_timing(
@@ -952,6 +969,7 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
     equal = FR.equal_accuracy(rows, tolerances)
     notes = _notes(config, env, source, train, test, pre_info, replayed)
     notes += _findings(rows, len(test))
+    notes += _factored_findings(rows)
     if config.transformer:
         notes += _target_findings(rows)
     meta = {
@@ -1123,6 +1141,28 @@ def _target_findings(rows: Sequence[R.Row]) -> list[str]:
             f"recommended ε = {eps:g} (the smallest whose ASI, last {depths[-1]} blocks, is "
             f"within 1 point of vanilla's accuracy, else the most accurate): it {met}"
         )
+    return out
+
+
+def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
+    """Per WSI/WASI row (first seed): how many layers are factored, their ranks, and how
+    many of them hold more numbers than the dense weight (a rank above break-even)."""
+    out = []
+    for r in rows:
+        fields = r.seeds[0] if r.seeds else {}
+        ranks, even = fields.get("weight_ranks"), fields.get("break_even_ranks")
+        if ranks is None or even is None:
+            continue
+        trained = len(fields.get("layer_names", ())) or len(ranks)
+        text = f"{r.label}, {r.layers} layers: {len(ranks)} of {trained} layers factored"
+        if ranks:
+            larger = sum(ranks[n] >= even[n] for n in ranks)
+            text += (
+                f", weight ranks {min(ranks.values())}-{max(ranks.values())} (break-even "
+                f"{min(even.values()):.0f}-{max(even.values()):.0f}); {larger} of them larger "
+                "than their dense weights"
+            )
+        out.append(text + " (first seed)")
     return out
 
 

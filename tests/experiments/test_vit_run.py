@@ -226,6 +226,12 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
     seeds = {(r.method, r.layers): r.seeds[0] for r in exp.rows}
     assert seeds["lora", "1"]["layer_names"][0].endswith("lora_A.default")
     assert seeds["asi", "1"]["activations_by_kind"]["compressed"] > 0
+    # The factored rows record each layer's weight rank against its break-even rank.
+    for method in ("wsi", "wasi"):
+        ranks, even = seeds[method, "1"]["weight_ranks"], seeds[method, "1"]["break_even_ranks"]
+        assert len(ranks) == 6 and ranks.keys() == even.keys()
+        assert all(0 < ranks[n] <= 2 * even[n] for n in ranks)  # k <= min(out, in)
+    assert any(n.startswith("WASI ε=0.8, 1 layers: 6 of 6 layers factored") for n in exp.notes)
     text = exp.table()
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
