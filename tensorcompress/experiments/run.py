@@ -1246,9 +1246,11 @@ _QUICK: dict[str, Any] = {
 
 
 PLANS = ("measured", "estimated")
-PRODUCT_DTYPES = ("float32", "bfloat16")
-FACTOR_CHOICES = ("all", "smaller")
 """Sweep plans a run takes (:attr:`RunConfig.plans`)."""
+PRODUCT_DTYPES = ("float32", "bfloat16")
+"""Product dtypes a run takes (:attr:`RunConfig.product_dtype`)."""
+FACTOR_CHOICES = ("all", "smaller")
+"""Which layers WSI/WASI rows factor (:attr:`RunConfig.factor`)."""
 
 _VIT_FULL: dict[str, Any] = {
     "resolution": 32,

@@ -288,24 +288,17 @@ class _LinearFunction(torch.autograd.Function):
         left, right, *tensors = ctx.saved_tensors
         need_x, need_l, need_r, need_b = ctx.needs_input_grad[:4]
         out = int(left.shape[0])
-        gx = gl = gr = gb = None
+        gl = gr = gb = None
         with _no_autocast(gy.device.type):
             g = gy.reshape(-1, out)
-            whole = ctx.kind in ("exact", "source")  # the input itself, kept or rebuilt
-            g_l = g @ left if (need_x or (need_r and whole)) else None
-            if need_x:
-                assert g_l is not None
-                gx = (g_l @ right).reshape(ctx.x_shape)
-            if whole and (need_l or need_r):
+            x = None
+            if ctx.kind in ("exact", "source") and (need_l or need_r):
+                # The input itself, kept or rebuilt (a rebuilt one comes in its own
+                # dtype: float32 under autocast).
                 x = tensors[0] if ctx.kind == "exact" else ctx.source.output()
-                # A rebuilt input comes in its own dtype (float32 under autocast).
                 x = x.to(right.dtype).reshape(-1, int(right.shape[1]))
-                if need_l:
-                    gl = g.transpose(0, 1) @ (x @ right.transpose(0, 1))  # G^T (X R^T)
-                if need_r:
-                    assert g_l is not None
-                    gr = g_l.transpose(0, 1) @ x  # (G L)^T X
-            elif ctx.kind == "tucker" and (need_l or need_r):
+            gx, gl, gr = _row_chunked_grads(g, left, right, x, need_x, need_l, need_r)
+            if ctx.kind == "tucker" and (need_l or need_r):
                 res = _unpack("tucker", tensors)
                 assert isinstance(res, TuckerResult)
                 u_c = res.factors[-1]
@@ -316,7 +309,47 @@ class _LinearFunction(torch.autograd.Function):
                     gr = (left.transpose(0, 1) @ m) @ u_c.transpose(0, 1)  # (k, in)
             if need_b:
                 gb = g.sum(0)
+        if gx is not None:
+            gx = gx.reshape(ctx.x_shape)
         return gx, gl, gr, gb, None
+
+
+_ROWS = 1024
+"""Rows per chunk in :func:`_row_chunked_grads`."""
+
+
+def _row_chunked_grads(
+    g: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    x: torch.Tensor | None,
+    need_x: bool,
+    need_l: bool,
+    need_r: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``dx = (G L) R`` and, given the whole input ``X``, ``dL = G^T (X R^T)`` and
+    ``dR = (G L)^T X``, a chunk of rows at a time.
+
+    Whole ``N x k`` intermediates (``G L``, ``X R^T``) beside the input
+    gradient would raise the step's peak above a dense layer's backward;
+    chunk-sized ones do not.
+    """
+    n = int(g.shape[0])
+    gx = g.new_empty((n, int(right.shape[1]))) if need_x else None
+    gl = g.new_zeros(tuple(left.shape)) if x is not None and need_l else None
+    gr = g.new_zeros(tuple(right.shape)) if x is not None and need_r else None
+    for i in range(0, n, _ROWS):
+        gc = g[i : i + _ROWS]
+        if gl is not None and x is not None:
+            gl.addmm_(gc.transpose(0, 1), x[i : i + _ROWS] @ right.transpose(0, 1))
+        if gx is None and gr is None:
+            continue
+        g_l = gc @ left
+        if gr is not None and x is not None:
+            gr.addmm_(g_l.transpose(0, 1), x[i : i + _ROWS])
+        if gx is not None:
+            torch.mm(g_l, right, out=gx[i : i + _ROWS])
+    return gx, gl, gr
 
 
 class _ConvFunction(torch.autograd.Function):

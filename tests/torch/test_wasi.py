@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import last_blocks, last_layers
 from tensorcompress.torch.lowrank import LowRankModule, to_dense
+from tensorcompress.torch.measure import track_memory
 from tensorcompress.torch.wasi import (
     WASIConfig,
     WASIConv2d,
@@ -91,6 +92,10 @@ def make_layer(kind: str, method: str, rank: int | float, act_rank: Any = 1.0) -
         dense = nn.Linear(9, 14).double()
         x = torch.randn(6, 9, dtype=torch.float64)
         layer = WASILinear.from_dense(dense, rank, cfg)
+    elif kind == "linear-rows":  # 2600 rows: the backward's row chunks
+        dense = nn.Linear(12, 7).double()
+        x = torch.randn(2, 1300, 12, dtype=torch.float64)
+        layer = WASILinear.from_dense(dense, rank, cfg)
     else:
         opts = dict(CONVS[kind])
         dense = nn.Conv2d(5, 6, **opts).double()
@@ -99,7 +104,7 @@ def make_layer(kind: str, method: str, rank: int | float, act_rank: Any = 1.0) -
     return dense, layer, x
 
 
-KINDS = ["linear3d", "linear2d", *CONVS]
+KINDS = ["linear3d", "linear2d", "linear-rows", *CONVS]
 
 
 # ---------------------------------------------------------------------------
@@ -133,6 +138,18 @@ def test_factor_gradients_are_the_chain_rule_of_vanilla(method: str, kind: str, 
         # Full rank: L R is the dense weight itself.
         w = dense.weight.detach().reshape(dense.weight.shape[0], -1)
         torch.testing.assert_close(layer.dense_weight().reshape(w.shape), w, rtol=0, atol=1e-12)
+
+
+def test_linear_backward_holds_no_whole_rows_by_rank_intermediate() -> None:
+    torch.manual_seed(0)
+    layer = WASILinear.from_dense(nn.Linear(64, 64), 48, WASIConfig(method="wsi"))
+    x = torch.randn(16384, 64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    _, mem = track_memory(lambda: torch.autograd.grad(y, (x, layer.left, layer.right), g), "cpu")
+    # The input gradient and chunk-sized temporaries; whole G L and X R^T would add
+    # 2 * 16384 * 48 * 4 bytes = 6 MiB.
+    assert mem.peak_bytes < 4 * x.numel() + 2**20
 
 
 @pytest.mark.parametrize("kind", ["linear3d", "3x3-stride2-reflect", "2x3-same-dilated"])
