@@ -213,16 +213,26 @@ def _conv_backward_formula(
     return 2 * macs * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def _addmm_formula(
+    self_shape: Sequence[int], a: Sequence[int], b: Sequence[int], *args: Any, **kwargs: Any
+) -> int:
+    # ``self += a @ b``: one multiply-accumulate per product term, as ``addmm``.
+    return 2 * int(a[0]) * int(a[1]) * int(b[1])
+
+
 COUNTER_FLOPS: dict[Any, Callable[..., int]] = {
     **LINALG_FLOPS,
     aten.convolution_backward: _conv_backward_formula,
+    aten.addmm_: _addmm_formula,
 }
 """The ``custom_mapping`` :func:`training_step_flops` uses: :data:`LINALG_FLOPS`
 plus a ``convolution_backward`` formula that divides the weight gradient by
 the groups. Torch's own (2.13) formula counts a grouped conv's weight gradient
 as if it were dense, ``groups`` times too much: 576x for MCUNet's last
 depthwise conv. Forward and input gradient are unchanged (torch counts those
-with the groups)."""
+with the groups). And the in-place ``addmm_``, which torch's counter scores
+as zero: the chunked weight gradients accumulate with it (a fused MLP's
+second Linear, WASI's factored Linear)."""
 
 
 # ---------------------------------------------------------------------------

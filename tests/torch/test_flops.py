@@ -159,6 +159,16 @@ def test_groups_are_counted_as_they_run() -> None:
     assert fixed.get_total_flops() == 3 * 2 * math.prod(transposed.weight.shape) * 2 * 25
 
 
+def test_in_place_addmm_counts_as_its_product() -> None:
+    a, b, c = torch.randn(64, 32), torch.randn(32, 16), torch.zeros(64, 16)
+    with FlopCounterMode(display=False) as plain:
+        c.addmm_(a, b)
+    with FlopCounterMode(display=False, custom_mapping=COUNTER_FLOPS) as fixed:
+        c.addmm_(a, b)
+    assert plain.get_total_flops() == 0  # torch's counter misses it
+    assert fixed.get_total_flops() == 2 * 64 * 32 * 16
+
+
 def test_linear_layer_op_flops() -> None:
     lin = nn.Linear(6, 4)
     assert layer_op_flops(lin, (2, 5, 6), (2, 5, 4)) == 2 * 2 * 5 * 4 * 6
