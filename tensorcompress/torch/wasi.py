@@ -322,7 +322,7 @@ def _factored_forward(
 ) -> torch.Tensor:
     """``(x R^T) L^T + b`` as a tensor of its own (see
     :func:`~tensorcompress.torch.functions.linear_base`), a chunk of rows at a time:
-    a whole ``N x k`` intermediate beside the output would raise the step's peak."""
+    a whole ``N x k`` intermediate beside the output would raise the layer's peak."""
     out = int(left.shape[0])
     rows = x.reshape(-1, x.shape[-1])
     y = x.new_empty((*x.shape[:-1], out))
@@ -350,7 +350,7 @@ def _row_chunked_grads(
     ``dR = (G L)^T X``, a chunk of rows at a time.
 
     Whole ``N x k`` intermediates (``G L``, ``X R^T``) beside the input
-    gradient would raise the step's peak above a dense layer's backward;
+    gradient would raise the backward's peak above a dense layer's;
     chunk-sized ones do not.
     """
     n = int(g.shape[0])
