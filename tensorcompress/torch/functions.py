@@ -585,6 +585,36 @@ def linear_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+def factored_linear_base(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int = 256,
+) -> torch.Tensor:
+    """``(x R^T) L^T + b`` as a tensor of its own (as :func:`linear_base`), ``rows``
+    rows at a time.
+
+    A whole ``N x k`` intermediate ``x R^T`` beside the output would raise a
+    layer's forward peak (a factored Linear's, or a fused MLP's second layer's:
+    the step's peak in a ViT). For a custom Function's forward, in one dtype.
+    """
+    out = int(left.shape[0])
+    flat_x = x.reshape(-1, x.shape[-1])
+    y = x.new_empty((*x.shape[:-1], out))
+    flat = y.view(-1, out)
+    lt, rt = left.transpose(0, 1), right.transpose(0, 1)
+    n = int(flat_x.shape[0])
+    buf = flat_x.new_empty((min(rows, n), int(right.shape[0])))  # one chunk, reused
+    for i in range(0, n, rows):
+        h = torch.mm(flat_x[i : i + rows], rt, out=buf[: min(rows, n - i)])
+        if bias is None:
+            torch.mm(h, lt, out=flat[i : i + rows])
+        else:
+            torch.addmm(bias, h, lt, out=flat[i : i + rows])
+    return y
+
+
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(

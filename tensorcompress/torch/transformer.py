@@ -94,7 +94,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from tensorcompress.torch.convert import convert
-from tensorcompress.torch.functions import linear_base
+from tensorcompress.torch.functions import factored_linear_base, linear_base
 from tensorcompress.torch.lowrank import LowRankModule
 from tensorcompress.torch.measure.training import module_kind
 from tensorcompress.torch.modules import CompressedModule, check_product_dtype
@@ -715,7 +715,10 @@ class _Int8ActivationLinear(torch.autograd.Function):
             if up is not None:
                 h.mul_(up.detach())
         if right is not None:
-            h = nn.functional.linear(h, right)
+            # In h's dtype (autocast's, if on): the chunked products take no autocast.
+            dtype = h.dtype
+            b = None if bias is None else bias.to(dtype)
+            return factored_linear_base(h, weight.to(dtype), right.to(dtype), b)
         return nn.functional.linear(h, weight, bias)
 
     @staticmethod

@@ -76,6 +76,7 @@ from tensorcompress.torch.functions import (
     ConvSpec,
     autocast_dtype,
     conv_input_grad,
+    factored_linear_base,
     project_mode0,
 )
 from tensorcompress.torch.lowrank import (
@@ -272,7 +273,7 @@ class _LinearFunction(torch.autograd.Function):
         keep: KeepFn,
     ) -> torch.Tensor:
         with _no_autocast(x.device.type):
-            y = _factored_forward(x, left, right, bias)
+            y = factored_linear_base(x, left, right, bias)
             needs_factors = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
             kept = keep(x) if needs_factors else None
         ctx.kind, tensors = _pack(kept) if kept is not None else ("none", ())
@@ -314,27 +315,7 @@ class _LinearFunction(torch.autograd.Function):
 
 
 _ROWS = 1024
-"""Rows per chunk in :func:`_factored_forward` and :func:`_row_chunked_grads`."""
-
-
-def _factored_forward(
-    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``(x R^T) L^T + b`` as a tensor of its own (see
-    :func:`~tensorcompress.torch.functions.linear_base`), a chunk of rows at a time:
-    a whole ``N x k`` intermediate beside the output would raise the layer's peak."""
-    out = int(left.shape[0])
-    rows = x.reshape(-1, x.shape[-1])
-    y = x.new_empty((*x.shape[:-1], out))
-    flat = y.view(-1, out)
-    lt, rt = left.transpose(0, 1), right.transpose(0, 1)
-    for i in range(0, int(rows.shape[0]), _ROWS):
-        h = rows[i : i + _ROWS] @ rt
-        if bias is None:
-            torch.mm(h, lt, out=flat[i : i + _ROWS])
-        else:
-            torch.addmm(bias, h, lt, out=flat[i : i + _ROWS])
-    return y
+"""Rows per chunk in :func:`_row_chunked_grads`."""
 
 
 def _row_chunked_grads(

@@ -869,9 +869,17 @@ def test_int8_options_train_under_autocast() -> None:
     assert total_rel_err(got, exact) < 0.05  # bfloat16's 8-bit mantissa, not a broken gradient
 
 
-def test_norm_fed_wasi_trains_under_autocast() -> None:
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_norm_fed_wasi_trains_under_autocast(fused_mlp: bool) -> None:
     example = vit_batch(torch.float32)
-    opts = BlockOptions(saved="int8", norm_fed=True, rank=1.0, weight_rank=1.0, int8_min_bytes=0)
+    opts = BlockOptions(
+        saved="int8",
+        norm_fed=True,
+        fused_mlp=fused_mlp,
+        rank=1.0,
+        weight_rank=1.0,
+        int8_min_bytes=0,
+    )
     model = prepare(small_vit(torch.float32), "wasi", 2, example_input=example, options=opts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**example).logits
