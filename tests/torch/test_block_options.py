@@ -593,6 +593,17 @@ def test_fused_mlp_backward_holds_one_mlp_wide_float_tensor() -> None:
     assert mem.peak_bytes < n_bytes + 8 * 2**20 < 2 * n_bytes
 
 
+def test_fused_factored_second_layer_forward_holds_one_chunk_of_its_product() -> None:
+    mlp = small_vit(torch.float32).vit.layers[0].mlp
+    mlp.fc2 = WASILinear.from_dense(mlp.fc2, 24, WASIConfig(method="wasi"), name="fc2")
+    fused_mlps([mlp])
+    h = torch.randn(4, 16384, 64, requires_grad=True)  # fc1's output, 65536 rows
+    y, mem = track_memory(lambda: mlp.activation_fn(h, mlp.fc2), "cpu")
+    # h's int8 form (1 byte and 1/16 of a scale per element) and the output; a
+    # whole h R^T beside them would add 65536 * 24 * 4 bytes = 6 MiB.
+    assert mem.peak_bytes < 1.1 * h.numel() + 4 * y.numel() + 2**20
+
+
 def test_fused_mlp_in_prepare_leaves_the_second_linear_uncompressed() -> None:
     example = vit_batch(torch.float32)
     plain = small_vit(torch.float32)
