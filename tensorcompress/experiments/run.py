@@ -706,18 +706,15 @@ def _run_one(
 
 
 def _factored_fields(model: nn.Module) -> dict[str, Any]:
-    """WSI/WASI rows: each factored layer's weight rank and break-even rank.
-
-    The break-even rank ``out * in / (out + in)`` is where the factors hold
-    as many numbers as the dense weight.
-    """
+    """WSI/WASI rows: each factored layer's weight rank and break-even rank
+    (:attr:`~tensorcompress.torch.lowrank.LowRankModule.break_even_rank`)."""
     from tensorcompress.torch.wasi import wasi_layers
 
-    ranks, break_even = {}, {}
-    for name, m in wasi_layers(model).items():
-        out, inner = m.left.shape[0], m.right[0].numel()
-        ranks[name], break_even[name] = m.rank, out * inner / (out + inner)
-    return {"weight_ranks": ranks, "break_even_ranks": break_even}
+    layers = wasi_layers(model)
+    return {
+        "weight_ranks": {name: m.rank for name, m in layers.items()},
+        "break_even_ranks": {name: m.break_even_rank for name, m in layers.items()},
+    }
 
 
 def _interleaved_timing(

@@ -173,13 +173,18 @@ class LowRankModule(nn.Module):
             return (self.left @ self.right.reshape(k, -1)).reshape(self.dense_shape)
 
     @property
-    def smaller_than_dense(self) -> bool:
-        """Whether ``L`` and ``R`` hold fewer numbers than the dense weight.
+    def break_even_rank(self) -> float:
+        """``out * in / (out + in)`` (``in`` counting a conv's kernel): the rank at
+        which ``L`` and ``R`` hold as many numbers as the dense weight, the break-even
+        of memory, optimizer state and FLOPs."""
+        out, inner = self.dense_shape[0], math.prod(self.dense_shape[1:])
+        return out * inner / (out + inner)
 
-        That is ``k < out * in / (out + in)`` (``in`` counting a conv's
-        kernel), the break-even rank of memory, optimizer state and FLOPs.
-        """
-        return self.left.numel() + self.right.numel() < math.prod(self.dense_shape)
+    @property
+    def smaller_than_dense(self) -> bool:
+        """Whether ``L`` and ``R`` hold fewer numbers than the dense weight
+        (``k`` below :attr:`break_even_rank`)."""
+        return self.rank < self.break_even_rank
 
     def factor_bytes(self) -> int:
         """Bytes of ``left``, ``right`` and ``bias``."""
