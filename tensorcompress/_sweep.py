@@ -51,6 +51,10 @@ class Step(NamedTuple):
     gram: bool = True
     """The basis comes from the Gram matrix (one wide pass over the tensor);
     False: a subspace-iteration step by two thin products (ASI only)."""
+    unfolded: bool = False
+    """A thin-product step on a middle mode runs its three products as single
+    GEMMs on one mode-first copy of the tensor, instead of batched products
+    over the leading modes (narrow ones when the trailing modes are short)."""
 
 
 Plan = tuple[Step, ...]
@@ -214,6 +218,14 @@ def gram_flips(steps: Plan) -> Iterator[Plan]:
             yield (*steps[:i], step._replace(gram=not step.gram), *steps[i + 1 :])
 
 
+def unfold_flips(steps: Plan, ndim: int) -> Iterator[Plan]:
+    """``steps`` with one thin-product step on a middle mode switched to or
+    from its mode-first copy (see :attr:`Step.unfolded`)."""
+    for i, step in enumerate(steps):
+        if len(step.modes) == 1 and not step.gram and 0 < step.modes[0] < ndim - 1:
+            yield (*steps[:i], step._replace(unfolded=not step.unfolded), *steps[i + 1 :])
+
+
 # Measured choice
 # ---------------------------------------------------------------------------
 
@@ -237,7 +249,8 @@ def measured_plans(enabled: bool) -> bool:
     thread count, over at least :data:`MEASURE_FROM` entries on a CPU, times
     a few candidate plans on its own input (the cheapest estimates, then the
     winner with each mode's basis switched between Gram matrix and thin
-    products) and keeps the fastest for the rest of the process. The fastest
+    products, then with each thin-product middle mode switched to a
+    mode-first copy) and keeps the fastest for the rest of the process. The fastest
     order and product shapes depend on the BLAS and the thread count, which
     an estimate cannot know. The same switch covers the other measured
     choices (:func:`fastest`: the contraction order of a Linear's weight
@@ -328,6 +341,11 @@ def run(
         for steps in gram_flips(winner):
             if _cost(shape, ranks, steps, False) <= limit:
                 measure(steps)
+        winner = min(timed, key=timed.__getitem__)
+        # A copy against batched products: which is faster depends on the
+        # shapes and the BLAS, so each is timed on the winner.
+        for steps in unfold_flips(winner, len(shape)):
+            measure(steps)
         winner = min(timed, key=timed.__getitem__)
     _chosen[key] = winner
     result: R = fastest[1]

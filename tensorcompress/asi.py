@@ -154,6 +154,17 @@ def _warm_step(
             if step.gram:
                 u, energy, kept = _iterate_on_gram(xp, high(tenalg.gram(t, k, xp=xp)), u, n_iter)
                 t = tenalg.mode_dot(t, low(xp.matrix_transpose(u)), k, xp=xp)
+            elif step.unfolded:
+                # One mode-first copy serves all three products as single GEMMs.
+                tf = tenalg.unfold(t, k, xp=xp)
+                for _ in range(n_iter):
+                    z = low(xp.matrix_transpose(u)) @ tf
+                    u = _orthonormal(xp, high(tf @ xp.matrix_transpose(z)))
+                if energy is None:
+                    energy = squared_norm(t)
+                tf = low(xp.matrix_transpose(u)) @ tf
+                kept = squared_norm(tf)
+                t = tenalg.fold(tf, k, (*t.shape[:k], r, *t.shape[k + 1 :]), xp=xp)
             else:
                 for _ in range(n_iter):
                     z = tenalg.mode_dot(t, low(xp.matrix_transpose(u)), k, xp=xp)

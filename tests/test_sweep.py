@@ -121,6 +121,47 @@ def test_block_keeps_whole_modes_as_identity(to_backend) -> None:
     )
 
 
+@pytest.mark.parametrize("unfolded", [False, True])
+def test_asi_thin_middle_step_on_a_mode_first_copy_is_the_same_iteration(
+    to_backend, monkeypatch, unfolded
+) -> None:
+    shape, ranks = (12, 10, 9), (4, 3, 5)
+    a = decaying_tensor(shape, seed=13, decay=0.7)
+    x = to_backend(a)
+    start = hosvd.decompose(to_backend(decaying_tensor(shape, seed=14, decay=0.7)), ranks)
+    steps = (_sweep.Step((1,), gram=False, unfolded=unfolded), _sweep.Step((0,)), _sweep.Step((2,)))
+    monkeypatch.setattr(_sweep, "plans", lambda *args: (steps,))
+    res = asi.decompose(x, ranks, warm_start=start, n_iter=2)
+
+    def subspace_step(k: int, unfolding: np.ndarray) -> np.ndarray:
+        u = np.asarray(start.factors[k], dtype=np.float64)
+        for _ in range(2):
+            u = np.linalg.qr(unfolding @ (unfolding.T @ u))[0]
+        return u
+
+    factors, explained = _reference_sweep(a, [1, 0, 2], subspace_step)
+    _assert_same_subspaces(res, factors, explained, x)
+    core = a
+    for k, u in factors.items():
+        core = _project(core, u, k)
+    got = np.asarray(res.core, dtype=np.float64)
+    # Cores agree up to the factors' column signs (QR's convention).
+    np.testing.assert_allclose(np.abs(got), np.abs(core), atol=100 * tol(x))
+    assert tuple(res.core.shape) == ranks
+
+
+def test_unfold_flips_switch_thin_middle_modes_only() -> None:
+    steps = (
+        _sweep.Step((0,), gram=False),
+        _sweep.Step((1,), gram=False),
+        _sweep.Step((2,), gram=True),
+        _sweep.Step((3,), gram=False),
+    )
+    assert list(_sweep.unfold_flips(steps, 4)) == [
+        (steps[0], steps[1]._replace(unfolded=True), steps[2], steps[3])
+    ]
+
+
 LARGE = (64, 64, 16, 16)  # _sweep.MEASURE_FROM entries
 LARGE_RANKS = (8, 8, 4, 4)
 
@@ -146,7 +187,7 @@ def test_measured_choice_keeps_the_fastest_candidate_and_its_result() -> None:
     assert _sweep.run(x, LARGE_RANKS, True, sweep) == fast
     assert set(calls[: 2 * 6]) == set(candidates[:6])  # each estimate timed...
     flips = set(calls[2 * 6 :])  # ...then the winner's flips worth timing
-    assert flips and flips <= set(_sweep.gram_flips(fast))
+    assert flips and flips <= {*_sweep.gram_flips(fast), *_sweep.unfold_flips(fast, 4)}
     key = (LARGE, LARGE_RANKS, True, "float32", None)
     assert _sweep.chosen_plans()[key] == fast
     calls.clear()
