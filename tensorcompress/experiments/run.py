@@ -741,6 +741,39 @@ def _interleaved_timing(
         t.result["step_seconds_all"] = ts
 
 
+def _inference_timing(trained: Sequence[_Trained], batch: torch.Tensor, rounds: int) -> None:
+    """WSI/WASI rows: the exported model's inference forward against the dense model's.
+
+    :func:`~tensorcompress.torch.lowrank.export_low_rank` gives the model a user deploys
+    (two products per factored layer); :func:`~tensorcompress.torch.lowrank.to_dense` of
+    it is the same trained model with each factored weight multiplied out (``L R``), the
+    original architecture. Both run in eval mode without gradients on the timing batch,
+    interleaved round by round (the first order alternating) after one warm-up round;
+    ``infer_ratio`` is the exported model's median over the dense one's.
+    """
+    from tensorcompress.torch.lowrank import export_low_rank, to_dense
+
+    for t in trained:
+        if t.key[0] not in K.FACTORED_METHODS:
+            continue
+        model = getattr(t.stepper.model, "module", t.stepper.model)  # DDP's wrapped model
+        models = (export_low_rank(model).eval(), to_dense(export_low_rank(model)).eval())
+        x = batch.contiguous(memory_format=t.stepper.memory_format)
+        times: tuple[list[float], list[float]] = ([], [])
+        with torch.no_grad():
+            for r in range(rounds + 1):
+                for k in (r % 2, 1 - r % 2):
+                    T.synchronize(t.stepper.device)
+                    start = time.perf_counter()
+                    models[k](x)
+                    T.synchronize(t.stepper.device)
+                    if r > 0:
+                        times[k].append(time.perf_counter() - start)
+        t.result["infer_seconds"] = statistics.median(times[0])
+        t.result["infer_dense_seconds"] = statistics.median(times[1])
+        t.result["infer_ratio"] = t.result["infer_seconds"] / t.result["infer_dense_seconds"]
+
+
 # ---------------------------------------------------------------------------
 # The experiment
 # ---------------------------------------------------------------------------
@@ -958,6 +991,8 @@ def _run(config: RunConfig, env: T.DistEnv, progress: bool, wall: float) -> Expe
         del replay
         in_order = [trained[key] for key in runs]
         _interleaved_timing(in_order, measure, config.timing_rounds)
+        # A forward is a fraction of a step: more rounds for the same noise.
+        _inference_timing(in_order, example, 3 * config.timing_rounds)
         results += [t.result for t in in_order]
         del trained, in_order
 
@@ -1159,7 +1194,14 @@ def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
                 f"{min(even.values()):.0f}-{max(even.values()):.0f}); {larger} of them larger "
                 "than their dense weights"
             )
-        out.append(text + " (first seed)")
+        text += " (first seed)"
+        ratios = [s["infer_ratio"] for s in r.seeds if "infer_ratio" in s]
+        if ratios:
+            text += (
+                f"; exported for inference (export_low_rank), its forward takes "
+                f"{statistics.mean(ratios):.2f}x the dense model's (mean over seeds)"
+            )
+        out.append(text)
     return out
 
 

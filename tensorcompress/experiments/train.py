@@ -81,6 +81,7 @@ __all__ = [
     "make_optimizer",
     "pretrain",
     "pretrained_state",
+    "synchronize",
     "tuned_convs",
 ]
 
@@ -186,7 +187,8 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so a wall clock around it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -449,7 +451,7 @@ class Stepper:
         (with a device synchronisation on CUDA), not the data loading.
         """
         self.model.train()
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         x = D.to_input(images, self.device).contiguous(memory_format=self.memory_format)
         y = labels.to(self.device, non_blocking=True)
@@ -459,7 +461,7 @@ class Stepper:
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
-        _sync(self.device)
+        synchronize(self.device)
         seconds = time.perf_counter() - start
         if schedule:
             self.scheduler.step()

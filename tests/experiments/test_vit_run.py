@@ -232,6 +232,13 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
         assert len(ranks) == 6 and ranks.keys() == even.keys()
         assert all(0 < ranks[n] <= 2 * even[n] for n in ranks)  # k <= min(out, in)
     assert any(n.startswith("WASI ε=0.8, 1 layers: 6 of 6 layers factored") for n in exp.notes)
+    # ...and the exported model's inference time against the dense model's.
+    for key, fields in seeds.items():
+        timed = {"infer_seconds", "infer_dense_seconds", "infer_ratio"} & fields.keys()
+        assert len(timed) == (3 if key[0] in ("wsi", "wasi") else 0), key
+    wasi = seeds["wasi", "1"]
+    assert wasi["infer_ratio"] == wasi["infer_seconds"] / wasi["infer_dense_seconds"] > 0
+    assert any("exported for inference" in n and "the dense model's" in n for n in exp.notes)
     text = exp.table()
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
