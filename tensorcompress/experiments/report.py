@@ -274,7 +274,8 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
         "",
         "acc: top-1 on the held-out test split"
         + (f" (mean±std over {seeds} seeds)" if spread else "")
-        + ". Mem: what the fine-tuned convs keep for their weight gradients (paper convention), "
+        + ". Mem: what the fine-tuned layers keep for their weight gradients (the ASI paper's "
+        "convention), "
         "measured from autograd's saved tensors on one training batch; full: every activation "
         "autograd keeps for the step. MB = 2**20 bytes."
         + (

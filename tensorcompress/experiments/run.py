@@ -721,7 +721,7 @@ def _factored_fields(model: nn.Module) -> dict[str, Any]:
 
 def _weight_bytes(model: nn.Module, names: Sequence[str]) -> int:
     """Bytes of the trained layers' own parameters: a dense layer's weight and bias, a
-    factored one's factors and bias (the weight side of the paper's convention)."""
+    factored one's factors and bias (the weight side of the WASI paper's convention)."""
     modules = dict(model.named_modules())
     return sum(
         p.numel() * p.element_size() for n in names for p in modules[n].parameters(recurse=False)
@@ -1188,14 +1188,14 @@ def _target_findings(rows: Sequence[R.Row]) -> list[str]:
 
 
 def _paper_bytes(fields: Mapping[str, Any]) -> float:
-    # The paper's convention: the trained layers' weights plus what they keep.
+    # The WASI paper's convention: the trained layers' weights plus what they keep.
     return float(fields["weight_bytes"] + fields["mem_bytes"])
 
 
 def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
     """Per WSI/WASI row (first seed): how many layers are factored, their ranks, and how
     many of them hold more numbers than the dense weight (a rank above break-even); the
-    paper's memory convention against vanilla's (mean over seeds); the exported model's
+    WASI paper's memory convention against vanilla's (mean over seeds); the exported model's
     inference time against the dense model's."""
     out = []
     vanilla = {
@@ -1227,7 +1227,7 @@ def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
         ]
         if paper:
             text += (
-                f"; paper convention (the layers' weights plus their kept inputs) "
+                f"; WASI paper's convention (the layers' weights plus their kept inputs) "
                 f"{statistics.mean(p for p, _ in paper) / R.MB:.2f} MB, "
                 f"{statistics.mean(v / p for p, v in paper):.1f}x below vanilla's "
                 f"{statistics.mean(v for _, v in paper) / R.MB:.2f} MB (mean over seeds)"

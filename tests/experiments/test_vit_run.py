@@ -239,7 +239,7 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
     wasi = seeds["wasi", "1"]
     assert wasi["infer_ratio"] == wasi["infer_seconds"] / wasi["infer_dense_seconds"] > 0
     assert any("exported for inference" in n and "the dense model's" in n for n in exp.notes)
-    # The paper convention's weight side: vanilla's dense Linear weights and biases, WSI's
+    # The WASI paper's convention's weight side: vanilla's dense Linear weights and biases, WSI's
     # factors (ranks from the weights' spectra, not the dense numbers).
     model = get_model("vit_tiny", num_classes=10)
     modules = dict(model.named_modules())
@@ -257,7 +257,7 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
         )
         for n in wsi["layer_names"]
     )
-    assert any(n.startswith("WSI ε=0.8") and "paper convention" in n for n in exp.notes)
+    assert any(n.startswith("WSI ε=0.8") and "WASI paper's convention" in n for n in exp.notes)
     text = exp.table()
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
