@@ -20,7 +20,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from tensorcompress import rank as _rank
@@ -41,6 +41,7 @@ _WORTH_TIMING = 4
 _BLOCK = 1024
 
 R = TypeVar("R")
+K = TypeVar("K")
 
 
 class Step(NamedTuple):
@@ -236,6 +237,8 @@ def unfold_flips(steps: Plan, ndim: int) -> Iterator[Plan]:
 MEASURE_FROM = 1 << 20
 # Candidates timed: the cheapest estimates, then the winner's basis flips.
 _CANDIDATES = 6
+# Runs of each candidate, interleaved; the fastest counts.
+_ROUNDS = 3
 
 _measuring = True
 _chosen: dict[tuple[Any, ...], Plan] = {}
@@ -289,21 +292,25 @@ def _worth_measuring(x: Array) -> bool:
     return _measuring and math.prod(x.shape) >= MEASURE_FROM and str(device(x)) == "cpu"
 
 
-def _timed(fn: Callable[[], R], fastest: list[Any]) -> float:
-    """The faster of two runs of ``fn`` in seconds (the first pays one-time costs).
+def _timed(fns: Mapping[K, Callable[[], Any]], fastest: list[Any]) -> dict[K, float]:
+    """The fastest of :data:`_ROUNDS` runs of each of ``fns``, in seconds.
 
-    ``fastest`` holds ``[seconds, result]`` of the fastest run seen so far
-    and is updated, so only that run's result stays alive.
+    The runs are interleaved round by round, so a burst of other load on a
+    shared machine slows every candidate alike instead of one; the first
+    round also pays one-time costs. ``fastest`` holds ``[seconds, result]``
+    of the fastest run seen so far and is updated, so only that run's result
+    stays alive.
     """
-    seconds = math.inf
-    for _ in range(2):
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        seconds = min(seconds, elapsed)
-        if elapsed < fastest[0]:
-            fastest[:] = [elapsed, result]
-        del result
+    seconds = dict.fromkeys(fns, math.inf)
+    for _ in range(_ROUNDS):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            seconds[key] = min(seconds[key], elapsed)
+            if elapsed < fastest[0]:
+                fastest[:] = [elapsed, result]
+            del result
     return seconds
 
 
@@ -329,24 +336,18 @@ def run(
     timed: dict[Plan, float] = {}
     fastest: list[Any] = [math.inf, None]
 
-    def measure(steps: Plan) -> None:
-        if steps not in timed:
-            timed[steps] = _timed(functools.partial(sweep, steps), fastest)
+    def measure(plans: Iterable[Plan]) -> Plan:
+        new = {steps: functools.partial(sweep, steps) for steps in plans if steps not in timed}
+        timed.update(_timed(new, fastest))
+        return min(timed, key=timed.__getitem__)
 
-    for steps in candidates[:_CANDIDATES]:
-        measure(steps)
-    winner = min(timed, key=timed.__getitem__)
+    winner = measure(candidates[:_CANDIDATES])
     if iterate:
         limit = _WORTH_TIMING * _cost(shape, ranks, candidates[0], False)
-        for steps in gram_flips(winner):
-            if _cost(shape, ranks, steps, False) <= limit:
-                measure(steps)
-        winner = min(timed, key=timed.__getitem__)
+        winner = measure(s for s in gram_flips(winner) if _cost(shape, ranks, s, False) <= limit)
         # A copy against batched products: which is faster depends on the
         # shapes and the BLAS, so each is timed on the winner.
-        for steps in unfold_flips(winner, len(shape)):
-            measure(steps)
-        winner = min(timed, key=timed.__getitem__)
+        winner = measure(unfold_flips(winner, len(shape)))
     _chosen[key] = winner
     result: R = fastest[1]
     return result
@@ -363,8 +364,8 @@ def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Arr
     same conditions as the sweeps' measured plans (:func:`measured_plans`
     on, ``like`` on a CPU and at least :data:`MEASURE_FROM` entries), the
     first call for ``key`` (with ``like``'s dtype and the thread count)
-    times every option twice and keeps the fastest for the process;
-    otherwise the first option runs.
+    times every option three times, interleaved, and keeps the fastest for
+    the process; otherwise the first option runs.
 
     Parameters
     ----------
@@ -388,7 +389,7 @@ def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Arr
     if name is not None:
         return options[name]()
     best: list[Any] = [math.inf, None]
-    timed = {name: _timed(options[name], best) for name in names}
+    timed = _timed(options, best)
     _chosen_options[full] = min(timed, key=timed.__getitem__)
     result: R = best[1]
     return result
