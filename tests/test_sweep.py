@@ -36,6 +36,18 @@ def _reference_sweep(a: np.ndarray, order: list[int], basis) -> tuple[dict, dict
     return factors, explained
 
 
+def _subspace_iteration(start, n_iter: int):
+    """Per mode, ``n_iter`` subspace-iteration steps from ``start``'s factor, in float64."""
+
+    def step(k: int, unfolding: np.ndarray) -> np.ndarray:
+        u = np.asarray(start.factors[k], dtype=np.float64)
+        for _ in range(n_iter):
+            u = np.linalg.qr(unfolding @ (unfolding.T @ u))[0]
+        return u
+
+    return step
+
+
 def _flat(steps: _sweep.Plan) -> list[int]:
     return [k for step in steps for k in step.modes]
 
@@ -89,11 +101,7 @@ def test_asi_block_equals_mode_by_mode_iteration(to_backend, shape, ranks) -> No
     start = hosvd.decompose(to_backend(decaying_tensor(shape, seed=9, decay=0.7)), ranks)
     res = asi.decompose(x, ranks, warm_start=start, n_iter=2)
 
-    def subspace_step(k: int, unfolding: np.ndarray) -> np.ndarray:
-        u = np.asarray(start.factors[k], dtype=np.float64)
-        for _ in range(2):
-            u = np.linalg.qr(unfolding @ (unfolding.T @ u))[0]
-        return u
+    subspace_step = _subspace_iteration(start, n_iter=2)
 
     order = _flat(_sweep.plan(shape, ranks, iterate=True))
     factors, explained = _reference_sweep(a, order, subspace_step)
@@ -133,11 +141,7 @@ def test_asi_thin_middle_step_on_a_mode_first_copy_is_the_same_iteration(
     monkeypatch.setattr(_sweep, "plans", lambda *args: (steps,))
     res = asi.decompose(x, ranks, warm_start=start, n_iter=2)
 
-    def subspace_step(k: int, unfolding: np.ndarray) -> np.ndarray:
-        u = np.asarray(start.factors[k], dtype=np.float64)
-        for _ in range(2):
-            u = np.linalg.qr(unfolding @ (unfolding.T @ u))[0]
-        return u
+    subspace_step = _subspace_iteration(start, n_iter=2)
 
     factors, explained = _reference_sweep(a, [1, 0, 2], subspace_step)
     _assert_same_subspaces(res, factors, explained, x)
