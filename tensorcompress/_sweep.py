@@ -257,7 +257,8 @@ def measured_plans(enabled: bool) -> bool:
     order and product shapes depend on the BLAS and the thread count, which
     an estimate cannot know. The same switch covers the other measured
     choices (:func:`fastest`: the contraction order of a Linear's weight
-    gradient from a Tucker input). Every order is a valid ST-HOSVD / ASI
+    gradient from a Tucker input; a compressed 1x1 conv's forward and input
+    gradient as a conv or a matrix product). Every order is a valid ST-HOSVD / ASI
     sweep, but the order changes the result slightly: turn measuring off
     where results must not depend on the machine.
 

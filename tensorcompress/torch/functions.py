@@ -229,17 +229,61 @@ def _pad_input(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+def _pixel_product(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``w`` (``O x C``) applied at every position of ``x`` (``N, C, *spatial``,
+    contiguous), plus ``b``: one batched matrix product."""
+    y = torch.matmul(w, x.reshape(int(x.shape[0]), int(x.shape[1]), -1))
+    if b is not None:
+        y.add_(b.reshape(1, -1, 1))
+    return y.reshape(int(x.shape[0]), int(w.shape[0]), *x.shape[2:])
+
+
+def _pointwise(
+    name: str,
+    conv: Callable[[], torch.Tensor],
+    w: torch.Tensor,
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+) -> torch.Tensor:
+    """``conv()``, or the same 1x1 conv (weight ``w`` as ``O x C``) as a batched
+    matrix product: whichever is measured faster for these shapes.
+
+    On this project's CPU, oneDNN's 1x1 conv of an NCHW tensor is slower than
+    the product on some shapes and faster on others, so this is a measured
+    choice (:func:`tensorcompress._sweep.fastest`; the first option, the conv,
+    where nothing is measured: on a GPU, with measuring off, or on a small
+    tensor).
+    """
+    if not x.is_contiguous():
+        return conv()
+    options: dict[str, Callable[[], torch.Tensor]] = {
+        "conv": conv,
+        "matmul": functools.partial(_pixel_product, w, x, b),
+    }
+    return _sweep.fastest((name, tuple(x.shape), tuple(w.shape), b is not None), options, x)
+
+
 def _conv_forward(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, spec: ConvSpec
 ) -> torch.Tensor:
+    if spec.groups == 1 and spec.pointwise:
+        conv = functools.partial(_conv_call, x, w, b, spec, (0,) * spec.ndim)
+        return _pointwise("1x1 conv", conv, w.reshape(int(w.shape[0]), -1), x, b)
     native = spec.native_padding
     if native is None:
         x, native = _pad_input(x, spec), (0,) * spec.ndim
-    if spec.ndim == 1:
-        return F.conv1d(x, w, b, spec.stride, native, spec.dilation, spec.groups)
-    if spec.ndim == 2:
-        return F.conv2d(x, w, b, spec.stride, native, spec.dilation, spec.groups)
-    return F.conv3d(x, w, b, spec.stride, native, spec.dilation, spec.groups)
+    return _conv_call(x, w, b, spec, native)
+
+
+def _conv_call(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    spec: ConvSpec,
+    padding: tuple[int, ...],
+) -> torch.Tensor:
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
+    return conv(x, w, b, spec.stride, padding, spec.dilation, spec.groups)
 
 
 def _conv_backward(
@@ -277,8 +321,10 @@ def _transposed_conv(
         c_out, c_in_g = int(w.shape[0]), int(w.shape[1])
         wt = w.reshape(g, c_out // g, c_in_g, *w.shape[2:]).transpose(1, 2)
         wt = wt.reshape(g * c_in_g, c_out // g, *w.shape[2:]).flip(list(range(2, w.ndim)))
-        conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
-        return conv(gy, wt, None, 1, tuple(flip_pad), spec.dilation, g)
+        conv = functools.partial(_conv_call, gy, wt, None, spec, tuple(flip_pad))
+        if g == 1 and spec.pointwise:
+            return _pointwise("1x1 conv input gradient", conv, wt.reshape(c_in_g, c_out), gy, None)
+        return conv()
     extra = [
         int(n) - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
         for n, o, s, p, d, k in zip(

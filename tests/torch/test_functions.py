@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorcompress import hosvd
+import tensorcompress
+from tensorcompress import _sweep, hosvd
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch import (
     CompressedConv1d,
@@ -400,6 +401,45 @@ def test_either_linear_weight_grad_order_is_dw_of_the_reconstruction(
     assert got.shape == (12, 24)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fn.linear_weight_grad(res, gy), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+def test_a_pointwise_conv_as_one_product_is_the_conv(bias: bool) -> None:
+    """The batched product that is measured against a 1x1 conv (its forward, and
+    its input gradient with the transposed weight) gives the conv's result."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 6, 1, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(7, generator=g, dtype=torch.float64) if bias else None
+    y = fn._pixel_product(w.reshape(7, 6), x, b)
+    torch.testing.assert_close(y, F.conv2d(x, w, b), rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous()
+    gy = torch.randn(4, 7, 5, 3, generator=g, dtype=torch.float64)
+    gx = fn._pixel_product(w.reshape(7, 6).t(), gy, None)
+    expected = torch.autograd.grad(F.conv2d(x.requires_grad_(), w, b), x, gy)[0]
+    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_pointwise_conv_layer_measures_conv_against_product(monkeypatch) -> None:
+    """On a CPU with measuring on, a compressed 1x1 conv's forward and input
+    gradient each run whichever of the conv and the batched product is faster
+    (chosen once per shape), and stay exact: the output and input gradient
+    equal the plain layer's."""
+    monkeypatch.setattr(_sweep, "_chosen_options", {})
+    before = tensorcompress.measured_plans(True)
+    try:
+        plain = nn.Conv2d(64, 64, 1)
+        x = torch.randn(64, 64, 16, 16)  # _sweep.MEASURE_FROM entries
+        gy = torch.randn(64, 64, 16, 16)
+        y, grads = run(compressed(plain, "asi", rank=(8, 8, 4, 4)), x, gy)
+        y_ref, grads_ref = run(plain, x, gy)
+    finally:
+        tensorcompress.measured_plans(before)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["input"], grads_ref["input"], rtol=1e-5, atol=1e-5)
+    chosen = {key[0]: name for key, name in _sweep._chosen_options.items()}
+    assert chosen.keys() >= {"1x1 conv", "1x1 conv input gradient"}
+    assert set(chosen.values()) <= {"conv", "matmul"}
 
 
 def test_hosvd_threshold_ranks_follow_the_core() -> None:
