@@ -62,6 +62,7 @@ __all__ = [
     "linear_weight_grad",
     "memory_order",
     "pad_rows",
+    "pointwise_conv",
     "project_mode0",
 ]
 
@@ -238,52 +239,44 @@ def _pixel_product(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> 
     return y.reshape(int(x.shape[0]), int(w.shape[0]), *x.shape[2:])
 
 
-def _pointwise(
-    name: str,
-    conv: Callable[[], torch.Tensor],
-    w: torch.Tensor,
-    x: torch.Tensor,
-    b: torch.Tensor | None,
-) -> torch.Tensor:
-    """``conv()``, or the same 1x1 conv (weight ``w`` as ``O x C``) as a batched
-    matrix product: whichever is measured faster for these shapes.
+def _pixel_conv(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.ndim - 3]
+    return conv(x, w.reshape(*w.shape, *(1,) * (x.ndim - 2)), b)
 
-    On this project's CPU, oneDNN's 1x1 conv of an NCHW tensor is slower than
-    the product on some shapes and faster on others, so this is a measured
-    choice (:func:`tensorcompress._sweep.fastest`; the first option, the conv,
-    where nothing is measured: on a GPU, with measuring off, or on a small
-    tensor).
+
+def pointwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1 conv (stride 1, no padding) of ``x`` (``N, C, *spatial``) with
+    ``weight`` (``O x C``), plus ``bias``.
+
+    Torch's conv, or one batched matrix product over the pixels, whichever is
+    measured faster for these shapes. On this project's CPU oneDNN's 1x1 conv
+    of an NCHW tensor is the faster of the two on some shapes only, so it is a
+    measured choice (:func:`tensorcompress._sweep.fastest`); the conv runs
+    where nothing is measured (a GPU, measuring off, a small tensor) and on a
+    tensor not in NCHW order.
     """
     if not x.is_contiguous():
-        return conv()
+        return _pixel_conv(weight, x, bias)
     options: dict[str, Callable[[], torch.Tensor]] = {
-        "conv": conv,
-        "matmul": functools.partial(_pixel_product, w, x, b),
+        "conv": functools.partial(_pixel_conv, weight, x, bias),
+        "matmul": functools.partial(_pixel_product, weight, x, bias),
     }
-    return _sweep.fastest((name, tuple(x.shape), tuple(w.shape), b is not None), options, x)
+    key = ("1x1 conv", tuple(x.shape), tuple(weight.shape), bias is not None)
+    return _sweep.fastest(key, options, x)
 
 
 def _conv_forward(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, spec: ConvSpec
 ) -> torch.Tensor:
     if spec.groups == 1 and spec.pointwise:
-        conv = functools.partial(_conv_call, x, w, b, spec, (0,) * spec.ndim)
-        return _pointwise("1x1 conv", conv, w.reshape(int(w.shape[0]), -1), x, b)
+        return pointwise_conv(x, w.reshape(int(w.shape[0]), -1), b)
     native = spec.native_padding
     if native is None:
         x, native = _pad_input(x, spec), (0,) * spec.ndim
-    return _conv_call(x, w, b, spec, native)
-
-
-def _conv_call(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    spec: ConvSpec,
-    padding: tuple[int, ...],
-) -> torch.Tensor:
     conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
-    return conv(x, w, b, spec.stride, padding, spec.dilation, spec.groups)
+    return conv(x, w, b, spec.stride, native, spec.dilation, spec.groups)
 
 
 def _conv_backward(
@@ -319,12 +312,12 @@ def _transposed_conv(
         # which runs the fast forward kernels (transposed depthwise convs do not).
         g = spec.groups
         c_out, c_in_g = int(w.shape[0]), int(w.shape[1])
+        if g == 1 and spec.pointwise:
+            return pointwise_conv(gy, w.reshape(c_out, c_in_g).transpose(0, 1))
         wt = w.reshape(g, c_out // g, c_in_g, *w.shape[2:]).transpose(1, 2)
         wt = wt.reshape(g * c_in_g, c_out // g, *w.shape[2:]).flip(list(range(2, w.ndim)))
-        conv = functools.partial(_conv_call, gy, wt, None, spec, tuple(flip_pad))
-        if g == 1 and spec.pointwise:
-            return _pointwise("1x1 conv input gradient", conv, wt.reshape(c_in_g, c_out), gy, None)
-        return conv()
+        conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
+        return conv(gy, wt, None, 1, tuple(flip_pad), spec.dilation, g)
     extra = [
         int(n) - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
         for n, o, s, p, d, k in zip(

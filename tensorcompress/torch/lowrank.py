@@ -42,7 +42,7 @@ from torch import nn
 
 from tensorcompress import rank as _rank
 from tensorcompress.torch.convert import replace_module
-from tensorcompress.torch.functions import ConvSpec
+from tensorcompress.torch.functions import ConvSpec, pointwise_conv
 
 __all__ = [
     "LowRankConv2d",
@@ -474,7 +474,7 @@ class LowRankConv2d(LowRankModule):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``conv2d(conv2d(input, R, ...), L[:, :, None, None], bias)``."""
         z = self.conv_right(input)
-        return F.conv2d(z, self.left[:, :, None, None], self.bias)
+        return pointwise_conv(z, self.left, self.bias)
 
     def _dense_module(self) -> nn.Module:
         p = self.left

@@ -77,6 +77,7 @@ from tensorcompress.torch.functions import (
     autocast_dtype,
     conv_input_grad,
     factored_linear_base,
+    pointwise_conv,
     project_mode0,
 )
 from tensorcompress.torch.lowrank import (
@@ -206,11 +207,6 @@ def _conv_weight_grad(
         gy, x, w, None, list(spec.stride), list(padding), list(spec.dilation),
         False, [0] * spec.ndim, 1, [False, True, False],
     )[1]  # fmt: skip
-
-
-def _channel_mix(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``t`` (``B, C, ...``) with its channels mapped by ``m`` (``C_new x C``): a 1x1 conv."""
-    return F.conv2d(t, m[:, :, None, None])
 
 
 def _leading_contraction(res: TuckerResult, g: torch.Tensor) -> torch.Tensor:
@@ -364,7 +360,7 @@ class _ConvFunction(torch.autograd.Function):
         keep: KeepFn,
     ) -> torch.Tensor:
         with _no_autocast(x.device.type):
-            y = F.conv2d(conv_with(x, right, spec), left[:, :, None, None], bias)
+            y = pointwise_conv(conv_with(x, right, spec), left, bias)
             needs_factors = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
             kept = keep(x) if needs_factors else None
         ctx.kind, tensors = _pack(kept) if kept is not None else ("none", ())
@@ -384,14 +380,14 @@ class _ConvFunction(torch.autograd.Function):
         with _no_autocast(gy.device.type):
             lt = left.transpose(0, 1)
             if need_x:
-                gx = conv_input_grad(_channel_mix(gy, lt), ctx.x_shape, right, spec)
+                gx = conv_input_grad(pointwise_conv(gy, lt), ctx.x_shape, right, spec)
             if ctx.kind == "exact" and (need_l or need_r):
                 xp, native = _padded(tensors[0], spec)
                 if need_l:
                     z = F.conv2d(xp, right, None, spec.stride, native, spec.dilation)
                     gl = torch.tensordot(gy, z, dims=([0, 2, 3], [0, 2, 3]))  # (C_out, k)
                 if need_r:
-                    gk = _channel_mix(gy, lt)
+                    gk = pointwise_conv(gy, lt)
                     gr = _conv_weight_grad(xp, gk, right.shape, spec, native)
             elif ctx.kind == "tucker" and (need_l or need_r):
                 res = _unpack("tucker", tensors)
@@ -405,7 +401,7 @@ class _ConvFunction(torch.autograd.Function):
                     z = F.conv2d(yp, r_c, None, spec.stride, native, spec.dilation)
                     gl = torch.tensordot(gp, z, dims=([0, 2, 3], [0, 2, 3]))  # (C_out, k)
                 if need_r:
-                    gk = _channel_mix(gp, lt)  # (r_B, k, H', W')
+                    gk = pointwise_conv(gp, lt)  # (r_B, k, H', W')
                     shape = (k, int(core.shape[1]), *right.shape[2:])
                     g_c = _conv_weight_grad(yp, gk, shape, spec, native)
                     gr = torch.einsum("jdhw,cd->jchw", g_c, u_c)

@@ -403,21 +403,27 @@ def test_either_linear_weight_grad_order_is_dw_of_the_reconstruction(
     torch.testing.assert_close(fn.linear_weight_grad(res, gy), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("spatial", [(5,), (5, 3), (4, 3, 2)], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
-def test_a_pointwise_conv_as_one_product_is_the_conv(bias: bool) -> None:
-    """The batched product that is measured against a 1x1 conv (its forward, and
-    its input gradient with the transposed weight) gives the conv's result."""
+def test_both_ways_of_a_pointwise_conv_are_the_conv(spatial: tuple[int, ...], bias: bool) -> None:
+    """The two options measured for a 1x1 conv (torch's conv, one batched
+    product) give the conv's forward, and its input gradient with the
+    transposed weight, in float64."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, 5, 3, generator=g, dtype=torch.float64)
-    w = torch.randn(7, 6, 1, 1, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 6, *spatial, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 6, generator=g, dtype=torch.float64)
     b = torch.randn(7, generator=g, dtype=torch.float64) if bias else None
-    y = fn._pixel_product(w.reshape(7, 6), x, b)
-    torch.testing.assert_close(y, F.conv2d(x, w, b), rtol=1e-12, atol=1e-12)
-    assert y.is_contiguous()
-    gy = torch.randn(4, 7, 5, 3, generator=g, dtype=torch.float64)
-    gx = fn._pixel_product(w.reshape(7, 6).t(), gy, None)
-    expected = torch.autograd.grad(F.conv2d(x.requires_grad_(), w, b), x, gy)[0]
-    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=1e-12)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
+    expected = conv(x, w.reshape(7, 6, *(1,) * len(spatial)), b)
+    gy = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    (expected_gx,) = torch.autograd.grad(expected, x, gy)
+    for way in (fn._pixel_product, fn._pixel_conv):
+        y = way(w, x.detach(), b)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        assert y.is_contiguous()
+        gx = way(w.t(), gy, None)
+        torch.testing.assert_close(gx, expected_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fn.pointwise_conv(x.detach(), w, b), expected)
 
 
 def test_a_pointwise_conv_layer_measures_conv_against_product(monkeypatch) -> None:
@@ -437,9 +443,10 @@ def test_a_pointwise_conv_layer_measures_conv_against_product(monkeypatch) -> No
         tensorcompress.measured_plans(before)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads["input"], grads_ref["input"], rtol=1e-5, atol=1e-5)
-    chosen = {key[0]: name for key, name in _sweep._chosen_options.items()}
-    assert chosen.keys() >= {"1x1 conv", "1x1 conv input gradient"}
-    assert set(chosen.values()) <= {"conv", "matmul"}
+    keys = [k for k in _sweep._chosen_options if k[0] == "1x1 conv"]
+    # The forward (with the bias) and the input gradient (the transposed weight).
+    assert sorted(k[3] for k in keys) == [False, True]
+    assert {_sweep._chosen_options[k] for k in keys} <= {"conv", "matmul"}
 
 
 def test_hosvd_threshold_ranks_follow_the_core() -> None:
