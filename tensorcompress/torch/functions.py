@@ -233,10 +233,12 @@ def _pad_input(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 def _pixel_product(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``w`` (``O x C``) applied at every position of ``x`` (``N, C, *spatial``,
     contiguous), plus ``b``: one batched matrix product."""
-    y = torch.matmul(w, x.reshape(int(x.shape[0]), int(x.shape[1]), -1))
-    if b is not None:
-        y.add_(b.reshape(1, -1, 1))
-    return y.reshape(int(x.shape[0]), int(w.shape[0]), *x.shape[2:])
+    n = int(x.shape[0])
+    # bmm on the expanded weight: torch.matmul folds the batch into a copy of
+    # x when either operand requires grad.
+    ws, flat = w.expand(n, *w.shape), x.reshape(n, int(x.shape[1]), -1)
+    y = torch.bmm(ws, flat) if b is None else torch.baddbmm(b.reshape(1, -1, 1), ws, flat)
+    return y.reshape(n, int(w.shape[0]), *x.shape[2:])
 
 
 def _pixel_conv(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
