@@ -6,7 +6,7 @@ adapter lives in :mod:`tensorcompress.torch`.
 """
 
 from tensorcompress import asi, hosvd, rank, svd, tenalg
-from tensorcompress._sweep import chosen_plans, measured_plans
+from tensorcompress._sweep import chosen_options, chosen_plans, measured_plans
 from tensorcompress.rank import ExplainedVariance, Fixed
 from tensorcompress.results import SVDResult, TuckerResult
 
@@ -16,6 +16,7 @@ __all__ = [
     "SVDResult",
     "TuckerResult",
     "asi",
+    "chosen_options",
     "chosen_plans",
     "hosvd",
     "measured_plans",

@@ -289,6 +289,20 @@ def chosen_plans() -> dict[tuple[Any, ...], Plan]:
     return dict(_chosen)
 
 
+def chosen_options() -> dict[tuple[Any, ...], str]:
+    """The other measured choices made in this process (:func:`fastest`).
+
+    Returns
+    -------
+    dict
+        ``(operation, *shapes, dtype, threads)`` to the name of the option
+        kept: for ``"linear weight gradient"``, ``"projecting"`` or
+        ``"expanding"``; for ``"1x1 conv"`` (a compressed 1x1 conv's forward
+        or input gradient), ``"conv"`` or ``"matmul"``.
+    """
+    return dict(_chosen_options)
+
+
 def _worth_measuring(x: Array) -> bool:
     return _measuring and math.prod(x.shape) >= MEASURE_FROM and str(device(x)) == "cpu"
 
