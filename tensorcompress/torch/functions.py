@@ -230,6 +230,10 @@ def _pad_input(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+"""Torch's conv by number of spatial dims (1-3)."""
+
+
 def _pixel_product(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``w`` (``O x C``) applied at every position of ``x`` (``N, C, *spatial``,
     contiguous), plus ``b``: one batched matrix product."""
@@ -242,7 +246,7 @@ def _pixel_product(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> 
 
 
 def _pixel_conv(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    conv = (F.conv1d, F.conv2d, F.conv3d)[x.ndim - 3]
+    conv = _CONVS[x.ndim - 3]
     return conv(x, w.reshape(*w.shape, *(1,) * (x.ndim - 2)), b)
 
 
@@ -277,7 +281,7 @@ def _conv_forward(
     native = spec.native_padding
     if native is None:
         x, native = _pad_input(x, spec), (0,) * spec.ndim
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
+    conv = _CONVS[spec.ndim - 1]
     return conv(x, w, b, spec.stride, native, spec.dilation, spec.groups)
 
 
@@ -318,7 +322,7 @@ def _transposed_conv(
             return pointwise_conv(gy, w.reshape(c_out, c_in_g).transpose(0, 1))
         wt = w.reshape(g, c_out // g, c_in_g, *w.shape[2:]).transpose(1, 2)
         wt = wt.reshape(g * c_in_g, c_out // g, *w.shape[2:]).flip(list(range(2, w.ndim)))
-        conv = (F.conv1d, F.conv2d, F.conv3d)[spec.ndim - 1]
+        conv = _CONVS[spec.ndim - 1]
         return conv(gy, wt, None, 1, tuple(flip_pad), spec.dilation, g)
     extra = [
         int(n) - ((o - 1) * s - 2 * p + d * (k - 1) + 1)

@@ -379,15 +379,18 @@ class _ConvFunction(torch.autograd.Function):
         gx = gl = gr = gb = None
         with _no_autocast(gy.device.type):
             lt = left.transpose(0, 1)
-            if need_x:
-                gx = conv_input_grad(pointwise_conv(gy, lt), ctx.x_shape, right, spec)
+            # G L (the output gradient on the k channels): the input gradient's
+            # first product, and dR's operand when the input is kept exactly.
+            need_gk = need_x or (ctx.kind == "exact" and need_r)
+            gk = pointwise_conv(gy, lt) if need_gk else None
+            if gk is not None and need_x:
+                gx = conv_input_grad(gk, ctx.x_shape, right, spec)
             if ctx.kind == "exact" and (need_l or need_r):
                 xp, native = _padded(tensors[0], spec)
                 if need_l:
                     z = F.conv2d(xp, right, None, spec.stride, native, spec.dilation)
                     gl = torch.tensordot(gy, z, dims=([0, 2, 3], [0, 2, 3]))  # (C_out, k)
-                if need_r:
-                    gk = pointwise_conv(gy, lt)
+                if gk is not None and need_r:
                     gr = _conv_weight_grad(xp, gk, right.shape, spec, native)
             elif ctx.kind == "tucker" and (need_l or need_r):
                 res = _unpack("tucker", tensors)
