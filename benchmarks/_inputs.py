@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from _timing import add_allocator_argument
 
 import tensorcompress
 from tensorcompress.experiments.activations import SOURCES, Source, realistic_activation
@@ -48,7 +49,8 @@ class Setting:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--sources``, ``--thresholds``, ``--threads``, ``--plans`` and ``--product-dtype``."""
+    """Add ``--sources``, ``--thresholds``, ``--threads``, ``--plans``, ``--product-dtype``
+    and ``--allocator``."""
     parser.add_argument(
         "--sources", nargs="+", choices=SOURCES, default=["images"], help="activation images"
     )
@@ -77,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of ASI's and HOSVD's tensor products (their product_dtype); the "
         "baselines, TensorLy and vanilla stay in float32",
     )
+    add_allocator_argument(parser)
 
 
 def settings(args: argparse.Namespace) -> Iterator[Setting]:

@@ -19,6 +19,7 @@ operation and operand shapes, and the speed of the matrix products.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from pytest_benchmark.stats import Stats
 from torch.utils.flop_counter import FlopCounterMode
+
+from tensorcompress.experiments.allocator import ALLOCATORS, minor_faults
 
 TIMER = time.perf_counter  # pytest-benchmark's default timer
 
@@ -53,8 +56,23 @@ def bench(benchmark: Any, call: Callable[[], Any], rounds: int, warmup: int) -> 
     return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
 
+def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--allocator`` (:mod:`tensorcompress.experiments.allocator`; default ``reuse``)."""
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="reuse",
+        help="reuse: freed memory kept mapped for the next allocation, steady times "
+        "(default); system: the C library's defaults, whose page faults depend on the "
+        "allocation history",
+    )
+
+
 def time_rounds(
-    calls: Mapping[str, Callable[[], Any]], rounds: int, warmup: int
+    calls: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Time every call once per round, in turn; return the times in seconds.
 
@@ -66,6 +84,9 @@ def time_rounds(
         Timed rounds; each round times every call once, in order.
     warmup : int
         Untimed rounds first.
+    faults : dict, optional
+        Filled with each call's minor page faults, round by round (pages the
+        call mapped in on first touch: time spent on memory, not arithmetic).
 
     Returns
     -------
@@ -78,9 +99,12 @@ def time_rounds(
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            before = minor_faults()
             start = TIMER()
             call()
             times[name].append(TIMER() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - before)
     return times
 
 

@@ -4,7 +4,8 @@
 parametrize every benchmark that takes a ``source``, ``threshold`` or
 ``product_dtype`` argument, so they are part
 of each benchmark's name and a saved run compares only with a run of the same
-settings; ``--threads`` sets torch's intra-op threads for the session. The
+settings; ``--threads`` sets torch's intra-op threads for the session and
+``--allocator`` how freed memory is handled (:mod:`tensorcompress.experiments.allocator`). The
 defaults (scikit-learn images, 0.8, torch's default threads) keep CI's
 ``--benchmark-disable`` run short. Torch's version and thread count go into
 the saved machine info and the report header.
@@ -18,6 +19,9 @@ import pytest
 import torch
 
 from tensorcompress.experiments.activations import SOURCES
+from tensorcompress.experiments.allocator import ALLOCATORS, use_allocator
+
+_ALLOCATOR = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,12 +47,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--threads", type=int, default=0, help="torch intra-op threads (default: torch's)"
     )
+    group.addoption(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="reuse",
+        help="reuse: freed memory kept for the next allocation, steady times (default); "
+        "system: the C library's defaults",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("threads", default=0)
     if threads:
         torch.set_num_threads(threads)
+    config.stash[_ALLOCATOR] = use_allocator(config.getoption("allocator", default="reuse"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -64,7 +76,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+    allocator = config.stash.get(_ALLOCATOR, "")
+    return f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; {allocator}"
 
 
 def pytest_benchmark_update_machine_info(
@@ -72,3 +85,4 @@ def pytest_benchmark_update_machine_info(
 ) -> None:
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["allocator"] = config.stash.get(_ALLOCATOR, "")

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _timing import bench, summary, time_rounds
+from _timing import add_allocator_argument, bench, summary, time_rounds
 from torch import nn
 
 from tensorcompress.experiments.activations import sample_images
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.models import resnet18
 from tensorcompress.torch import last_layers
 from tensorcompress.torch.budget import (
@@ -156,7 +157,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_allocator_argument(parser)
     args = parser.parse_args()
+    print(use_allocator(args.allocator))
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup.make(args.size, args.device)

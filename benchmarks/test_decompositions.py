@@ -47,6 +47,7 @@ from tensorly.decomposition import tucker
 
 from tensorcompress import asi, hosvd, tenalg
 from tensorcompress.experiments.activations import Source, realistic_activation
+from tensorcompress.experiments.allocator import use_allocator
 
 SHAPES = [(64, 512, 7, 7), (64, 256, 14, 14), (64, 96, 28, 28), (32, 64, 56, 56), (32, 197, 384)]
 METHODS = (
@@ -390,7 +391,8 @@ def main() -> None:
         f"{args.repeats} interleaved rounds after {WARMUP} warm-up; medians. ref/asi and "
         "off/asi: baseline time over warm ASI's ((rounds): middle half of the ratios round "
         "by round; (flops): reference's counted operations over warm ASI's); tl/hosvd: "
-        "TensorLy's time over hosvd.decompose's at the same ranks; errors on the same batch."
+        "TensorLy's time over hosvd.decompose's at the same ranks; errors on the same batch; "
+        f"{use_allocator(args.allocator)}."
     )
     for setting in settings(args):
         before = load_average()

@@ -37,6 +37,7 @@ from torch import nn
 
 from tensorcompress import hosvd
 from tensorcompress.experiments.activations import Source
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import CompressedModule, convert
 
@@ -242,7 +243,8 @@ def measure(
             for m in methods
             if applicable(layer, m)
         }
-        times = time_rounds(steps, repeats, WARMUP)
+        faults: dict[str, list[int]] = {}
+        times = time_rounds(steps, repeats, WARMUP, faults)
         kept = {m: s.kept_bytes() for m, s in steps.items()}
         base_t = summary(times["vanilla"]).median
         for m, s in steps.items():
@@ -255,6 +257,7 @@ def measure(
                     "ranks": s.ranks,
                     "ms": 1e3 * stats.median,
                     "iqr_ms": 1e3 * stats.iqr,
+                    "faults": summary([float(f) for f in faults[m]]).median,
                     "time_ratio": stats.median / base_t,
                     "kept_ratio": kept[m] / kept["vanilla"],
                     "gw_err": err,
@@ -280,7 +283,7 @@ def print_table(setting: Setting, rows: list[dict[str, Any]], load: tuple[float,
     """Print the ratio table of one setting, measured at ``load`` (before, after)."""
     print(f"\n{setting}; load average {load[0]:.1f} before, {load[1]:.1f} after")
     header = (
-        f"{'layer':<8} {'method':<16} {'ranks':<18} {'step ms':>8} {'iqr ms':>7} "
+        f"{'layer':<8} {'method':<16} {'ranks':<18} {'step ms':>8} {'iqr ms':>7} {'faults':>6} "
         f"{'time/van':>8} {'kept/van':>8} {'dW err':>7} {'HOSVD@r':>7}  targets"
     )
     print(header)
@@ -289,7 +292,7 @@ def print_table(setting: Setting, rows: list[dict[str, Any]], load: tuple[float,
         hosvd_err = "" if r["hosvd_err"] is None else f"{r['hosvd_err']:.3f}"
         print(
             f"{r['layer']:<8} {r['method']:<16} {r['ranks']!s:<18} {r['ms']:8.1f} "
-            f"{r['iqr_ms']:7.1f} {r['time_ratio']:8.2f} {r['kept_ratio']:8.4f} "
+            f"{r['iqr_ms']:7.1f} {r['faults']:6.0f} {r['time_ratio']:8.2f} {r['kept_ratio']:8.4f} "
             f"{r['gw_err']:7.3f} {hosvd_err:>7}  {_target_mark(r)}"
         )
 
@@ -311,7 +314,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, default threads {torch.get_num_threads()}, "
         f"{args.repeats} interleaved rounds after {WARMUP} warm-up; medians; "
-        "time/van and kept/van: ratios to vanilla in the same rounds"
+        "time/van and kept/van: ratios to vanilla in the same rounds; "
+        f"faults: minor page faults per step (median); {use_allocator(args.allocator)}"
     )
     for setting in settings(args):
         before = load_average()

@@ -33,8 +33,10 @@ from typing import Any
 
 import pytest
 import torch
+from _timing import add_allocator_argument
 from torch import nn
 
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.models import vit_tiny
 from tensorcompress.torch import CompressedLinear, convert, input_groups, last_blocks
 from tensorcompress.torch.measure import activation_memory
@@ -174,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=BLOCKS, help=f"last blocks ({BLOCKS})")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds ({ROUNDS})")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    print(use_allocator(args.allocator))
     if args.threads:
         torch.set_num_threads(args.threads)
     setups = build(args.batch, args.blocks)

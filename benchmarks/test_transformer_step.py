@@ -52,9 +52,11 @@ from typing import Any
 
 import pytest
 import torch
+from _timing import add_allocator_argument
 from torch import nn
 
 from tensorcompress.experiments.activations import sample_images
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.models import tiny_llama, vit_tiny
 from tensorcompress.torch.measure import MB, TrainingMemory, training_memory
 from tensorcompress.torch.transformer import BlockOptions, prepare
@@ -449,7 +451,9 @@ def main() -> None:
     parser.add_argument(
         "--time-only", action="store_true", help="step times only (no memory, no gradient error)"
     )
+    add_allocator_argument(parser)
     args = parser.parse_args()
+    print(use_allocator(args.allocator))
     torch.set_num_threads(args.threads)
     names = ["vanilla", *[m for m in args.methods if m != "vanilla"]]
     print(

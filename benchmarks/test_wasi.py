@@ -58,8 +58,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import add_allocator_argument
 from torch import nn
 
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.torch import last_blocks, select_layers
 from tensorcompress.torch.lowrank import export_low_rank, factorize, low_rank_layers
 from tensorcompress.torch.measure import training_memory
@@ -569,7 +571,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=1000, help="refresh study: steps")
     parser.add_argument("--seeds", type=int, default=2, help="refresh study: seeds")
+    add_allocator_argument(parser)
     args = parser.parse_args()
+    print(use_allocator(args.allocator))
     torch.set_num_threads(args.threads)
     if args.refresh_study:
         print_refresh_study(refresh_study(args.steps, args.seeds), args.steps, args.seeds)

@@ -35,9 +35,10 @@ from typing import Any
 
 import pytest
 import torch
-from _timing import bench, time_rounds
+from _timing import add_allocator_argument, bench, time_rounds
 
 from tensorcompress import _sweep
+from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import functions as fn
 
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds ({ROUNDS})")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    print(use_allocator(args.allocator))
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

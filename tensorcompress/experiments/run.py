@@ -63,6 +63,7 @@ from tensorcompress.experiments import frontier as FR
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
+from tensorcompress.experiments.allocator import ALLOCATORS, use_allocator
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
@@ -1463,6 +1464,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-cache", action="store_true", help="always pretrain, store nothing")
     o.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     o.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
+    o.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="reuse",
+        help="reuse: freed memory kept for the next allocation, so step times do not depend "
+        "on page faults (default); system: the C library's defaults",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.add_argument(
         "--plans",
@@ -1564,10 +1572,12 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive int, got {args.threads}")
         torch.set_num_threads(args.threads)
+    allocator = use_allocator(args.allocator)
     env = T.init_distributed(config.device)
     try:
         exp = run_experiment(config, env)
         if env.main:
+            exp.meta["environment"]["allocator"] = allocator
             table = exp.table()
             files = R.write_results(out, exp.rows, exp.meta, table, exp.summary())
             print(table)

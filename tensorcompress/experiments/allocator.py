@@ -1,0 +1,95 @@
+"""Steady CPU timings: freed memory kept for reuse instead of handed back to the system.
+
+glibc's ``malloc`` serves a block above its mmap threshold (128 KiB at
+start, then adapting to the largest block freed so far) with a fresh
+``mmap``, and hands it back on ``free``; it also trims the heap's free top
+once that exceeds twice the threshold. Every page of such a block then
+faults in again on first touch. A CPU training step allocates and frees
+many blocks of megabytes (outputs, gradients, a convolution's workspace,
+a decomposition's temporaries),
+so part of its time goes to page faults, and how much depends on the
+process's allocation history. On this project's machine, vanilla's
+training step of a depthwise conv on a 64x96x28x28 input faulted in 4,704
+pages (its 19 MB output) every step and took 17.8 and 22.0 ms in two runs
+with the defaults, against no faults and 14.8 and 14.9 ms with freed memory
+reused (``python benchmarks/test_layers.py --layers dw3x3 --thresholds 0.8
+--methods vanilla asi --repeats 7 --allocator system``, then ``reuse``:
+the ``faults`` column).
+
+:func:`reuse_freed_memory` fixes the state: blocks up to 32 MiB come from
+the heap and freed memory stays mapped for the next allocation, which is
+what the allocators PyTorch's CPU tuning guides recommend (jemalloc,
+TCMalloc) do too. The benchmarks and ``tensorcompress run`` call it unless
+given ``--allocator system``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["ALLOCATORS", "minor_faults", "reuse_freed_memory", "use_allocator"]
+
+ALLOCATORS = ("reuse", "system")
+"""``--allocator`` choices: freed memory reused (:func:`reuse_freed_memory`), or
+the C library's defaults left as they are."""
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest accepted value on 64-bit systems
+_NEVER_TRIM = 2**31 - 1
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed memory mapped and reuse it (glibc on Linux; elsewhere a no-op).
+
+    Sets glibc's mmap threshold to 32 MiB (its maximum; this also stops the
+    threshold from adapting) and the trim threshold to 2 GiB, for the whole
+    process and from now on. Large temporaries then reuse pages already
+    mapped instead of faulting fresh ones in, so step times stop depending
+    on the allocation history. The cost: memory freed after a peak stays
+    with the process instead of going back to the system (the peak itself
+    is unchanged).
+
+    Returns
+    -------
+    bool
+        Whether the C library accepted both settings (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+    )
+
+
+def use_allocator(choice: str) -> str:
+    """Apply an ``--allocator`` choice; returns a description for a report's header.
+
+    Parameters
+    ----------
+    choice : {"reuse", "system"}
+        ``"reuse"``: :func:`reuse_freed_memory`; ``"system"``: nothing.
+    """
+    if choice not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {choice!r}")
+    if choice == "system":
+        return "allocator: the C library's defaults"
+    if reuse_freed_memory():
+        return "allocator: freed memory reused (glibc, mmap threshold 32 MiB, no trim)"
+    return "allocator: the C library's defaults (reuse_freed_memory needs glibc)"
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages mapped in on first touch; 0 off Unix)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
