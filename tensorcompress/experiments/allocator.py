@@ -16,8 +16,8 @@ reused (``python benchmarks/test_layers.py --layers dw3x3 --thresholds 0.8
 --methods vanilla asi --repeats 7 --allocator system``, then ``reuse``:
 the ``faults`` column).
 
-:func:`reuse_freed_memory` fixes the state: blocks up to 32 MiB come from
-the heap and freed memory stays mapped for the next allocation, which is
+:func:`reuse_freed_memory` fixes the state: every block comes from the
+heap and freed memory stays mapped for the next allocation, which is
 what the allocators PyTorch's CPU tuning guides recommend (jemalloc,
 TCMalloc) do too. The benchmarks and ``tensorcompress run`` call it unless
 given ``--allocator system``.
@@ -35,18 +35,18 @@ ALLOCATORS = ("reuse", "system")
 the C library's defaults left as they are."""
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest accepted value on 64-bit systems
+_M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1
 
 
 def reuse_freed_memory() -> bool:
     """Keep freed memory mapped and reuse it (glibc on Linux; elsewhere a no-op).
 
-    Sets glibc's mmap threshold to 32 MiB (its maximum; this also stops the
-    threshold from adapting) and the trim threshold to 2 GiB, for the whole
-    process and from now on. Large temporaries then reuse pages already
-    mapped instead of faulting fresh ones in, so step times stop depending
+    Stops glibc from serving blocks with ``mmap`` (``M_MMAP_MAX`` 0: every
+    block comes from the heap, whatever its size) and sets the heap's trim
+    threshold to 2 GiB, for the whole process and from now on. Large
+    temporaries then reuse pages already mapped instead of faulting fresh
+    ones in, so step times stop depending
     on the allocation history. The cost: memory freed after a peak stays
     with the process instead of going back to the system (the peak itself
     is unchanged).
@@ -64,9 +64,7 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
-    )
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
 def use_allocator(choice: str) -> str:
@@ -82,7 +80,7 @@ def use_allocator(choice: str) -> str:
     if choice == "system":
         return "allocator: the C library's defaults"
     if reuse_freed_memory():
-        return "allocator: freed memory reused (glibc, mmap threshold 32 MiB, no trim)"
+        return "allocator: freed memory reused (glibc: no mmap, no trim)"
     return "allocator: the C library's defaults (reuse_freed_memory needs glibc)"
 
 
