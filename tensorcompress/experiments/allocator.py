@@ -6,15 +6,14 @@ start, then adapting to the largest block freed so far) with a fresh
 once that exceeds twice the threshold. Every page of such a block then
 faults in again on first touch. A CPU training step allocates and frees
 many blocks of megabytes (outputs, gradients, a convolution's workspace,
-a decomposition's temporaries),
-so part of its time goes to page faults, and how much depends on the
-process's allocation history. On this project's machine, vanilla's
-training step of a depthwise conv on a 64x96x28x28 input faulted in 4,704
-pages (its 19 MB output) every step and took 17.8 and 22.0 ms in two runs
-with the defaults, against no faults and 14.8 and 14.9 ms with freed memory
-reused (``python benchmarks/test_layers.py --layers dw3x3 --thresholds 0.8
---methods vanilla asi --repeats 7 --allocator system``, then ``reuse``:
-the ``faults`` column).
+a decomposition's temporaries), so part of its time goes to page faults,
+and how much depends on the process's allocation history. On this project's machine, vanilla's
+training step of a 1x1 conv (64x192x28x28 input) faulted in 37,636 pages
+every step and took 73-75 ms with the defaults, against no faults and
+31-34 ms with freed memory reused; its depthwise conv step took 21-28 ms
+against 14-16 ms (``python benchmarks/test_layers.py --layers dw3x3 pw1x1
+linear --thresholds 0.8 --repeats 7 --methods vanilla asi --allocator
+system``, then ``reuse``, twice in turn: the ``faults`` column).
 
 :func:`reuse_freed_memory` fixes the state: every block comes from the
 heap and freed memory stays mapped for the next allocation, which is
