@@ -62,6 +62,9 @@ def test_quick_run_end_to_end_cached_and_reproducible(
 
     doc = json.loads((first / "results.json").read_text())
     assert [p["cached"] for p in doc["pretraining"]] == [False]
+    # The step times were taken with freed memory reused (--allocator reuse).
+    if sys.platform.startswith("linux"):
+        assert doc["environment"]["allocator"].startswith("allocator: freed memory reused")
     rows = _rows(first)
     assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in METHODS}
     for (method, _), row in rows.items():
