@@ -29,7 +29,7 @@ import torch
 from pytest_benchmark.stats import Stats
 from torch.utils.flop_counter import FlopCounterMode
 
-from tensorcompress.experiments.allocator import ALLOCATORS, minor_faults
+from tensorcompress.experiments.allocator import ALLOCATOR_HELP, ALLOCATORS, minor_faults
 
 TIMER = time.perf_counter  # pytest-benchmark's default timer
 
@@ -62,9 +62,7 @@ def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
         "--allocator",
         choices=ALLOCATORS,
         default="reuse",
-        help="reuse: freed memory kept mapped for the next allocation, steady times "
-        "(default); system: the C library's defaults, whose page faults depend on the "
-        "allocation history",
+        help=ALLOCATOR_HELP,
     )
 
 
@@ -99,7 +97,7 @@ def time_rounds(
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            before = minor_faults()
+            before = minor_faults() if faults is not None else 0
             start = TIMER()
             call()
             times[name].append(TIMER() - start)

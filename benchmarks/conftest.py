@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tensorcompress.experiments.activations import SOURCES
-from tensorcompress.experiments.allocator import ALLOCATORS, use_allocator
+from tensorcompress.experiments.allocator import ALLOCATOR_HELP, ALLOCATORS, use_allocator
 
 _ALLOCATOR = pytest.StashKey[str]()
 
@@ -51,8 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--allocator",
         choices=ALLOCATORS,
         default="reuse",
-        help="reuse: freed memory kept for the next allocation, steady times (default); "
-        "system: the C library's defaults",
+        help=ALLOCATOR_HELP,
     )
 
 

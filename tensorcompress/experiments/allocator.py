@@ -27,11 +27,17 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["ALLOCATORS", "minor_faults", "reuse_freed_memory", "use_allocator"]
+__all__ = ["ALLOCATORS", "ALLOCATOR_HELP", "minor_faults", "reuse_freed_memory", "use_allocator"]
 
 ALLOCATORS = ("reuse", "system")
 """``--allocator`` choices: freed memory reused (:func:`reuse_freed_memory`), or
 the C library's defaults left as they are."""
+
+ALLOCATOR_HELP = (
+    "reuse: freed memory kept for the next allocation, so step times do not depend on "
+    "page faults (default); system: the C library's defaults"
+)
+"""The ``--allocator`` option's help, the same in every command that takes it."""
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4

@@ -63,7 +63,7 @@ from tensorcompress.experiments import frontier as FR
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
-from tensorcompress.experiments.allocator import ALLOCATORS, use_allocator
+from tensorcompress.experiments.allocator import ALLOCATOR_HELP, ALLOCATORS, use_allocator
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
@@ -1468,8 +1468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allocator",
         choices=ALLOCATORS,
         default="reuse",
-        help="reuse: freed memory kept for the next allocation, so step times do not depend "
-        "on page faults (default); system: the C library's defaults",
+        help=ALLOCATOR_HELP,
     )
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.add_argument(
