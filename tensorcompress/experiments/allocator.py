@@ -25,7 +25,7 @@ given ``--allocator system``.
 from __future__ import annotations
 
 import ctypes
-import sys
+import platform
 
 __all__ = ["ALLOCATORS", "ALLOCATOR_HELP", "minor_faults", "reuse_freed_memory", "use_allocator"]
 
@@ -45,23 +45,22 @@ _NEVER_TRIM = 2**31 - 1
 
 
 def reuse_freed_memory() -> bool:
-    """Keep freed memory mapped and reuse it (glibc on Linux; elsewhere a no-op).
+    """Keep freed memory mapped and reuse it (glibc; elsewhere a no-op).
 
     Stops glibc from serving blocks with ``mmap`` (``M_MMAP_MAX`` 0: every
     block comes from the heap, whatever its size) and sets the heap's trim
     threshold to 2 GiB, for the whole process and from now on. Large
     temporaries then reuse pages already mapped instead of faulting fresh
-    ones in, so step times stop depending
-    on the allocation history. The cost: memory freed after a peak stays
-    with the process instead of going back to the system (the peak itself
-    is unchanged).
+    ones in, so step times stop depending on the allocation history. The
+    cost: memory freed after a peak stays with the process instead of going
+    back to the system (the peak itself is unchanged).
 
     Returns
     -------
     bool
         Whether the C library accepted both settings (False off glibc).
     """
-    if not sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_quick_run_end_to_end_cached_and_reproducible(
     doc = json.loads((first / "results.json").read_text())
     assert [p["cached"] for p in doc["pretraining"]] == [False]
     # The step times were taken with freed memory reused (--allocator reuse).
-    if sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] == "glibc":
         assert doc["environment"]["allocator"].startswith("allocator: freed memory reused")
     rows = _rows(first)
     assert set(rows) == {("vanilla", "all")} | {(m, "2") for m in METHODS}
