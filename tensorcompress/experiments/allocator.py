@@ -78,6 +78,16 @@ def use_allocator(choice: str) -> str:
     ----------
     choice : {"reuse", "system"}
         ``"reuse"``: :func:`reuse_freed_memory`; ``"system"``: nothing.
+
+    Returns
+    -------
+    str
+        What the process now runs with, for a report's header.
+
+    Raises
+    ------
+    ValueError
+        If ``choice`` is not one of :data:`ALLOCATORS`.
     """
     if choice not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, got {choice!r}")
