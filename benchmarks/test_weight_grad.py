@@ -37,7 +37,7 @@ import pytest
 import torch
 from _timing import add_allocator_argument, bench, time_rounds
 
-from tensorcompress import _sweep
+from tensorcompress import _measured
 from tensorcompress.experiments.allocator import use_allocator
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import functions as fn
@@ -102,14 +102,14 @@ def test_weight_grad(benchmark: Any, case: str, order: str) -> None:
 def chosen(case: str) -> str:
     """The order the measured choice keeps for the case (on a fresh choice)."""
     tucker, _, gy = inputs(case)
-    previous = dict(_sweep._chosen_options)
-    _sweep._chosen_options.clear()
+    previous = dict(_measured._chosen_options)
+    _measured._chosen_options.clear()
     try:
         fn.linear_weight_grad(tucker, gy)
-        picks = list(_sweep._chosen_options.values())
+        picks = list(_measured._chosen_options.values())
     finally:
-        _sweep._chosen_options.clear()
-        _sweep._chosen_options.update(previous)
+        _measured._chosen_options.clear()
+        _measured._chosen_options.update(previous)
     return picks[0] if picks else "projecting (not measured: small, or measuring off)"
 
 

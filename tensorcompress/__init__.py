@@ -6,7 +6,8 @@ adapter lives in :mod:`tensorcompress.torch`.
 """
 
 from tensorcompress import asi, hosvd, rank, svd, tenalg
-from tensorcompress._sweep import chosen_options, chosen_plans, measured_plans
+from tensorcompress._measured import chosen_options, measured_plans
+from tensorcompress._sweep import chosen_plans
 from tensorcompress.rank import ExplainedVariance, Fixed
 from tensorcompress.results import SVDResult, TuckerResult
 

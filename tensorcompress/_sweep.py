@@ -18,13 +18,11 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+from tensorcompress import _measured, tenalg
 from tensorcompress import rank as _rank
-from tensorcompress import tenalg
 from tensorcompress._array import Array, cast, device
 
 # A product narrower than this is bound by memory traffic, not arithmetic: one
@@ -41,7 +39,6 @@ _WORTH_TIMING = 4
 _BLOCK = 1024
 
 R = TypeVar("R")
-K = TypeVar("K")
 
 
 class Step(NamedTuple):
@@ -230,51 +227,10 @@ def unfold_flips(steps: Plan, ndim: int) -> Iterator[Plan]:
 # Measured choice
 # ---------------------------------------------------------------------------
 
-# Sweeps over fewer entries take a few milliseconds, where the estimate is
-# good enough; measuring would cost more than it saves. (From 2**19, the ViT's
-# 64x65x192 token inputs would be measured too: a small gain in time, and a
-# transient memory that then depends on the plan the timing picks.)
-MEASURE_FROM = 1 << 20
 # Candidates timed: the cheapest estimates, then the winner's basis flips.
 _CANDIDATES = 6
-# Runs of each candidate, interleaved; the fastest counts.
-_ROUNDS = 3
 
-_measuring = True
 _chosen: dict[tuple[Any, ...], Plan] = {}
-
-
-def measured_plans(enabled: bool) -> bool:
-    """Turn the measured choice of sweep plans on or off.
-
-    When on (the default), the first sequential sweep (``hosvd.decompose``,
-    a warm ``asi.decompose``) of each shape, ranks, method, dtype and torch
-    thread count, over at least :data:`MEASURE_FROM` entries on a CPU, times
-    a few candidate plans on its own input (the cheapest estimates, then the
-    winner with each mode's basis switched between Gram matrix and thin
-    products, then with each thin-product middle mode switched to a
-    mode-first copy) and keeps the fastest for the rest of the process. The fastest
-    order and product shapes depend on the BLAS and the thread count, which
-    an estimate cannot know. The same switch covers the other measured
-    choices (:func:`fastest`: the contraction order of a Linear's weight
-    gradient from a Tucker input; a compressed 1x1 conv's forward and input
-    gradient as a conv or a matrix product). Every order is a valid ST-HOSVD / ASI
-    sweep, but the order changes the result slightly: turn measuring off
-    where results must not depend on the machine.
-
-    Parameters
-    ----------
-    enabled : bool
-        Measure (True) or always take the estimated plan (False).
-
-    Returns
-    -------
-    bool
-        The previous setting.
-    """
-    global _measuring
-    previous, _measuring = _measuring, bool(enabled)
-    return previous
 
 
 def chosen_plans() -> dict[tuple[Any, ...], Plan]:
@@ -287,46 +243,6 @@ def chosen_plans() -> dict[tuple[Any, ...], Plan]:
         ``iterate`` is True for ASI's warm steps, False for HOSVD.
     """
     return dict(_chosen)
-
-
-def chosen_options() -> dict[tuple[Any, ...], str]:
-    """The other measured choices made in this process (:func:`fastest`).
-
-    Returns
-    -------
-    dict
-        ``(operation, *shapes, dtype, threads)`` to the name of the option
-        kept: for ``"linear weight gradient"``, ``"projecting"`` or
-        ``"expanding"``; for ``"1x1 conv"`` (a compressed 1x1 conv's forward
-        or input gradient), ``"conv"`` or ``"matmul"``.
-    """
-    return dict(_chosen_options)
-
-
-def _worth_measuring(x: Array) -> bool:
-    return _measuring and math.prod(x.shape) >= MEASURE_FROM and str(device(x)) == "cpu"
-
-
-def _timed(fns: Mapping[K, Callable[[], Any]], fastest: list[Any]) -> dict[K, float]:
-    """The fastest of :data:`_ROUNDS` runs of each of ``fns``, in seconds.
-
-    The runs are interleaved round by round, so a burst of other load on a
-    shared machine slows every candidate alike instead of one; the first
-    round also pays one-time costs. ``fastest`` holds ``[seconds, result]``
-    of the fastest run seen so far and is updated, so only that run's result
-    stays alive.
-    """
-    seconds = dict.fromkeys(fns, math.inf)
-    for _ in range(_ROUNDS):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            result = fn()
-            elapsed = time.perf_counter() - start
-            seconds[key] = min(seconds[key], elapsed)
-            if elapsed < fastest[0]:
-                fastest[:] = [elapsed, result]
-            del result
-    return seconds
 
 
 def run(
@@ -343,9 +259,9 @@ def run(
     """
     shape = tuple(int(n) for n in x.shape)
     candidates = plans(shape, ranks, iterate)
-    if len(candidates) == 1 or not _worth_measuring(x):
+    if len(candidates) == 1 or not _measured.worth_measuring(x):
         return sweep(candidates[0])
-    key = (shape, ranks, iterate, str(x.dtype), _threads(x))
+    key = (shape, ranks, iterate, str(x.dtype), _measured.threads(x))
     if key in _chosen:
         return sweep(_chosen[key])
     timed: dict[Plan, float] = {}
@@ -353,7 +269,7 @@ def run(
 
     def measure(plans: Iterable[Plan]) -> Plan:
         new = {steps: functools.partial(sweep, steps) for steps in plans if steps not in timed}
-        timed.update(_timed(new, fastest))
+        timed.update(_measured.timed(new, fastest))
         return min(timed, key=timed.__getitem__)
 
     winner = measure(candidates[:_CANDIDATES])
@@ -366,55 +282,6 @@ def run(
     _chosen[key] = winner
     result: R = fastest[1]
     return result
-
-
-_chosen_options: dict[tuple[Any, ...], str] = {}
-
-
-def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Array) -> R:
-    """The result of whichever of ``options`` computes it fastest here.
-
-    For the products whose fastest order depends on the BLAS and the thread
-    count (a weight gradient contracted in factored form, say). Under the
-    same conditions as the sweeps' measured plans (:func:`measured_plans`
-    on, ``like`` on a CPU and at least :data:`MEASURE_FROM` entries), the
-    first call for ``key`` (with ``like``'s dtype and the thread count)
-    times every option three times, interleaved, and keeps the fastest for
-    the process; otherwise the first option runs.
-
-    Parameters
-    ----------
-    key : tuple
-        What fixes the choice: the operation's name and shapes.
-    options : dict of str to callable
-        Ways to compute the same result, the default first.
-    like : array
-        The operation's largest input.
-
-    Returns
-    -------
-    object
-        The chosen option's result.
-    """
-    names = list(options)
-    if len(names) == 1 or not _worth_measuring(like):
-        return options[names[0]]()
-    full = (*key, str(like.dtype), _threads(like))
-    name = _chosen_options.get(full)
-    if name is not None:
-        return options[name]()
-    best: list[Any] = [math.inf, None]
-    timed = _timed(options, best)
-    _chosen_options[full] = min(timed, key=timed.__getitem__)
-    result: R = best[1]
-    return result
-
-
-def _threads(x: Array) -> int | None:
-    # Torch's intra-op threads set the fastest products; numpy's BLAS threads
-    # are not visible without another dependency.
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None and isinstance(x, torch.Tensor) else None
 
 
 def _mode_gram(xp: Any, g: Array, dims: Sequence[int], i: int) -> Array:

@@ -8,7 +8,7 @@ import pytest
 from core_data import decaying_tensor, tol
 
 import tensorcompress
-from tensorcompress import _sweep, asi, hosvd
+from tensorcompress import _measured, _sweep, asi, hosvd
 from tensorcompress._array import namespace
 
 # Small trailing modes that the plan visits jointly, and a 5-way variant
@@ -166,14 +166,14 @@ def test_unfold_flips_switch_thin_middle_modes_only() -> None:
     ]
 
 
-LARGE = (64, 64, 16, 16)  # _sweep.MEASURE_FROM entries
+LARGE = (64, 64, 16, 16)  # _measured.MEASURE_FROM entries
 LARGE_RANKS = (8, 8, 4, 4)
 
 
 @pytest.fixture(autouse=True)
 def _no_chosen_plans(monkeypatch) -> None:
     monkeypatch.setattr(_sweep, "_chosen", {})
-    monkeypatch.setattr(_sweep, "_chosen_options", {})
+    monkeypatch.setattr(_measured, "_chosen_options", {})
 
 
 def test_measured_choice_keeps_the_fastest_candidate_and_its_result() -> None:
@@ -242,17 +242,17 @@ def test_fastest_keeps_the_fastest_option_and_its_result() -> None:
         "quick": functools.partial(option, "quick", 0.0),
     }
     large = np.zeros(LARGE, dtype=np.float32)
-    assert _sweep.fastest(("op", 1), options, large) == "quick"
+    assert _measured.fastest(("op", 1), options, large) == "quick"
     assert calls == 3 * ["default", "quick"]  # each timed three times, interleaved
     calls.clear()
-    assert _sweep.fastest(("op", 1), options, large) == "quick"
+    assert _measured.fastest(("op", 1), options, large) == "quick"
     assert calls == ["quick"]  # cached
     calls.clear()
     # Small inputs, or measuring off: the first option, untimed.
-    assert _sweep.fastest(("op", 2), options, np.zeros((4, 4))) == "default"
+    assert _measured.fastest(("op", 2), options, np.zeros((4, 4))) == "default"
     previous = tensorcompress.measured_plans(False)
     try:
-        assert _sweep.fastest(("op", 3), options, large) == "default"
+        assert _measured.fastest(("op", 3), options, large) == "default"
     finally:
         tensorcompress.measured_plans(previous)
     assert calls == ["default", "default"]

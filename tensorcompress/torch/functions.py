@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tensorcompress import _sweep, tenalg
+from tensorcompress import _measured, tenalg
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch import gradient_filter as gf
 from tensorcompress.torch.gradient_filter import PatchAverage
@@ -259,7 +259,7 @@ def pointwise_conv(
     Torch's conv, or one batched matrix product over the pixels, whichever is
     measured faster for these shapes. On this project's CPU oneDNN's 1x1 conv
     of an NCHW tensor is the faster of the two on some shapes only, so it is a
-    measured choice (:func:`tensorcompress._sweep.fastest`); the conv runs
+    measured choice (:func:`tensorcompress._measured.fastest`); the conv runs
     where nothing is measured (a GPU, measuring off, a small tensor) and on a
     tensor not in NCHW order.
     """
@@ -270,7 +270,7 @@ def pointwise_conv(
         "matmul": functools.partial(_pixel_product, weight, x, bias),
     }
     key = ("1x1 conv", tuple(x.shape), tuple(weight.shape), bias is not None)
-    return _sweep.fastest(key, options, x)
+    return _measured.fastest(key, options, x)
 
 
 def _conv_forward(
@@ -513,7 +513,7 @@ def linear_weight_grad(
     and contracted with the whole output gradient, then with ``U_C``. The
     second runs one long product where the first runs several short ones,
     and is faster on token tensors at high ranks; which one runs is
-    measured per shape and ranks (``tensorcompress._sweep.fastest``, on a
+    measured per shape and ranks (``tensorcompress._measured.fastest``, on a
     CPU with :func:`~tensorcompress.measured_plans` on; the first
     otherwise). SVD of the feature unfolding ``X^T = U S Vh``:
     ``dW = (gy^T Vh^T S) U^T``.
@@ -521,7 +521,7 @@ def linear_weight_grad(
     c_out = int(grad_output.shape[-1])
     if isinstance(compressed, TuckerResult):
         g = grad_output.reshape(*compressed.shape[:-1], c_out)
-        return _sweep.fastest(
+        return _measured.fastest(
             ("linear weight gradient", compressed.shape, compressed.ranks, c_out),
             {
                 "projecting": functools.partial(_projecting, compressed, g),

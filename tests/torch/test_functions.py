@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorcompress
-from tensorcompress import _sweep, hosvd
+from tensorcompress import _measured, hosvd
 from tensorcompress.results import SVDResult, TuckerResult
 from tensorcompress.torch import (
     CompressedConv1d,
@@ -431,11 +431,11 @@ def test_a_pointwise_conv_layer_measures_conv_against_product(monkeypatch) -> No
     gradient each run whichever of the conv and the batched product is faster
     (chosen once per shape), and stay exact: the output and input gradient
     equal the plain layer's."""
-    monkeypatch.setattr(_sweep, "_chosen_options", {})
+    monkeypatch.setattr(_measured, "_chosen_options", {})
     before = tensorcompress.measured_plans(True)
     try:
         plain = nn.Conv2d(64, 64, 1)
-        x = torch.randn(64, 64, 16, 16)  # _sweep.MEASURE_FROM entries
+        x = torch.randn(64, 64, 16, 16)  # _measured.MEASURE_FROM entries
         gy = torch.randn(64, 64, 16, 16)
         y, grads = run(compressed(plain, "asi", rank=(8, 8, 4, 4)), x, gy)
         y_ref, grads_ref = run(plain, x, gy)
