@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tensorcompress
-from tensorcompress import _sweep as sweep
+from tensorcompress import _measured
 from tensorcompress.experiments import data as D
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import run as run_mod
@@ -190,11 +190,11 @@ def test_run_takes_its_sweep_plans_and_restores_the_setting(
     plans: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
-    monkeypatch.setattr(run_mod, "_run", lambda *args: seen.append(sweep._measuring))
+    monkeypatch.setattr(run_mod, "_run", lambda *args: seen.append(_measured._measuring))
     before = tensorcompress.measured_plans(True)
     try:
         run_mod.run_experiment(run_mod.RunConfig(model="vit_tiny", plans=plans))
-        assert seen == [plans == "measured"] and sweep._measuring
+        assert seen == [plans == "measured"] and _measured._measuring
     finally:
         tensorcompress.measured_plans(before)
 
