@@ -47,8 +47,7 @@ def measured_plans(enabled: bool) -> bool:
     an estimate cannot know. The same switch covers the other measured
     choices (:func:`fastest`: the contraction order of a Linear's weight
     gradient from a Tucker input; a compressed 1x1 conv's forward and input
-    gradient as a conv or a matrix product; a wide Gram matrix as one
-    product or from its lower block triangle). Every order is a valid ST-HOSVD / ASI
+    gradient as a conv or a matrix product). Every order is a valid ST-HOSVD / ASI
     sweep, but the order changes the result slightly: turn measuring off
     where results must not depend on the machine.
 
@@ -76,9 +75,7 @@ def chosen_options() -> dict[tuple[Any, ...], str]:
         ``(operation, *shapes, dtype, threads)`` to the name of the option
         kept: for ``"linear weight gradient"``, ``"projecting"`` or
         ``"expanding"``; for ``"1x1 conv"`` (a compressed 1x1 conv's forward
-        or input gradient), ``"conv"`` or ``"matmul"``; for ``"gram"`` (a
-        Gram matrix of a torch tensor's unfolding, at least 128 wide),
-        ``"product"`` or ``"lower blocks"``.
+        or input gradient), ``"conv"`` or ``"matmul"``.
     """
     return dict(_chosen_options)
 

@@ -16,13 +16,11 @@ against its speed-ups).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from tensorcompress import _measured
-from tensorcompress._array import Array, device, is_torch_array, namespace, to_float
+from tensorcompress._array import Array, device, namespace, to_float
 
 __all__ = [
     "cross_gram",
@@ -49,10 +47,6 @@ _SHORT_PRODUCT = 6
 _SHORT_GRAM = 4
 _FOLDED = 512
 _FOLDED_GRAM = 128
-# A Gram matrix at least this wide may be computed from its lower block
-# triangle (see _self_product); below, the saved work is too small to time.
-_HALVED_FROM = 128
-_HALVES = 4
 
 
 def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
@@ -182,13 +176,12 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
         # transposed operand on the left several times faster (measured 6x
         # for (172032 x 28)^T (172032 x 8) on torch's CPU BLAS).
         if x is y:
-            return _self_product(xp.reshape(x, (p, n)), True, xp)
+            x2 = xp.reshape(x, (p, n))
+            return xp.matrix_transpose(x2) @ x2
         return xp.matrix_transpose(
             xp.matrix_transpose(xp.reshape(y, (p, m))) @ xp.reshape(x, (p, n))
         )
     if p == 1:
-        if x is y:
-            return _self_product(xp.reshape(x, (n, q)), False, xp)
         return xp.reshape(x, (n, q)) @ xp.matrix_transpose(xp.reshape(y, (m, q)))
     if q <= _SHORT_GRAM and max(n, m) * q <= _FOLDED_GRAM:
         # One product over (p, n q) x (p, m q), then the trace over the q pairs.
@@ -208,44 +201,9 @@ def cross_gram(x: Array, y: Array, mode: int, *, xp: Any = None) -> Array:
     # (one copy for a Gram matrix).
     xf = xp.reshape(xp.moveaxis(x3, 1, 0), (n, p * q))
     if x is y:
-        return _self_product(xf, False, xp)
+        return xf @ xp.matrix_transpose(xf)
     yf = xp.reshape(xp.moveaxis(y3, 1, 0), (m, p * q))
     return xf @ xp.matrix_transpose(yf)
-
-
-def _self_product(a: Array, transposed: bool, xp: Any) -> Array:
-    """``a^T a`` (``transposed``) or ``a a^T``: the Gram matrix of a 2-D array.
-
-    The matrix is symmetric, so its lower block triangle holds all of it:
-    with the rows cut in ``_HALVES`` blocks, 10 of the 16 block products
-    (5/8 of the multiply-adds), then the upper blocks mirrored. Numpy's
-    matmul already does this (BLAS ``syrk``); torch's runs the full GEMM, and
-    whether the smaller products are faster depends on the shapes and the
-    thread count, so a large torch Gram matrix on a CPU is measured once
-    (:func:`tensorcompress._measured.fastest`).
-    """
-    n = int(a.shape[1] if transposed else a.shape[0])
-
-    def full() -> Array:
-        return xp.matrix_transpose(a) @ a if transposed else a @ xp.matrix_transpose(a)
-
-    if n < _HALVED_FROM or not is_torch_array(a):
-        return full()
-
-    def lower_blocks() -> Array:
-        g = xp.empty((n, n), dtype=a.dtype, device=device(a))
-        edges = [n * i // _HALVES for i in range(_HALVES + 1)]
-        for lo, hi in itertools.pairwise(edges):
-            if transposed:
-                g[lo:hi, :hi] = xp.matrix_transpose(a[:, lo:hi]) @ a[:, :hi]
-            else:
-                g[lo:hi, :hi] = a[lo:hi, :] @ xp.matrix_transpose(a[:hi, :])
-        for lo, hi in itertools.pairwise(edges[:-1]):
-            g[lo:hi, hi:] = xp.matrix_transpose(g[hi:, lo:hi])
-        return g
-
-    key = ("gram", tuple(int(d) for d in a.shape), transposed)
-    return _measured.fastest(key, {"product": full, "lower blocks": lower_blocks}, a)
 
 
 def partial_trace(g: Array, *, xp: Any = None) -> Array:

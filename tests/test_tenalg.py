@@ -5,7 +5,7 @@ import pytest
 import tensorly as tl
 from core_data import make
 
-from tensorcompress import _measured, tenalg
+from tensorcompress import tenalg
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -47,33 +47,6 @@ def test_mode_dot_gram_cross_gram_match_unfolded_products(
         tl.unfold(a, mode) @ tl.unfold(b, mode).T,
         atol=1e-12,
     )
-
-
-# Gram matrices at least tenalg._HALVED_FROM wide, in each self-product form:
-# the last mode (a^T a), the first (a a^T), a middle one on a mode-first copy.
-@pytest.mark.parametrize(("shape", "mode"), [((9, 130), 1), ((130, 9, 2), 0), ((3, 131, 7), 1)])
-@pytest.mark.parametrize("option", ["product", "lower blocks"])
-def test_wide_gram_either_way_is_the_symmetric_product(
-    shape: tuple[int, ...], mode: int, option: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_measured, "fastest", lambda key, options, like: options[option]())
-    a = np.random.default_rng(5).standard_normal(shape)
-    g = np.asarray(tenalg.gram(make("torch", "float64")(a), mode))
-    np.testing.assert_allclose(g, tl.unfold(a, mode) @ tl.unfold(a, mode).T, atol=1e-12)
-
-
-def test_large_torch_gram_is_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(_measured, "_chosen_options", {})
-    x = torch.randn(64, 128, 128)  # _measured.MEASURE_FROM entries; a^T a on the last mode
-    g = tenalg.gram(x, 2)
-    (key, choice), *others = _measured.chosen_options().items()
-    assert not others and key[0] == "gram" and choice in ("product", "lower blocks")
-    np.testing.assert_allclose(
-        g.numpy(), tl.unfold(x.numpy(), 2) @ tl.unfold(x.numpy(), 2).T, rtol=1e-4, atol=1e-2
-    )
-    assert torch.equal(tenalg.gram(x, 2), g)  # the kept choice, not timed again
-    assert len(_measured.chosen_options()) == 1
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
