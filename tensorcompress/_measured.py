@@ -81,6 +81,7 @@ def chosen_options() -> dict[tuple[Any, ...], str]:
 
 
 def worth_measuring(x: Array) -> bool:
+    """Whether a choice on ``x`` is timed: measuring on, a CPU, MEASURE_FROM entries or more."""
     return _measuring and math.prod(x.shape) >= MEASURE_FROM and str(device(x)) == "cpu"
 
 
@@ -146,6 +147,7 @@ def fastest(key: tuple[Any, ...], options: dict[str, Callable[[], R]], like: Arr
 
 
 def threads(x: Array) -> int | None:
+    """Torch's intra-op thread count for a torch ``x``, else None (part of every choice's key)."""
     # Torch's intra-op threads set the fastest products; numpy's BLAS threads
     # are not visible without another dependency.
     torch = sys.modules.get("torch")
