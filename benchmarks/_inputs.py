@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from _timing import add_allocator_argument
 
 import tensorcompress
 from tensorcompress.experiments.activations import SOURCES, Source, realistic_activation
+from tensorcompress.experiments.allocator import add_allocator_argument
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at start, before any --threads
 

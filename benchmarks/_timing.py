@@ -19,7 +19,6 @@ operation and operand shapes, and the speed of the matrix products.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ import torch
 from pytest_benchmark.stats import Stats
 from torch.utils.flop_counter import FlopCounterMode
 
-from tensorcompress.experiments.allocator import ALLOCATOR_HELP, ALLOCATORS, minor_faults
+from tensorcompress.experiments.allocator import minor_faults
 
 TIMER = time.perf_counter  # pytest-benchmark's default timer
 
@@ -54,16 +53,6 @@ def bench(benchmark: Any, call: Callable[[], Any], rounds: int, warmup: int) -> 
         What ``call`` returned.
     """
     return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
-
-
-def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--allocator`` (:mod:`tensorcompress.experiments.allocator`; default ``reuse``)."""
-    parser.add_argument(
-        "--allocator",
-        choices=ALLOCATORS,
-        default="reuse",
-        help=ALLOCATOR_HELP,
-    )
 
 
 def time_rounds(

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _timing import add_allocator_argument, bench, summary, time_rounds
+from _timing import bench, summary, time_rounds
 from torch import nn
 
 from tensorcompress.experiments.activations import sample_images
-from tensorcompress.experiments.allocator import use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.models import resnet18
 from tensorcompress.torch import last_layers
 from tensorcompress.torch.budget import (

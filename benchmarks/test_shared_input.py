@@ -33,10 +33,9 @@ from typing import Any
 
 import pytest
 import torch
-from _timing import add_allocator_argument
 from torch import nn
 
-from tensorcompress.experiments.allocator import use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.models import vit_tiny
 from tensorcompress.torch import CompressedLinear, convert, input_groups, last_blocks
 from tensorcompress.torch.measure import activation_memory

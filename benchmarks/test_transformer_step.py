@@ -52,11 +52,10 @@ from typing import Any
 
 import pytest
 import torch
-from _timing import add_allocator_argument
 from torch import nn
 
 from tensorcompress.experiments.activations import sample_images
-from tensorcompress.experiments.allocator import use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.models import tiny_llama, vit_tiny
 from tensorcompress.torch.measure import MB, TrainingMemory, training_memory
 from tensorcompress.torch.transformer import BlockOptions, prepare

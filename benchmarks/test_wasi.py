@@ -58,10 +58,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _timing import add_allocator_argument
 from torch import nn
 
-from tensorcompress.experiments.allocator import use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.torch import last_blocks, select_layers
 from tensorcompress.torch.lowrank import export_low_rank, factorize, low_rank_layers
 from tensorcompress.torch.measure import training_memory

@@ -35,10 +35,10 @@ from typing import Any
 
 import pytest
 import torch
-from _timing import add_allocator_argument, bench, time_rounds
+from _timing import bench, time_rounds
 
 from tensorcompress import _measured
-from tensorcompress.experiments.allocator import use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.results import TuckerResult
 from tensorcompress.torch import functions as fn
 

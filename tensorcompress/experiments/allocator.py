@@ -24,10 +24,18 @@ given ``--allocator system``.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import platform
 
-__all__ = ["ALLOCATORS", "ALLOCATOR_HELP", "minor_faults", "reuse_freed_memory", "use_allocator"]
+__all__ = [
+    "ALLOCATORS",
+    "ALLOCATOR_HELP",
+    "add_allocator_argument",
+    "minor_faults",
+    "reuse_freed_memory",
+    "use_allocator",
+]
 
 ALLOCATORS = ("reuse", "system")
 """``--allocator`` choices: freed memory reused (:func:`reuse_freed_memory`), or
@@ -69,6 +77,17 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def add_allocator_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--allocator`` (one of :data:`ALLOCATORS`, default ``"reuse"``) to a command.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser or argument group
+        Where the option goes; pass its value to :func:`use_allocator`.
+    """
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse", help=ALLOCATOR_HELP)
 
 
 def use_allocator(choice: str) -> str:

@@ -63,7 +63,7 @@ from tensorcompress.experiments import frontier as FR
 from tensorcompress.experiments import kinds as K
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import train as T
-from tensorcompress.experiments.allocator import ALLOCATOR_HELP, ALLOCATORS, use_allocator
+from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert
@@ -1464,12 +1464,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-cache", action="store_true", help="always pretrain, store nothing")
     o.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     o.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
-    o.add_argument(
-        "--allocator",
-        choices=ALLOCATORS,
-        default="reuse",
-        help=ALLOCATOR_HELP,
-    )
+    add_allocator_argument(o)
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.add_argument(
         "--plans",
