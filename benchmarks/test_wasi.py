@@ -48,6 +48,7 @@ table (``--threads 2`` for the figures in the docs).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ from tensorcompress.experiments.allocator import add_allocator_argument, use_all
 from tensorcompress.torch import last_blocks, select_layers
 from tensorcompress.torch.lowrank import export_low_rank, factorize, low_rank_layers
 from tensorcompress.torch.measure import training_memory
-from tensorcompress.torch.wasi import to_wasi, wasi_layers
+from tensorcompress.torch.wasi import _positive_qr, to_wasi, wasi_layers
 
 transformers = pytest.importorskip("transformers")
 # peft asks transformers a deprecated question; not ours.
@@ -558,6 +559,69 @@ def print_refresh_study(rows: list[dict[str, Any]], steps: int, seeds: int) -> N
         print(f"{name:<20} " + " ".join(f"{c['loss']:26.2f}" for c in cells))
 
 
+# ---------------------------------------------------------------------------
+# The refresh's QR: Cholesky QR against Householder
+# ---------------------------------------------------------------------------
+
+REFRESH_SHAPES = [(192, 48), (192, 96), (192, 144), (768, 48), (768, 96), (768, 144)]
+"""``L``'s shapes ``(out, k)`` in the ViT's blocks (out 192: q, k, v, o, fc2; 768: fc1)
+at the ranks thresholds give its pretrained weights (44-152)."""
+
+
+def stepped_basis(out: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal columns after one AdamW step at lr 1e-3 (every entry moved by about
+    1e-3, Adam's normalised update): what a refresh meets."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(out, k, generator=gen))
+    return basis + 1e-3 * torch.randn(out, k, generator=gen).sign()
+
+
+def householder_positive_qr(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline: Householder QR with ``diag(T) >= 0`` (what the refresh ran before)."""
+    q, t = torch.linalg.qr(left)
+    signs = torch.sign(torch.diagonal(t))
+    return q * signs, t * signs[:, None]
+
+
+REFRESH_QRS = {"householder": householder_positive_qr, "positive_qr": _positive_qr}
+
+
+@pytest.mark.parametrize("qr", REFRESH_QRS)
+def test_refresh_qr(benchmark: Any, qr: str) -> None:
+    left = stepped_basis(768, 96)
+    benchmark.group = "refresh QR, L 768x96 one step from orthonormal"
+    q, t = benchmark(REFRESH_QRS[qr], left)
+    assert float((q.T @ q - torch.eye(96)).abs().max()) < 1e-5
+    torch.testing.assert_close(q @ t, left, rtol=0, atol=1e-5)
+
+
+def print_refresh_qr(rounds: int) -> None:
+    print(
+        f"\nRefresh QR of L one step from orthonormal columns; {rounds} interleaved rounds, "
+        "medians; orth = max |Q^T Q - I| of each"
+    )
+    header = (
+        f"{'L shape':>10} {'householder us':>15} {'positive_qr us':>15} {'speed-up':>9} "
+        f"{'orth hh':>8} {'orth pqr':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for out, k in REFRESH_SHAPES:
+        left = stepped_basis(out, k)
+        calls: dict[str, Callable[[], Any]] = {
+            name: functools.partial(f, left) for name, f in REFRESH_QRS.items()
+        }
+        times = interleaved(calls, rounds, warmup=5)
+        orth = [
+            float((q.T @ q - torch.eye(k)).abs().max()) for q, _ in (f() for f in calls.values())
+        ]
+        base, new = times["householder"], times["positive_qr"]
+        print(
+            f"{out:>5}x{k:<4} {1e6 * base:15.0f} {1e6 * new:15.0f} {base / new:9.2f} "
+            f"{orth[0]:8.1e} {orth[1]:8.1e}"
+        )
+
+
 def main() -> None:
     """Print the table (``python benchmarks/test_wasi.py --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -568,6 +632,9 @@ def main() -> None:
     parser.add_argument(
         "--refresh-study", action="store_true", help="only the subspace-refresh comparison"
     )
+    parser.add_argument(
+        "--refresh-qr", action="store_true", help="only the refresh's QR: Cholesky vs Householder"
+    )
     parser.add_argument("--steps", type=int, default=1000, help="refresh study: steps")
     parser.add_argument("--seeds", type=int, default=2, help="refresh study: seeds")
     add_allocator_argument(parser)
@@ -576,6 +643,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.refresh_study:
         print_refresh_study(refresh_study(args.steps, args.seeds), args.steps, args.seeds)
+        return
+    if args.refresh_qr:
+        print(f"torch {torch.__version__}, {args.threads} threads")
+        print_refresh_qr(20 * args.rounds)
         return
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -54,11 +54,13 @@ __all__ = [
     "COUNTER_FLOPS",
     "LINALG_FLOPS",
     "StepFlops",
+    "cholesky_flops",
     "eigh_flops",
     "layer_op_flops",
     "qr_flops",
     "svd_flops",
     "training_step_flops",
+    "triangular_solve_flops",
 ]
 
 aten = torch.ops.aten
@@ -148,6 +150,21 @@ def svd_flops(m: int, n: int, full_matrices: bool = False, compute_uv: bool = Tr
     return round(value)
 
 
+def cholesky_flops(n: int) -> int:
+    """Flops of a Cholesky factorisation of an ``n x n`` matrix: ``n**3/3``.
+
+    Golub & Van Loan §4.2 (Algorithm 4.2.2).
+    """
+    n, _ = _dims(n, n, "cholesky_flops")
+    return round(n**3 / 3)
+
+
+def triangular_solve_flops(n: int, rhs: int) -> int:
+    """Flops of an ``n x n`` triangular solve for ``rhs`` right-hand sides: ``rhs n**2``."""
+    n, rhs = _dims(n, rhs, "triangular_solve_flops")
+    return rhs * n**2
+
+
 # FlopCounterMode formulas receive the ops' arguments with tensors replaced by
 # their shapes, and out_shape; leading dims of a matrix argument are a batch.
 
@@ -176,14 +193,38 @@ def _svd_formula(
     return math.prod(batch) * svd_flops(m, n, full_matrices, compute_uv)
 
 
+def _cholesky_formula(
+    a: Sequence[int], upper: bool = False, check_errors: bool = False, *, out_shape: Any = None
+) -> int:
+    *batch, n, _ = a
+    return math.prod(batch) * cholesky_flops(n)
+
+
+def _solve_triangular_formula(
+    a: Sequence[int],
+    b: Sequence[int],
+    *,
+    upper: bool,
+    left: bool = True,
+    unitriangular: bool = False,
+    out_shape: Any = None,
+) -> int:
+    n = a[-1]
+    rhs = b[-1] if left else b[-2]
+    return math.prod(out_shape[:-2]) * triangular_solve_flops(n, rhs)
+
+
 LINALG_FLOPS: dict[Any, Callable[..., int]] = {
     aten.linalg_qr: _qr_formula,
+    aten.linalg_cholesky_ex: _cholesky_formula,
+    aten.linalg_solve_triangular: _solve_triangular_formula,
     aten._linalg_eigh: _eigh_formula,
     aten._linalg_svd: _svd_formula,
 }
 """``custom_mapping`` for :class:`~torch.utils.flop_counter.FlopCounterMode`:
 the factorisations the decompositions call (``torch.linalg.qr``, ``eigh``,
-``eigvalsh``, ``svd`` and ``svdvals`` dispatch to these three ops). Each op is
+``eigvalsh``, ``svd`` and ``svdvals`` dispatch to three of these ops), and
+the Cholesky QR of the WSI/WASI refresh (``cholesky_ex``, ``solve_triangular``). Each op is
 charged for what its arguments ask; note that under any Python dispatch mode
 (the counter is one) torch computes the vectors of ``eigvalsh`` and
 ``svdvals`` too, in case a tensor subclass needs their gradient, so those are

@@ -420,6 +420,46 @@ class _ConvFunction(torch.autograd.Function):
 _SHARED = threading.local()
 
 
+_CHOLESKY_QR_MAX_DISTANCE = 0.8
+"""Largest ``||L^T L - I||_F`` at which :func:`_positive_qr` takes the Cholesky QR.
+
+Every eigenvalue of ``L^T L`` is then within it of 1, so ``cond(L^T L) <= 9``,
+and Cholesky QR, whose loss of orthogonality grows as ``eps cond(L^T L)``,
+loses at most a few more units in the last place than Householder."""
+
+
+def _positive_qr(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``left = Q T``: orthonormal ``Q``, upper-triangular ``T`` with ``diag(T) >= 0``.
+
+    By Cholesky QR (``T`` the Cholesky factor of ``left^T left``, then
+    ``Q = left T^{-1}``) when ``left`` is close to orthonormal columns, as a
+    basis one optimizer step away from them is: a product, a ``k x k``
+    Cholesky and a triangular solve, faster than Householder QR on the
+    factors of the ViT's layers (``python benchmarks/test_wasi.py
+    --refresh-qr``), and a refresh runs every training step. Otherwise
+    Householder QR, its signs fixed to make ``diag(T) >= 0``.
+
+    Parameters
+    ----------
+    left : torch.Tensor
+        ``(n, k)`` with ``n >= k``, float32 or float64.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``Q`` ``(n, k)`` and ``T`` ``(k, k)``.
+    """
+    gram = left.T @ left
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    if float(torch.linalg.matrix_norm(gram - eye)) <= _CHOLESKY_QR_MAX_DISTANCE:
+        t = torch.linalg.cholesky(gram, upper=True)
+        return torch.linalg.solve_triangular(t, left, upper=True, left=False), t
+    q, t = torch.linalg.qr(left)
+    signs = torch.sign(torch.diagonal(t))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q * signs, t * signs[:, None]
+
+
 class WASIModule(LowRankModule):
     """Training behaviour shared by :class:`WASILinear` and :class:`WASIConv2d`.
 
@@ -476,10 +516,7 @@ class WASIModule(LowRankModule):
         left, right = self.left, self.right
         k = self.rank
         work = torch.float64 if left.dtype == torch.float64 else torch.float32
-        q, t = torch.linalg.qr(left.to(work))
-        signs = torch.sign(torch.diagonal(t))
-        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        q, t = q * signs, t * signs[:, None]
+        q, t = _positive_qr(left.to(work))
         r_new = t @ right.reshape(k, -1).to(work)
         left.copy_(q)
         right.copy_(r_new.reshape(right.shape))

@@ -15,11 +15,13 @@ from tensorcompress.torch import convert
 from tensorcompress.torch.flops import (
     COUNTER_FLOPS,
     LINALG_FLOPS,
+    cholesky_flops,
     eigh_flops,
     layer_op_flops,
     qr_flops,
     svd_flops,
     training_step_flops,
+    triangular_solve_flops,
 )
 
 # One intra-op thread for these small tensors (the fixture is in tests/conftest.py).
@@ -93,6 +95,24 @@ def test_counter_scores_factorisations_only_with_the_mapping() -> None:
     svd_formula = LINALG_FLOPS[torch.ops.aten._linalg_svd]
     assert eigh_formula((5, 12, 12), "L", False) == 5 * eigh_flops(12, compute_v=False)
     assert svd_formula((50, 12), False, False) == svd_flops(50, 12, compute_uv=False)
+
+
+def test_cholesky_qr_is_counted() -> None:
+    """The WSI/WASI refresh's Cholesky QR: Cholesky and the triangular solve are charged."""
+    a = torch.randn(50, 12, dtype=torch.float64)
+    spd = a.T @ a
+    assert cholesky_flops(12) == round(12**3 / 3)
+    assert triangular_solve_flops(12, 50) == 50 * 12**2
+    assert counted(torch.linalg.cholesky, spd) == cholesky_flops(12)
+    batched = counted(lambda t: torch.linalg.cholesky(t.expand(4, 12, 12)), spd)
+    assert batched == 4 * cholesky_flops(12)
+    r = torch.linalg.cholesky(spd, upper=True)
+    right = counted(lambda t: torch.linalg.solve_triangular(t, a, upper=True, left=False), r)
+    assert right == triangular_solve_flops(12, 50)  # X R = A: one solve per row of A
+    left = counted(lambda t: torch.linalg.solve_triangular(t, a.T, upper=True), r)
+    assert left == triangular_solve_flops(12, 50)  # R X = A^T: one per column
+    with pytest.raises(ValueError, match="cholesky_flops"):
+        cholesky_flops(-1)
 
 
 # ---------------------------------------------------------------------------

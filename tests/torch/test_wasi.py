@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tensorcompress.torch.wasi import (
     WASIConv2d,
     WASILinear,
     WASIModule,
+    _positive_qr,
     refresh_subspaces,
     to_wasi,
     wasi_layers,
@@ -302,6 +304,55 @@ def test_refresh_spans_what_the_papers_subspace_iteration_step_spans() -> None:
     torch.testing.assert_close(layer.dense_weight(), w, rtol=0, atol=1e-12)
     paper_product = p_new @ q.T
     assert float((paper_product - w).norm() / w.norm()) > 1e-6  # the paper's step projects
+
+
+def _householder_calls(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    with mock.patch.object(torch.linalg, "qr", wraps=torch.linalg.qr) as qr:
+        q, t = _positive_qr(left)
+    return q, t, qr.call_count
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_positive_qr_of_a_stepped_basis_is_cholesky_qr_and_the_unique_qr(
+    dtype: torch.dtype,
+) -> None:
+    """One AdamW step (lr 1e-3) away from orthonormal: Cholesky QR, equal to Householder's."""
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(192, 40, dtype=torch.float64))
+    left = (basis + 1e-3 * torch.randn_like(basis).sign()).to(dtype)
+    q, t, householder = _householder_calls(left)
+    assert householder == 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert orthonormality_error(q) < tol
+    assert bool((torch.diagonal(t) > 0).all()) and torch.equal(t, t.triu())
+    torch.testing.assert_close(q @ t, left, rtol=0, atol=tol)
+    q_ref, t_ref = torch.linalg.qr(left)  # the QR with diag(T) > 0 is unique
+    signs = torch.sign(torch.diagonal(t_ref))
+    torch.testing.assert_close(q, q_ref * signs, rtol=0, atol=10 * tol)
+    torch.testing.assert_close(t, t_ref * signs[:, None], rtol=0, atol=10 * tol)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda a: a * torch.logspace(0, 3, a.shape[1], dtype=a.dtype),  # cond 1e3
+        lambda a: torch.cat([a[:, :-1], torch.zeros_like(a[:, -1:])], dim=1),  # a zero column
+        lambda a: a + 0.3 * a[:, :1],  # far from orthogonal columns
+        lambda a: 2.0 * a,  # orthogonal columns, not unit ones (a checkpoint's L)
+    ],
+    ids=["ill-conditioned", "zero-column", "correlated", "scaled"],
+)
+def test_positive_qr_falls_back_to_householder_off_the_bound(
+    spoil: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    torch.manual_seed(1)
+    basis, _ = torch.linalg.qr(torch.randn(64, 12, dtype=torch.float64))
+    left = spoil(basis)
+    q, t, householder = _householder_calls(left)
+    assert householder == 1
+    assert bool(torch.isfinite(q).all()) and bool((torch.diagonal(t) >= 0).all())
+    torch.testing.assert_close(q @ t, left, rtol=0, atol=1e-12)
+    assert orthonormality_error(q) < 1e-12
 
 
 def test_refresh_runs_only_when_the_factors_changed() -> None:
