@@ -454,6 +454,11 @@ def _positive_qr(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if float(torch.linalg.matrix_norm(gram - eye)) <= _CHOLESKY_QR_MAX_DISTANCE:
         t = torch.linalg.cholesky(gram, upper=True)
         return torch.linalg.solve_triangular(t, left, upper=True, left=False), t
+    return _householder_positive_qr(left)
+
+
+def _householder_positive_qr(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_positive_qr` by LAPACK's Householder QR, whatever ``left``."""
     q, t = torch.linalg.qr(left)
     signs = torch.sign(torch.diagonal(t))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
