@@ -332,6 +332,25 @@ def test_positive_qr_of_a_stepped_basis_is_cholesky_qr_and_the_unique_qr(
     torch.testing.assert_close(t, t_ref * signs[:, None], rtol=0, atol=10 * tol)
 
 
+def test_refresh_after_an_adamw_step_takes_the_cholesky_qr() -> None:
+    """The ViT run's optimizer (AdamW, lr 1e-3) leaves L close enough for Cholesky QR."""
+    torch.manual_seed(2)
+    model = to_wasi(nn.Sequential(nn.Linear(192, 768), nn.GELU(), nn.Linear(768, 192)), rank=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 192)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with (
+            mock.patch.object(torch.linalg, "qr", wraps=torch.linalg.qr) as qr,
+            mock.patch.object(torch.linalg, "cholesky", wraps=torch.linalg.cholesky) as chol,
+        ):
+            model(x)  # refreshes both layers
+        assert (qr.call_count, chol.call_count) == (0, 2)
+        assert all(orthonormality_error(m.left) < 1e-5 for m in wasi_layers(model).values())
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
