@@ -15,7 +15,9 @@ their matrix products but has no formula for ``linalg_qr``, ``_linalg_eigh``
 and ``_linalg_svd``, so it would score them as zero. :data:`LINALG_FLOPS` adds
 the textbook Householder-based counts (Golub & Van Loan, *Matrix
 Computations*, 4th ed., §5.2, §8.3 and Fig. 8.6.1), stated in the functions
-:func:`qr_flops`, :func:`eigh_flops` and :func:`svd_flops`. LAPACK's actual
+:func:`qr_flops`, :func:`eigh_flops` and :func:`svd_flops`, and for the
+Cholesky QR of the WSI/WASI refresh :func:`cholesky_flops` and
+:func:`triangular_solve_flops` (§4.2, §3.1). LAPACK's actual
 algorithms (blocked, divide and conquer) differ by constant factors; the
 figures are the usual estimates, not cycle counts. One correction to the
 counter itself: torch's ``convolution_backward`` formula charges a grouped
@@ -322,7 +324,9 @@ class StepFlops:
         The backward pass, as autograd ran it.
     linalg : int
         Part of ``decomposition + backward + forward`` scored by the
-        QR/eigh/SVD formulas (the counter alone would report 0 for it).
+        factorisation formulas of :data:`LINALG_FLOPS` (QR, eigh, SVD, and the
+        refresh's Cholesky and triangular solve; the counter alone would
+        report 0 for it).
     forward_by_op, backward_by_op : tuple of (str, int)
         Counted flops per op, decompositions included in ``forward_by_op``.
     decomposition_by_layer : tuple of (str, int)
