@@ -288,8 +288,9 @@ def format_table(rows: Sequence[Row], notes: Sequence[str] = (), *, seeds: int =
             else ""
         ),
         "GFLOPs: one training step (forward of the whole network + decomposition + backward), "
-        "counted by torch's FlopCounterMode plus QR/eigh/SVD formulas; decomp: the decomposition "
-        "part. step ms: median wall time of a training step, interleaved across methods after "
+        "counted by torch's FlopCounterMode plus formulas for the linear algebra it scores as "
+        "zero (QR, eigh, SVD, Cholesky, triangular solves); decomp: the decomposition part. "
+        "step ms: median wall time of a training step, interleaved across methods after "
         "training; x vanilla: ratio to vanilla with the same layers.",
     ]
     return "\n".join(lines)
