@@ -36,7 +36,7 @@ with one set of ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,13 +298,17 @@ class BlockSettings:
         threshold: float | None,
         product_dtype: torch.dtype | None = None,
         only_if_smaller: bool = False,
+        weight_rank: Mapping[str, int] | None = None,
     ) -> Any:
         """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row.
 
         ``product_dtype`` and ``only_if_smaller`` (WSI/WASI rows only) are
         the run's (:attr:`RunConfig.product_dtype
         <tensorcompress.experiments.run.RunConfig.product_dtype>`,
-        :attr:`RunConfig.factor <tensorcompress.experiments.run.RunConfig.factor>`).
+        :attr:`RunConfig.factor <tensorcompress.experiments.run.RunConfig.factor>`);
+        ``weight_rank``, WSI/WASI's per-layer weight ranks, replaces the
+        threshold's (:attr:`RunConfig.weight_ranks
+        <tensorcompress.experiments.run.RunConfig.weight_ranks>`).
         """
         from tensorcompress.torch.transformer import BlockOptions
 
@@ -316,7 +320,11 @@ class BlockSettings:
             fused_mlp=self.fused_mlp and saved == "int8",
             norm_fed=self.norm_fed and saved == "int8",
             rank=eps,
-            weight_rank=eps if method in FACTORED_METHODS else 0.9,
+            weight_rank=(
+                (eps if weight_rank is None else dict(weight_rank))
+                if method in FACTORED_METHODS
+                else 0.9
+            ),
             lora_r=self.lora_r,
             lora_alpha=2 * self.lora_r,
             product_dtype=product_dtype,
@@ -335,6 +343,7 @@ def prepare_blocks(
     seed: int,
     product_dtype: torch.dtype | None = None,
     only_if_smaller: bool = False,
+    weight_rank: Mapping[str, int] | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """A transformer ready to fine-tune one row: the model to train and its trained layers.
 
@@ -370,7 +379,9 @@ def prepare_blocks(
             method,
             n,
             example_input=example_input,
-            options=settings.options(method, threshold, product_dtype, only_if_smaller),
+            options=settings.options(
+                method, threshold, product_dtype, only_if_smaller, weight_rank
+            ),
         )
     # After prepare: the blocks hold LoRA's adapters or the compressed layers.
     inside = {id(m) for b in blocks for m in b.modules()}

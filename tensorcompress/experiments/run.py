@@ -66,9 +66,11 @@ from tensorcompress.experiments import train as T
 from tensorcompress.experiments.allocator import add_allocator_argument, use_allocator
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
-from tensorcompress.torch import METHODS, convert
+from tensorcompress.torch import METHODS, convert, last_blocks
+from tensorcompress.torch.budget import plan_weight_ranks
 from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
+from tensorcompress.torch.selection import select_layers
 from tensorcompress.torch.transformer import block_names
 
 __all__ = [
@@ -218,6 +220,13 @@ class RunConfig:
         :func:`~tensorcompress.torch.wasi.to_wasi`); the others then train
         dense, WASI's with their inputs compressed as ASI's rows compress
         them.
+    weight_ranks : {"threshold", "budget"}
+        WSI/WASI rows: each weight's rank keeps the row's ε of its spectrum
+        (the published method), or the ranks come from
+        :func:`~tensorcompress.torch.budget.plan_weight_ranks`: the bytes the
+        weights take at ε, allocated across the layers by their measured
+        output errors on the first training batches (with ``factor="smaller"``,
+        leaving a layer dense is one of the choices).
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -250,6 +259,7 @@ class RunConfig:
     plans: str = "measured"
     product_dtype: str = "float32"
     factor: str = "all"
+    weight_ranks: str = "threshold"
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
@@ -257,6 +267,10 @@ class RunConfig:
             raise ValueError(f"plans must be one of {PLANS}, got {self.plans!r}")
         if self.factor not in FACTOR_CHOICES:
             raise ValueError(f"factor must be one of {FACTOR_CHOICES}, got {self.factor!r}")
+        if self.weight_ranks not in WEIGHT_RANK_CHOICES:
+            raise ValueError(
+                f"weight_ranks must be one of {WEIGHT_RANK_CHOICES}, got {self.weight_ranks!r}"
+            )
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(
                 f"product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}"
@@ -438,6 +452,41 @@ def _budget_batches(
     ]
 
 
+def _weight_ranks(
+    model: nn.Module,
+    names: list[str],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    threshold: float,
+    config: RunConfig,
+    env: T.DistEnv,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """WSI/WASI's per-layer weight ranks for ``--weight-ranks budget``, decided on process 0:
+    ``plan_weight_ranks(..., budget=threshold)`` (the bytes the weights take at the
+    threshold, allocated by measured output errors; with ``--factor smaller`` a layer
+    left dense is one of the choices), shared with the other processes."""
+    shared = None
+    if env.main:
+        alloc = plan_weight_ranks(
+            model,
+            batches,
+            names,
+            threshold,
+            WEIGHT_CANDIDATES,
+            only_if_smaller=config.factor == "smaller",
+        )
+        shared = (
+            {n: int(alloc[n].ranks[0]) for n in names},
+            {
+                "source": f"budget.plan_weight_ranks(budget={threshold})",
+                "budget_bytes": alloc.budget_bytes,
+                "allocated_bytes": alloc.total_bytes,
+                "thresholds": alloc.thresholds,
+            },
+        )
+    out: tuple[dict[str, int], dict[str, Any]] = env.broadcast(shared)
+    return out
+
+
 def prepare(
     method: str,
     layers: str,
@@ -487,7 +536,17 @@ def prepare(
         model for LoRA), with the layers whose weights train in its blocks.
     """
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
+    extra: dict[str, Any] = {}
+    weight_rank: dict[str, int] | None = None
+    budgeted = method in K.FACTORED_METHODS and config.weight_ranks == "budget"
     if config.transformer:
+        if budgeted:
+            assert threshold is not None
+            linears = select_layers(model, last_blocks(int(layers)), example)
+            batches = _budget_batches(train, config, seed, env)
+            weight_rank, extra["weight_budget"] = _weight_ranks(
+                model, linears, batches, threshold, config, env
+            )
         net, names = K.prepare_blocks(
             model,
             method,
@@ -498,10 +557,10 @@ def prepare(
             seed=seed,
             product_dtype=config.products,
             only_if_smaller=config.factor == "smaller",
+            weight_rank=weight_rank,
         )
-        return net, names, {}
+        return net, names, extra
     names = T.freeze_for(model, layers, example)
-    extra: dict[str, Any] = {}
     rank: Any = threshold
     if method == "asi":
         assert threshold is not None
@@ -511,7 +570,14 @@ def prepare(
         ranks, extra["asi_ranks"] = asi_ranks[threshold]
         rank = {n: ranks[n] for n in names}
     if method in K.FACTORED_METHODS:
-        _factor(model, method, names, threshold, seed, config)
+        assert threshold is not None
+        factors = _factorable(model, names)
+        if budgeted and factors:
+            batches = _budget_batches(train, config, seed, env)
+            weight_rank, extra["weight_budget"] = _weight_ranks(
+                model, factors, batches, threshold, config, env
+            )
+        _factor(model, method, names, threshold, seed, config, weight_rank)
     elif method != "vanilla":
         convert(
             model,
@@ -525,27 +591,33 @@ def prepare(
     return model, names, extra
 
 
+def _factorable(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The convs among ``names`` that WSI/WASI factor: those with groups 1."""
+    modules = dict(model.named_modules())
+    return [n for n in names if getattr(modules[n], "groups", 1) == 1]
+
+
 def _factor(
     model: nn.Module,
     method: str,
     names: Sequence[str],
-    threshold: float | None,
+    threshold: float,
     seed: int,
     config: RunConfig,
+    weight_rank: dict[str, int] | None = None,
 ) -> None:
-    """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight and,
-    for WASI, input at ``threshold``; with ``config.factor == "smaller"`` only those
-    whose factors are smaller); WASI compresses the others' inputs with ASI."""
+    """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight at
+    ``threshold``, or at ``weight_rank``'s per-layer ranks, and for WASI the input at
+    ``threshold``; with ``config.factor == "smaller"`` only those whose factors are
+    smaller); WASI compresses the others' inputs with ASI."""
     from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
-    assert threshold is not None
-    modules = dict(model.named_modules())
-    factors = [n for n in names if getattr(modules[n], "groups", 1) == 1]
+    factors = _factorable(model, names)
     if factors:
         to_wasi(
             model,
             method=method,
-            rank=threshold,
+            rank=threshold if weight_rank is None else weight_rank,
             act_rank=threshold,
             layers=factors,
             seed=seed,
@@ -1151,6 +1223,15 @@ def _notes(
             "numbers than their weights are factored; the others train dense (WASI: their "
             "inputs compressed as ASI's rows compress them)"
         )
+    if config.weight_ranks == "budget" and any(m in K.FACTORED_METHODS for m in config.methods):
+        notes.append(
+            "WSI ε, WASI ε (--weight-ranks budget): weight ranks by "
+            "budget.plan_weight_ranks: the bytes the weights take at ε, allocated among the "
+            f"thresholds {', '.join(f'{t:g}' for t in WEIGHT_CANDIDATES)}"
+            + (" and dense (--factor smaller)" if config.factor == "smaller" else "")
+            + " by each layer's output error with its weight truncated, on "
+            f"{config.budget_batches} training batches"
+        )
     if config.product_dtype != "float32":
         notes.append(
             f"ASI and HOSVD decompositions: tensor products in {config.product_dtype} "
@@ -1329,6 +1410,12 @@ PRODUCT_DTYPES = ("float32", "bfloat16")
 FACTOR_CHOICES = ("all", "smaller")
 """Which layers WSI/WASI rows factor (:attr:`RunConfig.factor`)."""
 
+WEIGHT_RANK_CHOICES = ("threshold", "budget")
+"""Where WSI/WASI rows' weight ranks come from (:attr:`RunConfig.weight_ranks`)."""
+
+WEIGHT_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+"""The weight thresholds ``--weight-ranks budget`` allocates among (the row's ε joins them)."""
+
 _VIT_FULL: dict[str, Any] = {
     "resolution": 32,
     # The last 2 and 4 blocks; vanilla on every block ("all") on request.
@@ -1487,6 +1574,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="WSI/WASI: factor every fine-tuned layer (all) or only those whose factors are "
         "smaller than their weights (smaller; the others train dense)",
     )
+    g.add_argument(
+        "--weight-ranks",
+        choices=WEIGHT_RANK_CHOICES,
+        default="threshold",
+        help="WSI/WASI: each weight's rank keeps ε of its spectrum (threshold), or the bytes "
+        "that takes, allocated across the layers by their measured output errors (budget)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1548,6 +1642,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         plans=getattr(args, "plans", "measured"),
         product_dtype=getattr(args, "product_dtype", "float32"),
         factor=getattr(args, "factor", "all"),
+        weight_ranks=getattr(args, "weight_ranks", "threshold"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",

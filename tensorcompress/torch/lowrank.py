@@ -53,6 +53,8 @@ __all__ = [
     "factorize",
     "low_rank_layers",
     "to_dense",
+    "weight_rank",
+    "weight_svd",
 ]
 
 
@@ -63,6 +65,35 @@ def _describe(module: nn.Module) -> str:
         k = "x".join(str(int(v)) for v in module.kernel_size)
         return f"Conv2d {module.in_channels}->{module.out_channels} {k}, groups={module.groups}"
     return type(module).__name__
+
+
+def weight_svd(
+    matrix: torch.Tensor, *, name: str = "<unnamed>"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a weight matrix, in float32 for half-precision weights.
+
+    The one SVD :func:`factorize` and
+    :func:`~tensorcompress.torch.budget.measure_weight_sensitivity` take.
+    ``ValueError`` (naming the layer) on NaN or Inf.
+    """
+    work = matrix.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    if not bool(torch.isfinite(work).all()):
+        raise ValueError(f"layer {name!r}: the weight holds NaN or Inf; it cannot be factored")
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    return u, s, vh
+
+
+def weight_rank(singular_values: torch.Tensor, rank: int | float) -> int:
+    """The ``k`` a checked ``rank`` (an int, or a threshold in (0, 1]) gives a
+    weight with these singular values: the smallest ``k`` whose explained
+    variance reaches a threshold (``rtol`` the values' machine epsilon)."""
+    if isinstance(rank, numbers.Integral):
+        return int(rank)
+    sq = (singular_values.double() ** 2).cpu().numpy()
+    rtol = float(torch.finfo(singular_values.dtype).eps)
+    return _rank.rank_for_threshold(sq, float(rank), rtol=rtol)
 
 
 def factorize(
@@ -118,18 +149,9 @@ def factorize(
             f"layer {name!r}: a float rank is an explained-variance threshold in (0, 1], "
             f"got {rank!r}"
         )
-    work = matrix.detach()
-    if work.dtype not in (torch.float32, torch.float64):
-        work = work.float()
-    if not bool(torch.isfinite(work).all()):
-        raise ValueError(f"layer {name!r}: the weight holds NaN or Inf; it cannot be factored")
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    sq = (s.double() ** 2).cpu().numpy()
-    if isinstance(rank, numbers.Integral):
-        k = int(rank)
-    else:
-        k = _rank.rank_for_threshold(sq, float(rank), rtol=float(torch.finfo(work.dtype).eps))
-    explained = float(_rank.explained_variance(sq)[k - 1])
+    u, s, vh = weight_svd(matrix, name=name)
+    k = weight_rank(s, rank)
+    explained = float(_rank.explained_variance((s.double() ** 2).cpu().numpy())[k - 1])
     left = u[:, :k].contiguous().to(matrix.dtype)
     right = (s[:k, None] * vh[:k]).contiguous().to(matrix.dtype)
     return left, right, explained

@@ -84,7 +84,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -162,10 +162,13 @@ class BlockOptions:
         Rank of ``"asi"``/``"hosvd"``/``"svd"``, of ASI in ``"lora+asi"`` and
         of the input in ``"wasi"`` (as in
         :class:`~tensorcompress.torch.CompressionConfig`).
-    weight_rank : int or float, default 0.9
+    weight_rank : int, float or dict, default 0.9
         ``"wsi"``/``"wasi"``: each weight's rank, an int ``k`` or the
-        explained variance of its spectrum (as ``rank`` of
-        :func:`~tensorcompress.torch.wasi.to_wasi`).
+        explained variance of its spectrum, or a dict with one of those per
+        Linear layer of the blocks (as ``rank`` of
+        :func:`~tensorcompress.torch.wasi.to_wasi`; a
+        :func:`~tensorcompress.torch.budget.plan_weight_ranks` allocation
+        gives one).
     lora_r : int, default 8
         LoRA rank.
     lora_alpha : int, default 16
@@ -223,7 +226,7 @@ class BlockOptions:
     recompute: tuple[str, ...] = ()
     saved: str | None = None
     rank: Any = 0.8
-    weight_rank: int | float = 0.9
+    weight_rank: int | float | Mapping[str, int | float] = 0.9
     lora_r: int = 8
     lora_alpha: int = 16
     int8_block: int = 64

@@ -20,6 +20,7 @@ from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments import train as T
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
+from tensorcompress.torch.budget import plan_weight_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -183,6 +184,10 @@ def test_vit_command_line() -> None:
     assert config("--no-cache", "--plans", "estimated").plans == "estimated"
     with pytest.raises(ValueError, match="plans must be"):
         run_mod.RunConfig(plans="fastest")
+    assert default.weight_ranks == "threshold"
+    assert config("--no-cache", "--weight-ranks", "budget").weight_ranks == "budget"
+    with pytest.raises(ValueError, match="weight_ranks must be one of"):
+        run_mod.RunConfig(weight_ranks="spectrum")
 
 
 @pytest.mark.parametrize("plans", ["measured", "estimated"])
@@ -262,6 +267,29 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
     assert any("sdpa attention" in n and "int8" in n for n in exp.notes)
+
+
+def test_weight_ranks_from_a_budget(tmp_path: Path) -> None:
+    """``--weight-ranks budget``: WASI's weight ranks are plan_weight_ranks' allocation
+    of the bytes the threshold's factors take, on the run's budget batches."""
+    config = _tiny(tmp_path, methods=("vanilla", "wasi"), weight_ranks="budget")
+    exp = run_mod.run_experiment(config)
+    (row,) = [r for r in exp.rows if r.method == "wasi"]
+    fields = row.seeds[0]
+    budget = fields["weight_budget"]
+    assert budget["source"] == "budget.plan_weight_ranks(budget=0.8)"
+    assert 0 < budget["allocated_bytes"] <= budget["budget_bytes"]
+    # The same plan, made again on the same backbone and batches.
+    train, _, _ = run_mod._target_data(config)
+    state, _ = run_mod._backbone(config, 0, T.init_distributed("cpu"), False)
+    model = T.load_backbone(config.model, train.num_classes, state, 0)
+    example = D.to_input(train.images[:2], "cpu")
+    linears = run_mod.select_layers(model, run_mod.last_blocks(1), example)
+    batches = run_mod._budget_batches(train, config, 0, T.init_distributed("cpu"))
+    alloc = plan_weight_ranks(model, batches, linears, 0.8, run_mod.WEIGHT_CANDIDATES)
+    assert fields["weight_ranks"] == {n: k for n, (k,) in alloc.ranks.items()}
+    assert budget["budget_bytes"] == alloc.budget_bytes
+    assert any("--weight-ranks budget" in n for n in exp.notes)
 
 
 def test_replaying_the_frozen_blocks_changes_no_result(tmp_path: Path) -> None:

@@ -25,6 +25,10 @@ One file per job:
   Python, it imports no torch.
 - :mod:`~tensorcompress.torch.budget.plan`: :func:`plan_ranks`, the two in
   one call.
+- :mod:`~tensorcompress.torch.budget.weights`: the same for factored weights
+  (WSI/WASI): :func:`measure_weight_sensitivity` (per candidate weight rank,
+  the factors' bytes and the layer's output error) and
+  :func:`plan_weight_ranks`, solved by the same :func:`allocate`.
 
 Every public name is importable from here:
 ``from tensorcompress.torch.budget import plan_ranks, allocate``.
@@ -41,6 +45,7 @@ from tensorcompress.torch.budget.knapsack import (
 )
 from tensorcompress.torch.budget.plan import plan_ranks
 from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, measure_sensitivity
+from tensorcompress.torch.budget.weights import measure_weight_sensitivity, plan_weight_ranks
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -51,6 +56,8 @@ __all__ = [
     "allocate",
     "budget_from_spec",
     "measure_sensitivity",
+    "measure_weight_sensitivity",
     "plan_ranks",
+    "plan_weight_ranks",
     "spec_threshold",
 ]

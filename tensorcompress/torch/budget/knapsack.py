@@ -55,12 +55,16 @@ class Choice:
         Explained-variance threshold in (0, 1] the ranks come from.
     ranks : tuple of int
         Tucker rank per mode of the layer's input (empty for synthetic
-        instances that only exercise :func:`allocate`).
+        instances that only exercise :func:`allocate`); for a weight
+        (:func:`~tensorcompress.torch.budget.measure_weight_sensitivity`),
+        ``(k,)``.
     nbytes : int
-        Bytes the compressed input keeps at ``ranks`` (core + factors).
+        Bytes the compressed input keeps at ``ranks`` (core + factors); for
+        a weight, the bytes of its factors.
     error : float
         Mean relative error ``||dW_compressed - dW|| / ||dW||`` of the
-        layer's weight gradient over the measured batches.
+        layer's weight gradient over the measured batches; for a weight, of
+        the layer's output with the weight truncated to rank ``k``.
     """
 
     threshold: float
