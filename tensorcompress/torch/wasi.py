@@ -43,7 +43,10 @@ small fitting problem (``python benchmarks/test_wasi.py --refresh-study``)
 free factors converged faster, most with SGD, and both factored variants
 better than the paper's dense mechanism; see the WSI/WASI guide.
 
-Ranks: the weight rank ``k`` is fixed at conversion (the paper's choice); the
+Ranks: the weight rank ``k`` is fixed at conversion (the paper's choice), one
+threshold for every layer or per layer
+(:func:`~tensorcompress.torch.budget.plan_weight_ranks` places them under one
+byte budget by each layer's output error); the
 activation ranks are fixed by ASI's cold start on the first batch (see
 :mod:`tensorcompress.torch.modules`). Layers that read the same tensor in one
 forward (q/k/v projections) decompose it once and share one compressed form.
@@ -770,7 +773,8 @@ def to_wasi(
     rank : int, float or dict, default 0.9
         Weight rank: an int ``k``, or an explained-variance threshold in
         (0, 1] of each weight's spectrum, or a dict from qualified name to
-        either with exactly one entry per selected layer.
+        either with exactly one entry per selected layer
+        (:func:`~tensorcompress.torch.budget.plan_weight_ranks` gives one).
     act_rank : int, float, sequence or rank policy, default 0.8
         The input's Tucker rank for ``"wasi"`` (see :class:`WASIConfig`).
     layers : LastLayers, callable, list of str or None
