@@ -49,7 +49,7 @@ cold start runs) slows down badly on an oversubscribed machine.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -223,6 +223,16 @@ def _split_batch(batch: Any, index: int) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
+def _peek(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+    """The first batch (to select layers on) and an iterator over all of them."""
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("batches is empty; give at least one (inputs, targets) pair") from None
+    return first, itertools.chain([first], it)
+
+
 def measure_sensitivity(
     model: nn.Module,
     batches: Iterable[Any],
@@ -288,11 +298,7 @@ def measure_sensitivity(
     """
     cands = check_candidates(candidates)
     loss_fn = _default_loss if loss_fn is None else loss_fn
-    it = iter(batches)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise ValueError("batches is empty; give at least one (inputs, targets) pair") from None
+    first, every = _peek(batches)
     selected = _select_layers(model, layers, _split_batch(first, 0)[0])
     captures = {n: _Capture(m) for n, m in selected.items()}
     states = {n: _LayerState(n, _kind_name(m)) for n, m in selected.items()}
@@ -301,7 +307,7 @@ def measure_sensitivity(
     n_batches = 0
     try:
         with preserved_training_state(model), torch.enable_grad():
-            for index, batch in enumerate(itertools.chain([first], it)):
+            for index, batch in enumerate(every):
                 inputs, targets = _split_batch(batch, index)
                 for cap in captures.values():
                     cap.reset()

@@ -23,7 +23,6 @@ every candidate.
 
 from __future__ import annotations
 
-import itertools
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -39,7 +38,7 @@ from tensorcompress.torch.budget.knapsack import (
     Sensitivity,
     allocate,
 )
-from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, _split_batch
+from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, _peek, _split_batch
 from tensorcompress.torch.lowrank import weight_rank, weight_svd
 from tensorcompress.torch.modules import CompressedModule
 from tensorcompress.torch.selection import LayerSelection, select_layers
@@ -171,18 +170,14 @@ def measure_weight_sensitivity(
     True
     """
     cands = check_candidates(candidates)
-    it = iter(batches)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise ValueError("batches is empty; give at least one (inputs, targets) pair") from None
+    first, every = _peek(batches)
     selected = _factorable(model, layers, _split_batch(first, 0)[0])
     probes = {n: _WeightProbe(n, m, cands, only_if_smaller) for n, m in selected.items()}
     handles = [m.register_forward_hook(probes[n].hook) for n, m in selected.items()]
     n_batches = 0
     try:
         with preserved_training_state(model), torch.no_grad():
-            for index, batch in enumerate(itertools.chain([first], it)):
+            for index, batch in enumerate(every):
                 for probe in probes.values():
                     probe.calls = 0
                 model(_split_batch(batch, index)[0])
