@@ -299,6 +299,7 @@ class BlockSettings:
         product_dtype: torch.dtype | None = None,
         only_if_smaller: bool = False,
         weight_rank: Mapping[str, int] | None = None,
+        output_grams: Mapping[str, torch.Tensor] | None = None,
     ) -> Any:
         """The :class:`~tensorcompress.torch.transformer.BlockOptions` of one row.
 
@@ -308,7 +309,9 @@ class BlockSettings:
         :attr:`RunConfig.factor <tensorcompress.experiments.run.RunConfig.factor>`);
         ``weight_rank``, WSI/WASI's per-layer weight ranks, replaces the
         threshold's (:attr:`RunConfig.weight_ranks
-        <tensorcompress.experiments.run.RunConfig.weight_ranks>`).
+        <tensorcompress.experiments.run.RunConfig.weight_ranks>`); ``output_grams``
+        factors them in their outputs' basis (:attr:`RunConfig.weight_basis
+        <tensorcompress.experiments.run.RunConfig.weight_basis>`).
         """
         from tensorcompress.torch.transformer import BlockOptions
 
@@ -329,6 +332,7 @@ class BlockSettings:
             lora_alpha=2 * self.lora_r,
             product_dtype=product_dtype,
             only_if_smaller=only_if_smaller and method in FACTORED_METHODS,
+            output_grams=output_grams if method in FACTORED_METHODS else None,
         )
 
 
@@ -344,6 +348,7 @@ def prepare_blocks(
     product_dtype: torch.dtype | None = None,
     only_if_smaller: bool = False,
     weight_rank: Mapping[str, int] | None = None,
+    output_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """A transformer ready to fine-tune one row: the model to train and its trained layers.
 
@@ -380,7 +385,7 @@ def prepare_blocks(
             n,
             example_input=example_input,
             options=settings.options(
-                method, threshold, product_dtype, only_if_smaller, weight_rank
+                method, threshold, product_dtype, only_if_smaller, weight_rank, output_grams
             ),
         )
     # After prepare: the blocks hold LoRA's adapters or the compressed layers.

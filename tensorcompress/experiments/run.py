@@ -67,7 +67,7 @@ from tensorcompress.experiments.allocator import add_allocator_argument, use_all
 from tensorcompress.experiments.prefix import FrozenPrefix
 from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert, last_blocks
-from tensorcompress.torch.budget import plan_weight_ranks
+from tensorcompress.torch.budget import output_grams, plan_weight_ranks
 from tensorcompress.torch.flops import training_step_flops
 from tensorcompress.torch.measure import activation_memory
 from tensorcompress.torch.selection import select_layers
@@ -227,6 +227,13 @@ class RunConfig:
         weights take at ε, allocated across the layers by their measured
         output errors on the first training batches (with ``factor="smaller"``,
         leaving a layer dense is one of the choices).
+    weight_basis : {"weight", "outputs"}
+        WSI/WASI rows: factor each weight by its truncated SVD (the published
+        method), or in the basis of its outputs on the first training batches
+        (``output_grams`` of :func:`~tensorcompress.torch.wasi.to_wasi`: the
+        same ranks and bytes, the rank-``k`` weight closest to the layer's
+        outputs); with ``weight_ranks="budget"``, the allocation measures
+        that factorization's errors.
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -260,6 +267,7 @@ class RunConfig:
     product_dtype: str = "float32"
     factor: str = "all"
     weight_ranks: str = "threshold"
+    weight_basis: str = "weight"
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
@@ -270,6 +278,10 @@ class RunConfig:
         if self.weight_ranks not in WEIGHT_RANK_CHOICES:
             raise ValueError(
                 f"weight_ranks must be one of {WEIGHT_RANK_CHOICES}, got {self.weight_ranks!r}"
+            )
+        if self.weight_basis not in WEIGHT_BASES:
+            raise ValueError(
+                f"weight_basis must be one of {WEIGHT_BASES}, got {self.weight_basis!r}"
             )
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(
@@ -452,38 +464,48 @@ def _budget_batches(
     ]
 
 
-def _weight_ranks(
+def _weight_factors(
     model: nn.Module,
     names: list[str],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     threshold: float,
     config: RunConfig,
     env: T.DistEnv,
-) -> tuple[dict[str, int], dict[str, Any]]:
-    """WSI/WASI's per-layer weight ranks for ``--weight-ranks budget``, decided on process 0:
-    ``plan_weight_ranks(..., budget=threshold)`` (the bytes the weights take at the
-    threshold, allocated by measured output errors; with ``--factor smaller`` a layer
-    left dense is one of the choices), shared with the other processes."""
+) -> tuple[dict[str, int] | None, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """WSI/WASI's per-layer weight ranks (``--weight-ranks budget``) and output Gram
+    matrices (``--weight-basis outputs``), decided on process 0 and shared.
+
+    The ranks are ``plan_weight_ranks(..., budget=threshold)`` (the bytes the weights
+    take at the threshold, allocated by measured output errors of the factorization
+    the row trains; with ``--factor smaller`` a layer left dense is one of the
+    choices); None for the threshold's own. The Gram matrices are ``output_grams``
+    on ``batches``; None for the SVD. The dict describes both for ``results.json``.
+    """
     shared = None
     if env.main:
-        alloc = plan_weight_ranks(
-            model,
-            batches,
-            names,
-            threshold,
-            WEIGHT_CANDIDATES,
-            only_if_smaller=config.factor == "smaller",
-        )
-        shared = (
-            {n: int(alloc[n].ranks[0]) for n in names},
-            {
-                "source": f"budget.plan_weight_ranks(budget={threshold})",
-                "budget_bytes": alloc.budget_bytes,
-                "allocated_bytes": alloc.total_bytes,
-                "thresholds": alloc.thresholds,
-            },
-        )
-    out: tuple[dict[str, int], dict[str, Any]] = env.broadcast(shared)
+        grams = output_grams(model, batches, names) if config.weight_basis == "outputs" else None
+        ranks: dict[str, int] | None = None
+        about: dict[str, Any] = {"basis": config.weight_basis}
+        if config.weight_ranks == "budget":
+            alloc = plan_weight_ranks(
+                model,
+                batches,
+                names,
+                threshold,
+                WEIGHT_CANDIDATES,
+                only_if_smaller=config.factor == "smaller",
+                output_grams=grams,
+            )
+            ranks = {n: int(alloc[n].ranks[0]) for n in names}
+            about.update(
+                source=f"budget.plan_weight_ranks(budget={threshold})",
+                budget_bytes=alloc.budget_bytes,
+                allocated_bytes=alloc.total_bytes,
+                thresholds=alloc.thresholds,
+            )
+        shared = (ranks, grams, about)
+    out: tuple[dict[str, int] | None, dict[str, torch.Tensor] | None, dict[str, Any]]
+    out = env.broadcast(shared)
     return out
 
 
@@ -538,13 +560,16 @@ def prepare(
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
     extra: dict[str, Any] = {}
     weight_rank: dict[str, int] | None = None
-    budgeted = method in K.FACTORED_METHODS and config.weight_ranks == "budget"
+    grams: dict[str, torch.Tensor] | None = None
+    measured = method in K.FACTORED_METHODS and (
+        config.weight_ranks == "budget" or config.weight_basis == "outputs"
+    )
     if config.transformer:
-        if budgeted:
+        if measured:
             assert threshold is not None
             linears = select_layers(model, last_blocks(int(layers)), example)
             batches = _budget_batches(train, config, seed, env)
-            weight_rank, extra["weight_budget"] = _weight_ranks(
+            weight_rank, grams, extra["weight_factors"] = _weight_factors(
                 model, linears, batches, threshold, config, env
             )
         net, names = K.prepare_blocks(
@@ -558,6 +583,7 @@ def prepare(
             product_dtype=config.products,
             only_if_smaller=config.factor == "smaller",
             weight_rank=weight_rank,
+            output_grams=grams,
         )
         return net, names, extra
     names = T.freeze_for(model, layers, example)
@@ -572,12 +598,12 @@ def prepare(
     if method in K.FACTORED_METHODS:
         assert threshold is not None
         factors = _factorable(model, names)
-        if budgeted and factors:
+        if measured and factors:
             batches = _budget_batches(train, config, seed, env)
-            weight_rank, extra["weight_budget"] = _weight_ranks(
+            weight_rank, grams, extra["weight_factors"] = _weight_factors(
                 model, factors, batches, threshold, config, env
             )
-        _factor(model, method, names, threshold, seed, config, weight_rank)
+        _factor(model, method, names, threshold, seed, config, weight_rank, grams)
     elif method != "vanilla":
         convert(
             model,
@@ -605,11 +631,13 @@ def _factor(
     seed: int,
     config: RunConfig,
     weight_rank: dict[str, int] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """WSI/WASI on a CNN's fine-tuned convs: those with groups 1 factor (weight at
-    ``threshold``, or at ``weight_rank``'s per-layer ranks, and for WASI the input at
-    ``threshold``; with ``config.factor == "smaller"`` only those whose factors are
-    smaller); WASI compresses the others' inputs with ASI."""
+    ``threshold``, or at ``weight_rank``'s per-layer ranks, in the basis of ``grams``
+    when given, and for WASI the input at ``threshold``; with
+    ``config.factor == "smaller"`` only those whose factors are smaller); WASI
+    compresses the others' inputs with ASI."""
     from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
     factors = _factorable(model, names)
@@ -623,6 +651,7 @@ def _factor(
             seed=seed,
             product_dtype=config.products,
             only_if_smaller=config.factor == "smaller",
+            output_grams=grams,
         )
     factored = wasi_layers(model)
     rest = [n for n in names if n not in factored]
@@ -1232,6 +1261,13 @@ def _notes(
             + " by each layer's output error with its weight truncated, on "
             f"{config.budget_batches} training batches"
         )
+    if config.weight_basis == "outputs" and any(m in K.FACTORED_METHODS for m in config.methods):
+        notes.append(
+            "WSI ε, WASI ε (--weight-basis outputs): each weight factored in the basis of its "
+            "outputs (L the leading eigenvectors of their Gram matrix on "
+            f"{config.budget_batches} training batches, R = L^T W), not by its SVD: the same "
+            "ranks and bytes"
+        )
     if config.product_dtype != "float32":
         notes.append(
             f"ASI and HOSVD decompositions: tensor products in {config.product_dtype} "
@@ -1413,6 +1449,9 @@ FACTOR_CHOICES = ("all", "smaller")
 WEIGHT_RANK_CHOICES = ("threshold", "budget")
 """Where WSI/WASI rows' weight ranks come from (:attr:`RunConfig.weight_ranks`)."""
 
+WEIGHT_BASES = ("weight", "outputs")
+"""How WSI/WASI rows factor each weight (:attr:`RunConfig.weight_basis`)."""
+
 WEIGHT_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 """The weight thresholds ``--weight-ranks budget`` allocates among (the row's ε joins them)."""
 
@@ -1581,6 +1620,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="WSI/WASI: each weight's rank keeps ε of its spectrum (threshold), or the bytes "
         "that takes, allocated across the layers by their measured output errors (budget)",
     )
+    g.add_argument(
+        "--weight-basis",
+        choices=WEIGHT_BASES,
+        default="weight",
+        help="WSI/WASI: factor each weight by its truncated SVD (weight), or in the basis "
+        "of its outputs on the first training batches (outputs; same ranks and bytes)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1643,6 +1689,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         product_dtype=getattr(args, "product_dtype", "float32"),
         factor=getattr(args, "factor", "all"),
         weight_ranks=getattr(args, "weight_ranks", "threshold"),
+        weight_basis=getattr(args, "weight_basis", "weight"),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",

@@ -21,7 +21,9 @@ autograd machinery. The factored *training* layers of
 - :meth:`LowRankLinear.from_dense` / :meth:`LowRankConv2d.from_dense` factor
   a dense layer by truncated SVD (``L = U_k``, orthonormal columns;
   ``R = S_k V_k^T``), at an int rank or at an explained-variance threshold
-  of the weight's spectrum (:func:`factorize`).
+  of the weight's spectrum (:func:`factorize`); or, given the Gram matrix of
+  the layer's outputs on real inputs, in the basis that keeps most of those
+  outputs (``L`` its leading eigenvectors, ``R = L^T W``).
 
 Only ``groups == 1`` convolutions factor this way: a grouped conv's weight
 is block-diagonal across groups, not one matrix, so it is refused with an
@@ -48,10 +50,12 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankModule",
+    "check_output_gram",
     "conv_with",
     "export_low_rank",
     "factorize",
     "low_rank_layers",
+    "output_basis",
     "to_dense",
     "weight_rank",
     "weight_svd",
@@ -96,10 +100,29 @@ def weight_rank(singular_values: torch.Tensor, rank: int | float) -> int:
     return _rank.rank_for_threshold(sq, float(rank), rtol=rtol)
 
 
+def output_basis(gram: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of a layer's output Gram matrix, by decreasing eigenvalue.
+
+    ``gram`` is ``Y^T Y`` (``out x out``, :func:`~tensorcompress.torch.budget.output_grams`),
+    ``Y`` the layer's outputs (bias aside) over real inputs. Its first ``k``
+    columns span the rank-``k`` weight ``L L^T W`` closest to ``W`` on those
+    outputs: ``||X (W - L L^T W)^T||_F`` is the smallest a rank-``k`` weight
+    reaches (the truncated SVD of ``W S`` with ``S S^T = X^T X``; the basis
+    of SVD-LLM and DRONE, found here without whitening). Computed in float64.
+    """
+    _, vectors = torch.linalg.eigh(gram.double())
+    return vectors.flip(1)
+
+
 def factorize(
-    matrix: torch.Tensor, rank: int | float, *, name: str = "<unnamed>"
+    matrix: torch.Tensor,
+    rank: int | float,
+    *,
+    name: str = "<unnamed>",
+    output_gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Truncated SVD ``matrix ~ L R`` with ``L = U_k`` and ``R = S_k V_k^T``.
+    """Truncated SVD ``matrix ~ L R`` with ``L = U_k`` and ``R = S_k V_k^T``, or the
+    same rank in the basis of the layer's outputs.
 
     Parameters
     ----------
@@ -112,6 +135,14 @@ def factorize(
         squared singular values over all of them) reaches it.
     name : str
         The layer's name, for error messages.
+    output_gram : torch.Tensor, optional
+        ``(out, out)``: the Gram matrix ``Y^T Y`` of the layer's outputs
+        (bias aside) on real inputs
+        (:func:`~tensorcompress.torch.budget.output_grams`). Then ``L`` is
+        its ``k`` leading eigenvectors (:func:`output_basis`) and
+        ``R = L^T W``: of all rank-``k`` weights, the one whose outputs on
+        those inputs are closest to the layer's. ``k`` still comes from the
+        weight's spectrum, so the factors hold the same numbers as the SVD's.
 
     Returns
     -------
@@ -120,15 +151,18 @@ def factorize(
     right : torch.Tensor
         ``(k, in)``.
     explained : float
-        The explained variance of rank ``k``.
+        The share of ``||W||^2`` that ``L R`` keeps: the explained variance
+        of rank ``k`` of the spectrum for the SVD, at most that with
+        ``output_gram``.
 
     Raises
     ------
     TypeError
         ``rank`` is not an int or a float (a bool included).
     ValueError
-        An int rank outside ``[1, min(out, in)]``, a float outside (0, 1], or
-        a weight holding NaN or Inf; the message names the layer.
+        An int rank outside ``[1, min(out, in)]``, a float outside (0, 1], a
+        weight or Gram matrix holding NaN or Inf, or a Gram matrix not
+        ``(out, out)``; the message names the layer.
     """
     if matrix.ndim != 2:
         raise ValueError(
@@ -151,10 +185,31 @@ def factorize(
         )
     u, s, vh = weight_svd(matrix, name=name)
     k = weight_rank(s, rank)
-    explained = float(_rank.explained_variance((s.double() ** 2).cpu().numpy())[k - 1])
-    left = u[:, :k].contiguous().to(matrix.dtype)
-    right = (s[:k, None] * vh[:k]).contiguous().to(matrix.dtype)
-    return left, right, explained
+    if output_gram is None:
+        explained = float(_rank.explained_variance((s.double() ** 2).cpu().numpy())[k - 1])
+        left = u[:, :k].contiguous().to(matrix.dtype)
+        right = (s[:k, None] * vh[:k]).contiguous().to(matrix.dtype)
+        return left, right, explained
+    check_output_gram(output_gram, out_dim, name)
+    basis = output_basis(output_gram.to(matrix.device))[:, :k]
+    weight = matrix.detach().double()
+    right64 = basis.transpose(0, 1) @ weight
+    total = float(weight.square().sum())
+    explained = float(right64.square().sum()) / total if total > 0 else 1.0
+    left = basis.contiguous().to(matrix.dtype)
+    return left, right64.contiguous().to(matrix.dtype), explained
+
+
+def check_output_gram(gram: torch.Tensor, out_dim: int, name: str) -> None:
+    """``ValueError`` naming the layer unless ``gram`` is a finite ``(out, out)`` matrix."""
+    if not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (out_dim, out_dim):
+        shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+        raise ValueError(
+            f"layer {name!r}: its output Gram matrix must be ({out_dim}, {out_dim}) "
+            f"(out x out), got {shape}"
+        )
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"layer {name!r}: its output Gram matrix holds NaN or Inf")
 
 
 class LowRankModule(nn.Module):
@@ -169,8 +224,9 @@ class LowRankModule(nn.Module):
     bias : nn.Parameter or None
         ``(out,)``.
     weight_explained_variance : float or None
-        For a layer built by ``from_dense``: the explained variance of the
-        dense weight's spectrum its rank keeps.
+        For a layer built by ``from_dense``: the share of the dense weight's
+        squared norm that ``L R`` keeps (its spectrum's explained variance at
+        rank ``k``, for the SVD).
     """
 
     left: nn.Parameter
@@ -305,8 +361,16 @@ class LowRankLinear(LowRankModule):
                 self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, rank: int | float, *, name: str = "") -> LowRankLinear:
-        """Factor ``linear``'s weight by truncated SVD (see :func:`factorize`).
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        rank: int | float,
+        *,
+        name: str = "",
+        output_gram: torch.Tensor | None = None,
+    ) -> LowRankLinear:
+        """Factor ``linear``'s weight by truncated SVD, or in the basis of its
+        outputs' Gram matrix (see :func:`factorize`).
 
         The bias is the same Parameter object; ``left`` and ``right`` are new
         Parameters on the weight's device and dtype, trainable if the weight was.
@@ -316,7 +380,9 @@ class LowRankLinear(LowRankModule):
                 f"layer {name or '<unnamed>'!r}: {cls.__name__}.from_dense needs an nn.Linear, "
                 f"got {type(linear).__name__}"
             )
-        left, right, explained = factorize(linear.weight, rank, name=name or "<unnamed>")
+        left, right, explained = factorize(
+            linear.weight, rank, name=name or "<unnamed>", output_gram=output_gram
+        )
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features = linear.in_features
@@ -445,8 +511,16 @@ class LowRankConv2d(LowRankModule):
                 self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, rank: int | float, *, name: str = "") -> LowRankConv2d:
-        """Factor ``conv``'s weight, reshaped to ``(C_out, C_in * kh * kw)``, by truncated SVD.
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        rank: int | float,
+        *,
+        name: str = "",
+        output_gram: torch.Tensor | None = None,
+    ) -> LowRankConv2d:
+        """Factor ``conv``'s weight, reshaped to ``(C_out, C_in * kh * kw)``, by truncated SVD,
+        or in the basis of its outputs' Gram matrix over channels (see :func:`factorize`).
 
         Raises
         ------
@@ -468,7 +542,9 @@ class LowRankConv2d(LowRankModule):
                 "conv's weight is one block per group, not one matrix; leave it out of `layers`"
             )
         w = conv.weight
-        left, right, explained = factorize(w.reshape(w.shape[0], -1), rank, name=where)
+        left, right, explained = factorize(
+            w.reshape(w.shape[0], -1), rank, name=where, output_gram=output_gram
+        )
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)

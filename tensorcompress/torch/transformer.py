@@ -220,6 +220,11 @@ class BlockOptions:
         The others train their dense weights as the method would without
         factors: WSI's keep their inputs; WASI's are compressed by ASI at
         ``rank`` (or keep nothing, norm-fed or in a fused MLP).
+    output_grams : dict or None, default None
+        ``"wsi"``/``"wasi"``: one Gram matrix of outputs per Linear layer of
+        the blocks (:func:`~tensorcompress.torch.budget.output_grams`), to
+        factor each weight in its outputs' basis (``output_grams`` of
+        :func:`~tensorcompress.torch.wasi.to_wasi`); None: by its SVD.
     """
 
     attention: str | None = None
@@ -236,6 +241,7 @@ class BlockOptions:
     norm_fed: bool = False
     product_dtype: torch.dtype | None = None
     only_if_smaller: bool = False
+    output_grams: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         check_product_dtype(self.product_dtype)
@@ -1330,6 +1336,8 @@ def prepare(
             raise ValueError("norm_fed: no plain nn.Linear of the blocks reads a norm's output")
     if opts.only_if_smaller and method not in _FACTOR:
         raise ValueError(f"only_if_smaller applies to 'wsi' and 'wasi', got {method!r}")
+    if opts.output_grams is not None and method not in _FACTOR:
+        raise ValueError(f"output_grams applies to 'wsi' and 'wasi', got {method!r}")
     head_modules = [modules[n] for n in head if plain_type(modules[n]) is None]
     # A fused MLP's second Linear and the norm-fed ones keep nothing: not compressed.
     kept_nothing = {id(m) for linears in fed.values() for m in linears}
@@ -1370,6 +1378,7 @@ def prepare(
             layers=linears,
             only_if_smaller=opts.only_if_smaller,
             product_dtype=opts.product_dtype,
+            output_grams=opts.output_grams,
         )
         # The factored layers replaced the plain ones the norms feed.
         factored = dict(model.named_modules())

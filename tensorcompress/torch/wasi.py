@@ -634,13 +634,15 @@ class WASILinear(WASIModule, LowRankLinear):
         config: WASIConfig | None = None,
         *,
         name: str = "",
+        output_gram: torch.Tensor | None = None,
     ) -> WASILinear:
         """Factor ``linear`` (:func:`~tensorcompress.torch.lowrank.factorize`) for training.
 
-        ``L = U_k`` (orthonormal columns), ``R = S_k V_k^T``; the bias is the
-        same Parameter object.
+        ``L = U_k`` (orthonormal columns), ``R = S_k V_k^T``, or with
+        ``output_gram`` ``L`` its leading eigenvectors and ``R = L^T W``; the
+        bias is the same Parameter object.
         """
-        new = super().from_dense(linear, rank, name=name)
+        new = super().from_dense(linear, rank, name=name, output_gram=output_gram)
         assert isinstance(new, WASILinear)
         new._init_wasi(config, name)
         return new
@@ -692,8 +694,10 @@ class WASIConv2d(WASIModule, LowRankConv2d):
         config: WASIConfig | None = None,
         *,
         name: str = "",
+        output_gram: torch.Tensor | None = None,
     ) -> WASIConv2d:
-        """Factor ``conv``'s weight matrix ``(C_out, C_in kh kw)`` for training.
+        """Factor ``conv``'s weight matrix ``(C_out, C_in kh kw)`` for training
+        (``output_gram`` as for :meth:`WASILinear.from_dense`).
 
         Raises
         ------
@@ -702,7 +706,7 @@ class WASIConv2d(WASIModule, LowRankConv2d):
         ValueError
             A grouped conv, or a bad rank (the message names the layer).
         """
-        new = super().from_dense(conv, rank, name=name)
+        new = super().from_dense(conv, rank, name=name, output_gram=output_gram)
         assert isinstance(new, WASIConv2d)
         new._init_wasi(config, name)
         return new
@@ -738,11 +742,13 @@ def refresh_subspaces(model: nn.Module) -> nn.Module:
     return model
 
 
-def _convert_one(module: nn.Module, name: str, rank: Any, config: WASIConfig) -> WASIModule:
+def _convert_one(
+    module: nn.Module, name: str, rank: Any, config: WASIConfig, gram: torch.Tensor | None
+) -> WASIModule:
     if isinstance(module, nn.Conv2d):
-        return WASIConv2d.from_dense(module, rank, config, name=name)
+        return WASIConv2d.from_dense(module, rank, config, name=name, output_gram=gram)
     if isinstance(module, nn.Linear):
-        return WASILinear.from_dense(module, rank, config, name=name)
+        return WASILinear.from_dense(module, rank, config, name=name, output_gram=gram)
     raise TypeError(
         f"layer {name or '<unnamed>'!r} ({type(module).__name__}) cannot be factored as L R: "
         "WSI/WASI factor nn.Linear and nn.Conv2d (groups=1) only; leave it out of `layers`"
@@ -758,6 +764,7 @@ def to_wasi(
     *,
     example_input: Any = None,
     only_if_smaller: bool = False,
+    output_grams: Mapping[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Replace the selected Linear/Conv2d layers by factored training layers, in place.
@@ -794,6 +801,15 @@ def to_wasi(
         inputs as you would a dense layer's (with
         :func:`~tensorcompress.torch.convert` and method ``"asi"``, say).
         :func:`wasi_layers` names the layers that were factored.
+    output_grams : dict, optional
+        From qualified name to the Gram matrix of that layer's outputs on
+        real inputs, one per selected layer
+        (:func:`~tensorcompress.torch.budget.output_grams`). Each weight is
+        then factored in the basis that keeps most of its outputs (``L`` the
+        Gram matrix's leading eigenvectors, ``R = L^T W``;
+        :func:`~tensorcompress.torch.lowrank.factorize`) instead of its own
+        singular vectors: the same rank and bytes, a smaller error on what
+        the layer computes. ``None``: the truncated SVD, as the paper.
     **options
         The other :class:`WASIConfig` fields: ``n_iter``, ``refresh``,
         ``share_inputs``, ``check_finite``, ``seed``, ``product_dtype``.
@@ -827,19 +843,21 @@ def to_wasi(
         raise TypeError(f"unknown options {unknown}; expected WASIConfig fields {sorted(fields)}")
     cfg = WASIConfig(method=method, act_rank=act_rank, **options)
     names = select_layers(model, layers, example_input)
-    if isinstance(rank, Mapping):
-        missing = [n for n in names if n not in rank]
-        extra = [n for n in rank if n not in names]
-        if missing or extra:
-            raise ValueError(
-                "a rank dict needs exactly one entry per selected layer: "
-                f"missing {missing}, not selected {extra}"
-            )
+    for what, given in (("a rank dict", rank), ("output_grams", output_grams)):
+        if isinstance(given, Mapping):
+            missing = [n for n in names if n not in given]
+            extra = [n for n in given if n not in names]
+            if missing or extra:
+                raise ValueError(
+                    f"{what} needs exactly one entry per selected layer: "
+                    f"missing {missing}, not selected {extra}"
+                )
     modules = dict(model.named_modules())
     new: dict[str, WASIModule] = {}
     for name in names:
         r = rank[name] if isinstance(rank, Mapping) else rank
-        new[name] = _convert_one(modules[name], name, r, cfg)
+        gram = None if output_grams is None else output_grams[name]
+        new[name] = _convert_one(modules[name], name, r, cfg, gram)
     if only_if_smaller:
         new = {n: m for n, m in new.items() if m.smaller_than_dense}
     root = model

@@ -20,7 +20,8 @@ from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments import train as T
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
-from tensorcompress.torch.budget import plan_weight_ranks
+from tensorcompress.torch.budget import output_grams, plan_weight_ranks
+from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -188,6 +189,10 @@ def test_vit_command_line() -> None:
     assert config("--no-cache", "--weight-ranks", "budget").weight_ranks == "budget"
     with pytest.raises(ValueError, match="weight_ranks must be one of"):
         run_mod.RunConfig(weight_ranks="spectrum")
+    assert default.weight_basis == "weight"
+    assert config("--no-cache", "--weight-basis", "outputs").weight_basis == "outputs"
+    with pytest.raises(ValueError, match="weight_basis must be one of"):
+        run_mod.RunConfig(weight_basis="inputs")
 
 
 @pytest.mark.parametrize("plans", ["measured", "estimated"])
@@ -276,7 +281,7 @@ def test_weight_ranks_from_a_budget(tmp_path: Path) -> None:
     exp = run_mod.run_experiment(config)
     (row,) = [r for r in exp.rows if r.method == "wasi"]
     fields = row.seeds[0]
-    budget = fields["weight_budget"]
+    budget = fields["weight_factors"]
     assert budget["source"] == "budget.plan_weight_ranks(budget=0.8)"
     assert 0 < budget["allocated_bytes"] <= budget["budget_bytes"]
     # The same plan, made again on the same backbone and batches.
@@ -290,6 +295,43 @@ def test_weight_ranks_from_a_budget(tmp_path: Path) -> None:
     assert fields["weight_ranks"] == {n: k for n, (k,) in alloc.ranks.items()}
     assert budget["budget_bytes"] == alloc.budget_bytes
     assert any("--weight-ranks budget" in n for n in exp.notes)
+
+
+def test_weights_factored_in_their_outputs_basis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--weight-basis outputs``: WASI's layers are factored with the Gram matrices of
+    their outputs on the run's budget batches, at the threshold's ranks."""
+    import tensorcompress.torch.transformer as transformer
+
+    passed: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        passed.append(kwargs["output_grams"])
+        return to_wasi(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "to_wasi", spy)
+    config = _tiny(tmp_path, methods=("wasi",), weight_basis="outputs")
+    exp = run_mod.run_experiment(config)
+    (row,) = exp.rows
+    fields = row.seeds[0]
+    assert fields["weight_factors"] == {"basis": "outputs"}
+    train, _, _ = run_mod._target_data(config)
+    state, _ = run_mod._backbone(config, 0, T.init_distributed("cpu"), False)
+    model = T.load_backbone(config.model, train.num_classes, state, 0)
+    example = D.to_input(train.images[:2], "cpu")
+    linears = run_mod.select_layers(model, run_mod.last_blocks(1), example)
+    batches = run_mod._budget_batches(train, config, 0, T.init_distributed("cpu"))
+    (grams,) = passed
+    expected = output_grams(model, batches, linears)
+    assert list(grams) == linears
+    for name in linears:
+        torch.testing.assert_close(grams[name], expected[name])
+    # Same ranks as the SVD's at the threshold.
+    assert fields["weight_ranks"] == {
+        n: m.rank for n, m in wasi_layers(to_wasi(model, rank=0.8, layers=linears)).items()
+    }
+    assert any("--weight-basis outputs" in n for n in exp.notes)
 
 
 def test_replaying_the_frozen_blocks_changes_no_result(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from tensorcompress.torch import convert
 from tensorcompress.torch.budget import (
     allocate,
     measure_weight_sensitivity,
+    output_grams,
     plan_weight_ranks,
 )
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
@@ -227,3 +228,95 @@ def test_only_if_smaller_makes_dense_a_choice() -> None:
         for n in LAYERS
     )
     assert held == alloc.total_bytes <= alloc.budget_bytes
+
+
+def _rows(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs (bias aside) as (samples, out): a conv's pixels are samples."""
+    y = _output(module, x, weight)
+    return (
+        y.transpose(0, 1).reshape(y.shape[1], -1).T if y.ndim == 4 else y.reshape(-1, y.shape[-1])
+    )
+
+
+def test_output_grams_are_the_outputs_gram_matrices() -> None:
+    net, batches = _net(), _batches()
+    grams = output_grams(copy_of(net), batches, LAYERS)
+    inputs = _inputs(copy_of(net), batches)
+    mods = dict(net.named_modules())
+    assert list(grams) == LAYERS
+    for name in LAYERS:
+        w = mods[name].weight.detach()
+        ys = [_rows(mods[name], x, w) for x in inputs[name]]
+        assert grams[name].dtype == torch.float64
+        torch.testing.assert_close(grams[name], sum(y.T @ y for y in ys), rtol=1e-12, atol=1e-12)
+
+
+def test_outputs_basis_errors_are_those_of_the_factored_layers() -> None:
+    """With output_grams, each candidate's error is that of the weight to_wasi factors
+    in the outputs' basis; the ranks and bytes are the SVD's; on the batch the basis
+    comes from, no error is above the SVD's (the basis is the best at each rank)."""
+    net, batches = _net(), _batches(1)
+    grams = output_grams(copy_of(net), batches, LAYERS)
+    sens = measure_weight_sensitivity(copy_of(net), batches, LAYERS, CANDIDATES, output_grams=grams)
+    svd = measure_weight_sensitivity(copy_of(net), batches, LAYERS, CANDIDATES)
+    inputs = {n: xs[0] for n, xs in _inputs(copy_of(net), batches).items()}
+    mods = dict(net.named_modules())
+    for name in LAYERS:
+        module, w = mods[name], mods[name].weight.detach()
+        for choice, plain in zip(sens[name].choices, svd[name].choices):
+            assert (choice.ranks, choice.nbytes) == (plain.ranks, plain.nbytes)
+            assert choice.error <= plain.error + 1e-12
+            factored = wasi_layers(
+                to_wasi(
+                    copy_of(net),
+                    rank=choice.threshold,
+                    layers=[name],
+                    output_grams={name: grams[name]},
+                )
+            )[name]
+            left = factored.left.detach()
+            torch.testing.assert_close(
+                left.T @ left, torch.eye(left.shape[1], dtype=torch.float64), atol=1e-12, rtol=0
+            )
+            y = _output(module, inputs[name], w)
+            err = (y - _output(module, inputs[name], factored.dense_weight())).norm() / y.norm()
+            assert choice.error == pytest.approx(float(err), rel=1e-9, abs=1e-12)
+        assert sens[name].choice(1.0).error == pytest.approx(0.0, abs=1e-12)
+    # The plan measures the same factorization.
+    alloc = plan_weight_ranks(net, batches, LAYERS, 0.6, CANDIDATES, output_grams=grams)
+    assert alloc == allocate(sens, sens.bytes_at(0.6))
+
+
+def test_outputs_basis_is_exact_on_inputs_of_low_rank() -> None:
+    """Inputs in a 3-dimensional subspace: rank 3 in the outputs' basis reproduces the
+    layer's outputs exactly, where the weight's own SVD at rank 3 does not."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12, bias=False).double()
+    x = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 16, dtype=torch.float64)
+    grams = output_grams(layer, [(x, None)], [""])
+    by_outputs = to_wasi(copy_of(layer), rank=3, layers=[""], output_grams=grams)
+    by_svd = to_wasi(copy_of(layer), rank=3, layers=[""])
+    y = layer(x)
+    with torch.no_grad():
+        assert float((by_outputs.dense_weight() @ x.T).T.sub(y).norm() / y.norm()) < 1e-12
+        assert float((by_svd.dense_weight() @ x.T).T.sub(y).norm() / y.norm()) > 0.1
+    # Its weight keeps less of W's norm than the SVD's, which is what the SVD maximises.
+    assert by_outputs.weight_explained_variance < by_svd.weight_explained_variance
+
+
+def test_bad_output_grams_get_clear_errors() -> None:
+    net, batches = _net(), _batches(1)
+    grams = output_grams(net, batches, LAYERS)
+    partial = {n: grams[n] for n in LAYERS[:2]}
+    with pytest.raises(ValueError, match=r"output_grams needs exactly one entry.*missing \['5'"):
+        measure_weight_sensitivity(net, batches, LAYERS, output_grams=partial)
+    with pytest.raises(ValueError, match=r"output_grams needs exactly one entry.*missing \['5'"):
+        to_wasi(copy_of(net), rank=0.6, layers=LAYERS, output_grams=partial)
+    wrong = {**grams, "5": grams["7"]}
+    with pytest.raises(ValueError, match=r"layer '5': its output Gram matrix must be \(24, 24\)"):
+        measure_weight_sensitivity(net, batches, LAYERS, output_grams=wrong)
+    with pytest.raises(ValueError, match=r"layer '5': its output Gram matrix must be \(24, 24\)"):
+        to_wasi(copy_of(net), rank=0.6, layers=LAYERS, output_grams=wrong)
+    nan = {**grams, "0": torch.full_like(grams["0"], float("nan"))}
+    with pytest.raises(ValueError, match="layer '0': its output Gram matrix holds NaN"):
+        to_wasi(copy_of(net), rank=0.6, layers=LAYERS, output_grams=nan)

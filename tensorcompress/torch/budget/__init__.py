@@ -28,7 +28,9 @@ One file per job:
 - :mod:`~tensorcompress.torch.budget.weights`: the same for factored weights
   (WSI/WASI): :func:`measure_weight_sensitivity` (per candidate weight rank,
   the factors' bytes and the layer's output error) and
-  :func:`plan_weight_ranks`, solved by the same :func:`allocate`.
+  :func:`plan_weight_ranks`, solved by the same :func:`allocate`; and
+  :func:`output_grams`, the Gram matrices of the layers' outputs that factor
+  each weight in the basis of what it computes.
 
 Every public name is importable from here:
 ``from tensorcompress.torch.budget import plan_ranks, allocate``.
@@ -45,7 +47,11 @@ from tensorcompress.torch.budget.knapsack import (
 )
 from tensorcompress.torch.budget.plan import plan_ranks
 from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, measure_sensitivity
-from tensorcompress.torch.budget.weights import measure_weight_sensitivity, plan_weight_ranks
+from tensorcompress.torch.budget.weights import (
+    measure_weight_sensitivity,
+    output_grams,
+    plan_weight_ranks,
+)
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -57,6 +63,7 @@ __all__ = [
     "budget_from_spec",
     "measure_sensitivity",
     "measure_weight_sensitivity",
+    "output_grams",
     "plan_ranks",
     "plan_weight_ranks",
     "spec_threshold",

@@ -19,12 +19,22 @@ which may lie mostly in a few of its directions. And why it is cheap: with
 orthonormal, so ``||op(x, W - W_k)||^2 = sum_{j >= k} s_j^2 ||op(x, v_j)||^2``.
 One product of the input with ``V`` per layer and batch gives the error of
 every candidate.
+
+The outputs' own basis. The rank-``k`` weight closest to ``W`` on the
+layer's outputs is not the truncated SVD but ``L L^T W`` with ``L`` the
+leading eigenvectors of the outputs' Gram matrix ``Y^T Y``
+(:func:`output_grams`; :func:`~tensorcompress.torch.lowrank.output_basis`).
+Given those Gram matrices, :func:`measure_weight_sensitivity` measures the
+errors of that factorization (what ``to_wasi(..., output_grams=...)``
+trains), with the same ranks and bytes: in a basis ``B`` of the outputs,
+``||op(x, W - B_k B_k^T W)||^2 = sum_{j >= k} ||op(x, b_j^T W)||^2``, the
+same sum with the rows of ``B^T W`` in place of ``s_j v_j``.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -39,12 +49,12 @@ from tensorcompress.torch.budget.knapsack import (
     allocate,
 )
 from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, _peek, _split_batch
-from tensorcompress.torch.lowrank import weight_rank, weight_svd
+from tensorcompress.torch.lowrank import check_output_gram, output_basis, weight_rank, weight_svd
 from tensorcompress.torch.modules import CompressedModule
 from tensorcompress.torch.selection import LayerSelection, select_layers
 from tensorcompress.torch.state import preserved_training_state
 
-__all__ = ["measure_weight_sensitivity", "plan_weight_ranks"]
+__all__ = ["measure_weight_sensitivity", "output_grams", "plan_weight_ranks"]
 
 
 def _factorable(model: nn.Module, layers: LayerSelection, example: Any) -> dict[str, nn.Module]:
@@ -63,18 +73,149 @@ def _factorable(model: nn.Module, layers: LayerSelection, example: Any) -> dict[
     return chosen
 
 
+def _output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``op(x, weight)`` without bias, as ``(rows, channels)``: a Linear's rows,
+    a conv's pixels (a weight of any number of output channels)."""
+    if isinstance(module, nn.Conv2d):
+        z = module._conv_forward(x, weight.reshape(-1, *module.weight.shape[1:]), None)
+        return z.transpose(0, 1).reshape(z.shape[1], -1).transpose(0, 1)
+    return x.reshape(-1, x.shape[-1]) @ weight.transpose(0, 1)
+
+
+Observer = Callable[[str, nn.Module, torch.Tensor], None]
+
+
+def _run_forwards(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layers: LayerSelection,
+    observer: Callable[[dict[str, nn.Module]], Observer],
+) -> int:
+    """Run ``model`` on each batch without gradients (training mode, state restored);
+    ``observer(selected)``, given the selected factorable layers by name, returns
+    what is called with ``(name, module, input)`` at each of their forwards.
+    Returns the number of batches. Each layer must run exactly once per forward."""
+    first, every = _peek(batches)
+    selected = _factorable(model, layers, _split_batch(first, 0)[0])
+    observe = observer(selected)
+    calls = dict.fromkeys(selected, 0)
+
+    def hook(name: str) -> Callable[..., None]:
+        def run(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            calls[name] += 1
+            observe(name, module, args[0].detach())
+
+        return run
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in selected.items()]
+    n_batches = 0
+    try:
+        with preserved_training_state(model), torch.no_grad():
+            for index, batch in enumerate(every):
+                calls.update(dict.fromkeys(calls, 0))
+                model(_split_batch(batch, index)[0])
+                for name, count in calls.items():
+                    if count != 1:
+                        raise ValueError(
+                            f"layer {name!r} ran {count} times in one forward; each "
+                            "selected layer must run exactly once per forward"
+                        )
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return n_batches
+
+
+def output_grams(
+    model: nn.Module, batches: Iterable[Any], layers: LayerSelection = None
+) -> dict[str, torch.Tensor]:
+    """The Gram matrix ``Y^T Y`` of each selected layer's outputs over a few batches.
+
+    ``Y`` is the layer's output without its bias, one row per sample (a
+    Linear's rows, a conv's pixels), over every batch: ``(out, out)``, in
+    float64. Passed to :func:`~tensorcompress.torch.wasi.to_wasi` (and to
+    :func:`measure_weight_sensitivity`) as ``output_grams``, it factors each
+    weight in the basis that keeps most of what the layer computes on such
+    inputs (:func:`~tensorcompress.torch.lowrank.output_basis`).
+
+    Parameters
+    ----------
+    model, batches, layers
+        As in :func:`measure_weight_sensitivity`: the plain model, batches of
+        ``(inputs, targets)`` (only ``model(inputs)`` runs, forwards only, in
+        training mode, state restored), and Linear or Conv2d layers (groups
+        1) that run exactly once per forward.
+
+    Returns
+    -------
+    dict
+        From qualified name to its ``(out, out)`` float64 Gram matrix, in
+        selection order.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`measure_weight_sensitivity`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> x = torch.randn(8, 16)
+    >>> grams = output_grams(net, [(x, None)], ["0"])
+    >>> y = (x @ net[0].weight.T).double()
+    >>> torch.allclose(grams["0"], y.T @ y)
+    True
+    """
+    grams: dict[str, torch.Tensor] = {}
+
+    def observer(selected: dict[str, nn.Module]) -> Observer:
+        for name, module in selected.items():
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            out = int(weight.shape[0])
+            grams[name] = torch.zeros(out, out, dtype=torch.float64, device=weight.device)
+
+        def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            y = _output(module, x.to(weight.dtype), weight.detach()).double()
+            grams[name] += y.transpose(0, 1) @ y
+
+        return observe
+
+    _run_forwards(model, batches, layers, observer)
+    return grams
+
+
 class _WeightProbe:
-    """One layer's spectrum, and the output errors of every candidate over the batches."""
+    """One layer's candidate ranks and bytes, and their output errors over the batches.
+
+    The directions are the rows of ``B^T W`` for an orthonormal basis ``B`` of
+    the outputs, leading first: ``S V^T`` for the SVD's ``B = U``, or those of
+    the outputs' own basis. Rank ``k`` keeps the first ``k``.
+    """
 
     def __init__(
-        self, name: str, module: nn.Module, thresholds: tuple[float, ...], only_if_smaller: bool
+        self,
+        name: str,
+        module: nn.Module,
+        thresholds: tuple[float, ...],
+        only_if_smaller: bool,
+        gram: torch.Tensor | None,
     ) -> None:
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
-        self.module = module
         matrix = weight.detach().reshape(weight.shape[0], -1)
         _, s, vh = weight_svd(matrix, name=name)
-        self.s, self.vh = s, vh
+        if gram is None:
+            self.directions = s[:, None] * vh
+        else:
+            check_output_gram(gram, matrix.shape[0], name)
+            basis = output_basis(gram.to(matrix.device))
+            self.directions = (basis.transpose(0, 1) @ matrix.double()).to(vh.dtype)
         self.ranks = [weight_rank(s, eps) for eps in thresholds]
         # With only_if_smaller, a rank at or above break-even leaves the weight dense.
         self.dense = [
@@ -85,20 +226,12 @@ class _WeightProbe:
             for k, dense in zip(self.ranks, self.dense)
         ]
         self.itemsize = weight.element_size()
+        self.kind = type(module).__name__
         self.errors = [0.0] * len(thresholds)
-        self.calls = 0
 
-    def hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        self.calls += 1
-        x = args[0].detach().to(self.vh.dtype)
-        if isinstance(module, nn.Conv2d):
-            kernel = self.vh.reshape(-1, *module.weight.shape[1:])
-            z = module._conv_forward(x, kernel, None)  # (N, full, H', W')
-            per_direction = z.transpose(0, 1).reshape(z.shape[1], -1).square().sum(1)
-        else:
-            z = x.reshape(-1, x.shape[-1]) @ self.vh.transpose(0, 1)  # (N, full)
-            per_direction = z.square().sum(0)
-        energy = per_direction * self.s.square()  # s_j^2 ||op(x, v_j)||^2
+    def observe(self, module: nn.Module, x: torch.Tensor) -> None:
+        # ||op(x, d_j)||^2 for every direction d_j: their tail sums are the errors.
+        energy = _output(module, x.to(self.directions.dtype), self.directions).square().sum(0)
         total = float(energy.sum())
         # tail[k]: the energy of directions k, k+1, ... (what rank k drops).
         tail = [*energy.flip(0).cumsum(0).flip(0).tolist(), 0.0]
@@ -114,6 +247,7 @@ def measure_weight_sensitivity(
     candidates: Iterable[float] = DEFAULT_CANDIDATES,
     *,
     only_if_smaller: bool = False,
+    output_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> Sensitivity:
     """Measure, per layer and candidate threshold, the weight rank, its factors' bytes
     and the layer's output error with the weight truncated to that rank.
@@ -137,6 +271,11 @@ def measure_weight_sensitivity(
         layer dense where its factors would hold at least as many numbers
         as its weight: such a candidate costs the dense weight's bytes and
         has no error.
+    output_grams : dict, optional
+        One Gram matrix of outputs per selected layer (:func:`output_grams`):
+        measure the factorization ``to_wasi(..., output_grams=...)`` makes,
+        in the outputs' basis (same ranks and bytes, errors at most the
+        SVD's on those outputs). ``None``: the truncated SVD's.
 
     Returns
     -------
@@ -154,7 +293,8 @@ def measure_weight_sensitivity(
     ValueError, TypeError
         On bad candidates, no batches, a selection with nothing in it, a layer
         that cannot factor or is already factored or compressed, or one that
-        does not run exactly once per forward.
+        does not run exactly once per forward; ``output_grams`` without one
+        ``(out, out)`` finite matrix per selected layer.
 
     Examples
     --------
@@ -170,27 +310,17 @@ def measure_weight_sensitivity(
     True
     """
     cands = check_candidates(candidates)
-    first, every = _peek(batches)
-    selected = _factorable(model, layers, _split_batch(first, 0)[0])
-    probes = {n: _WeightProbe(n, m, cands, only_if_smaller) for n, m in selected.items()}
-    handles = [m.register_forward_hook(probes[n].hook) for n, m in selected.items()]
-    n_batches = 0
-    try:
-        with preserved_training_state(model), torch.no_grad():
-            for index, batch in enumerate(every):
-                for probe in probes.values():
-                    probe.calls = 0
-                model(_split_batch(batch, index)[0])
-                for name, probe in probes.items():
-                    if probe.calls != 1:
-                        raise ValueError(
-                            f"layer {name!r} ran {probe.calls} times in one forward; each "
-                            "selected layer must run exactly once per forward"
-                        )
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
+    probes: dict[str, _WeightProbe] = {}
+
+    def observer(selected: dict[str, nn.Module]) -> Observer:
+        if output_grams is not None:
+            _check_names(output_grams, selected)
+        for name, module in selected.items():
+            gram = None if output_grams is None else output_grams[name]
+            probes[name] = _WeightProbe(name, module, cands, only_if_smaller, gram)
+        return lambda name, module, x: probes[name].observe(module, x)
+
+    n_batches = _run_forwards(model, batches, layers, observer)
     return Sensitivity(
         layers=tuple(
             LayerSensitivity(
@@ -200,12 +330,22 @@ def measure_weight_sensitivity(
                     for eps, k, numbers, err in zip(cands, probe.ranks, probe.numbers, probe.errors)
                 ),
                 itemsize=probe.itemsize,
-                kind=type(probe.module).__name__,
+                kind=probe.kind,
             )
             for name, probe in probes.items()
         ),
         n_batches=n_batches,
     )
+
+
+def _check_names(grams: Mapping[str, torch.Tensor], selected: dict[str, nn.Module]) -> None:
+    missing = [n for n in selected if n not in grams]
+    extra = [n for n in grams if n not in selected]
+    if missing or extra:
+        raise ValueError(
+            "output_grams needs exactly one entry per selected layer: "
+            f"missing {missing}, not selected {extra}"
+        )
 
 
 def plan_weight_ranks(
@@ -216,12 +356,13 @@ def plan_weight_ranks(
     candidates: Iterable[float] = DEFAULT_CANDIDATES,
     *,
     only_if_smaller: bool = False,
+    output_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> Allocation:
     """Measure weight sensitivity and allocate weight ranks under a budget, in one call.
 
     Parameters
     ----------
-    model, batches, layers, candidates, only_if_smaller
+    model, batches, layers, candidates, only_if_smaller, output_grams
         As in :func:`measure_weight_sensitivity`; with ``only_if_smaller``,
         1.0 joins the candidates, so that leaving a layer dense is a choice.
     budget : int or float, default 0.8
@@ -235,8 +376,8 @@ def plan_weight_ranks(
     -------
     Allocation
         ``to_wasi(model, rank={n: k for n, (k,) in alloc.ranks.items()},
-        layers=list(alloc.ranks), only_if_smaller=...)`` factors each layer at
-        its chosen rank.
+        layers=list(alloc.ranks), only_if_smaller=..., output_grams=...)``
+        factors each layer at its chosen rank.
     """
     cands = list(check_candidates(candidates))
     eps: float | None = None
@@ -248,6 +389,11 @@ def plan_weight_ranks(
     if only_if_smaller:
         cands.append(1.0)
     sens = measure_weight_sensitivity(
-        model, batches, layers, cands, only_if_smaller=only_if_smaller
+        model,
+        batches,
+        layers,
+        cands,
+        only_if_smaller=only_if_smaller,
+        output_grams=output_grams,
     )
     return allocate(sens, sens.bytes_at(eps) if eps is not None else int(budget))
