@@ -34,6 +34,7 @@ from tensorcompress.torch.modules import (
 )
 from tensorcompress.torch.selection import (
     LayerSelection,
+    check_per_layer,
     plain_type,
     select_layers,
     shared_inputs,
@@ -149,13 +150,7 @@ def convert(
         CompressionConfig(**options) if config is None else dataclasses.replace(config, **options)
     )
     if isinstance(rank, Mapping):
-        missing = [n for n in names if n not in rank]
-        extra = [n for n in rank if n not in names]
-        if missing or extra:
-            raise ValueError(
-                "a rank dict needs exactly one entry per selected layer: "
-                f"missing {missing}, not selected {extra}"
-            )
+        check_per_layer("a rank dict", rank, names)
     configs = {
         name: base
         if rank is None

@@ -43,6 +43,7 @@ __all__ = [
     "LastLayers",
     "LayerSelection",
     "call_model",
+    "check_per_layer",
     "execution_order",
     "find_blocks",
     "fine_tuned_modules",
@@ -582,6 +583,18 @@ def select_layers(
 # ---------------------------------------------------------------------------
 # What trains
 # ---------------------------------------------------------------------------
+
+
+def check_per_layer(what: str, given: Mapping[str, Any], names: Sequence[str]) -> None:
+    """``ValueError`` unless ``given`` (a per-layer dict: ranks, Gram matrices) has
+    exactly one entry per selected layer in ``names``; ``what`` names it in the message."""
+    missing = [n for n in names if n not in given]
+    extra = [n for n in given if n not in names]
+    if missing or extra:
+        raise ValueError(
+            f"{what} needs exactly one entry per selected layer: "
+            f"missing {missing}, not selected {extra}"
+        )
 
 
 def fine_tuned_modules(model: nn.Module, layers: Sequence[str], example_input: Any) -> list[str]:

@@ -90,7 +90,7 @@ from tensorcompress.torch.lowrank import (
     conv_with,
 )
 from tensorcompress.torch.modules import check_finite_input, check_product_dtype, tucker_step
-from tensorcompress.torch.selection import LayerSelection, select_layers
+from tensorcompress.torch.selection import LayerSelection, check_per_layer, select_layers
 
 __all__ = [
     "METHODS",
@@ -843,15 +843,10 @@ def to_wasi(
         raise TypeError(f"unknown options {unknown}; expected WASIConfig fields {sorted(fields)}")
     cfg = WASIConfig(method=method, act_rank=act_rank, **options)
     names = select_layers(model, layers, example_input)
-    for what, given in (("a rank dict", rank), ("output_grams", output_grams)):
-        if isinstance(given, Mapping):
-            missing = [n for n in names if n not in given]
-            extra = [n for n in given if n not in names]
-            if missing or extra:
-                raise ValueError(
-                    f"{what} needs exactly one entry per selected layer: "
-                    f"missing {missing}, not selected {extra}"
-                )
+    if isinstance(rank, Mapping):
+        check_per_layer("a rank dict", rank, names)
+    if output_grams is not None:
+        check_per_layer("output_grams", output_grams, names)
     modules = dict(model.named_modules())
     new: dict[str, WASIModule] = {}
     for name in names:

@@ -274,6 +274,18 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
     assert any("sdpa attention" in n and "int8" in n for n in exp.notes)
 
 
+def _first_seeds_blocks(config: run_mod.RunConfig) -> tuple[Any, list[str], list[Any]]:
+    """The first seed's backbone, the Linear layers of its last block and the run's
+    budget batches, made again as the run makes them."""
+    train, _, _ = run_mod._target_data(config)
+    state, _ = run_mod._backbone(config, 0, T.init_distributed("cpu"), False)
+    model = T.load_backbone(config.model, train.num_classes, state, 0)
+    example = D.to_input(train.images[:2], "cpu")
+    linears = run_mod.select_layers(model, run_mod.last_blocks(1), example)
+    batches = run_mod._budget_batches(train, config, 0, T.init_distributed("cpu"))
+    return model, linears, batches
+
+
 def test_weight_ranks_from_a_budget(tmp_path: Path) -> None:
     """``--weight-ranks budget``: WASI's weight ranks are plan_weight_ranks' allocation
     of the bytes the threshold's factors take, on the run's budget batches."""
@@ -285,12 +297,7 @@ def test_weight_ranks_from_a_budget(tmp_path: Path) -> None:
     assert budget["source"] == "budget.plan_weight_ranks(budget=0.8)"
     assert 0 < budget["allocated_bytes"] <= budget["budget_bytes"]
     # The same plan, made again on the same backbone and batches.
-    train, _, _ = run_mod._target_data(config)
-    state, _ = run_mod._backbone(config, 0, T.init_distributed("cpu"), False)
-    model = T.load_backbone(config.model, train.num_classes, state, 0)
-    example = D.to_input(train.images[:2], "cpu")
-    linears = run_mod.select_layers(model, run_mod.last_blocks(1), example)
-    batches = run_mod._budget_batches(train, config, 0, T.init_distributed("cpu"))
+    model, linears, batches = _first_seeds_blocks(config)
     alloc = plan_weight_ranks(model, batches, linears, 0.8, run_mod.WEIGHT_CANDIDATES)
     assert fields["weight_ranks"] == {n: k for n, (k,) in alloc.ranks.items()}
     assert budget["budget_bytes"] == alloc.budget_bytes
@@ -316,12 +323,7 @@ def test_weights_factored_in_their_outputs_basis(
     (row,) = exp.rows
     fields = row.seeds[0]
     assert fields["weight_factors"] == {"basis": "outputs"}
-    train, _, _ = run_mod._target_data(config)
-    state, _ = run_mod._backbone(config, 0, T.init_distributed("cpu"), False)
-    model = T.load_backbone(config.model, train.num_classes, state, 0)
-    example = D.to_input(train.images[:2], "cpu")
-    linears = run_mod.select_layers(model, run_mod.last_blocks(1), example)
-    batches = run_mod._budget_batches(train, config, 0, T.init_distributed("cpu"))
+    model, linears, batches = _first_seeds_blocks(config)
     (grams,) = passed
     expected = output_grams(model, batches, linears)
     assert list(grams) == linears

@@ -51,7 +51,7 @@ from tensorcompress.torch.budget.knapsack import (
 from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, _peek, _split_batch
 from tensorcompress.torch.lowrank import check_output_gram, output_basis, weight_rank, weight_svd
 from tensorcompress.torch.modules import CompressedModule
-from tensorcompress.torch.selection import LayerSelection, select_layers
+from tensorcompress.torch.selection import LayerSelection, check_per_layer, select_layers
 from tensorcompress.torch.state import preserved_training_state
 
 __all__ = ["measure_weight_sensitivity", "output_grams", "plan_weight_ranks"]
@@ -314,7 +314,7 @@ def measure_weight_sensitivity(
 
     def observer(selected: dict[str, nn.Module]) -> Observer:
         if output_grams is not None:
-            _check_names(output_grams, selected)
+            check_per_layer("output_grams", output_grams, list(selected))
         for name, module in selected.items():
             gram = None if output_grams is None else output_grams[name]
             probes[name] = _WeightProbe(name, module, cands, only_if_smaller, gram)
@@ -336,16 +336,6 @@ def measure_weight_sensitivity(
         ),
         n_batches=n_batches,
     )
-
-
-def _check_names(grams: Mapping[str, torch.Tensor], selected: dict[str, nn.Module]) -> None:
-    missing = [n for n in selected if n not in grams]
-    extra = [n for n in grams if n not in selected]
-    if missing or extra:
-        raise ValueError(
-            "output_grams needs exactly one entry per selected layer: "
-            f"missing {missing}, not selected {extra}"
-        )
 
 
 def plan_weight_ranks(
