@@ -14,6 +14,7 @@ from tensorcompress.torch.budget import (
     measure_weight_sensitivity,
     output_grams,
     plan_weight_ranks,
+    weights,
 )
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
@@ -238,7 +239,12 @@ def _rows(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     )
 
 
-def test_output_grams_are_the_outputs_gram_matrices() -> None:
+@pytest.mark.parametrize("rows", [1 << 14, 5])
+def test_output_grams_are_the_outputs_gram_matrices(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Summed over batches, in float64 a few rows at a time (``_GRAM_ROWS``)."""
+    monkeypatch.setattr(weights, "_GRAM_ROWS", rows)
     net, batches = _net(), _batches()
     grams = output_grams(copy_of(net), batches, LAYERS)
     inputs = _inputs(copy_of(net), batches)

@@ -82,14 +82,17 @@ def _output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.T
     return x.reshape(-1, x.shape[-1]) @ weight.transpose(0, 1)
 
 
-Observer = Callable[[str, nn.Module, torch.Tensor], None]
+_GRAM_ROWS = 1 << 14
+"""Rows of a layer's output cast to float64 at a time by :func:`output_grams`."""
+
+_Observer = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 def _run_forwards(
     model: nn.Module,
     batches: Iterable[Any],
     layers: LayerSelection,
-    observer: Callable[[dict[str, nn.Module]], Observer],
+    observer: Callable[[dict[str, nn.Module]], _Observer],
 ) -> int:
     """Run ``model`` on each batch without gradients (training mode, state restored);
     ``observer(selected)``, given the selected factorable layers by name, returns
@@ -171,7 +174,7 @@ def output_grams(
     """
     grams: dict[str, torch.Tensor] = {}
 
-    def observer(selected: dict[str, nn.Module]) -> Observer:
+    def observer(selected: dict[str, nn.Module]) -> _Observer:
         for name, module in selected.items():
             weight = module.weight
             assert isinstance(weight, torch.Tensor)
@@ -181,8 +184,11 @@ def output_grams(
         def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
             weight = module.weight
             assert isinstance(weight, torch.Tensor)
-            y = _output(module, x.to(weight.dtype), weight.detach()).double()
-            grams[name] += y.transpose(0, 1) @ y
+            y = _output(module, x.to(weight.dtype), weight.detach())
+            # float64 a block of rows at a time: no float64 copy of a large output.
+            for rows in y.split(_GRAM_ROWS):
+                rows64 = rows.double()
+                grams[name] += rows64.transpose(0, 1) @ rows64
 
         return observe
 
@@ -312,7 +318,7 @@ def measure_weight_sensitivity(
     cands = check_candidates(candidates)
     probes: dict[str, _WeightProbe] = {}
 
-    def observer(selected: dict[str, nn.Module]) -> Observer:
+    def observer(selected: dict[str, nn.Module]) -> _Observer:
         if output_grams is not None:
             check_per_layer("output_grams", output_grams, list(selected))
         for name, module in selected.items():
