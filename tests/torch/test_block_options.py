@@ -17,7 +17,10 @@ from torch import nn
 
 from tensorcompress.models import tiny_llama, vit_tiny
 from tensorcompress.torch import CompressedLinear, compressed_layers, last_blocks
+from tensorcompress.torch.budget import output_grams
+from tensorcompress.torch.lowrank import output_basis
 from tensorcompress.torch.measure import activation_memory, track_memory
+from tensorcompress.torch.selection import select_layers
 from tensorcompress.torch.transformer import (
     METHODS,
     BlockOptions,
@@ -974,3 +977,22 @@ def test_errors() -> None:
     model = prepare(small_vit(), "checkpoint", 1, example_input=example)
     with pytest.raises(ValueError, match="own forward"):
         prepare(model, "checkpoint", 1, example_input=example)
+
+
+def test_output_grams_factor_the_blocks_weights_in_their_outputs_basis() -> None:
+    """``BlockOptions(output_grams=...)``: each factored Linear's ``L`` is the leading
+    eigenvectors of its outputs' Gram matrix, measured on a Hugging Face batch (a dict
+    of keyword arguments); other methods refuse the option."""
+    example = vit_batch(torch.float32)
+    plain = small_vit(torch.float32)
+    names = select_layers(plain, last_blocks(2), example)
+    grams = output_grams(plain, [(example, None)], names)
+    opts = BlockOptions(weight_rank=4, output_grams=grams)
+    model = prepare(copy.deepcopy(plain), "wasi", 2, example_input=example, options=opts)
+    layers = wasi_layers(model)
+    assert sorted(layers) == sorted(names)
+    for name, layer in layers.items():
+        basis = output_basis(grams[name])[:, :4].float()
+        torch.testing.assert_close(layer.left.detach(), basis, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="output_grams applies to 'wsi' and 'wasi'"):
+        prepare(copy.deepcopy(plain), "asi", 2, example_input=example, options=opts)

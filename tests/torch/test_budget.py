@@ -605,3 +605,31 @@ def test_layer_that_does_not_run_once(batches: list[tuple[torch.Tensor, torch.Te
 
     with pytest.raises(ValueError, match="'conv' ran 2 times"):
         measure_sensitivity(Twice(), batches, ["conv"])
+
+
+def test_batches_call_the_model_as_example_inputs_do() -> None:
+    """A batch's inputs follow ``example_input``'s convention: a dict is the keyword
+    arguments (a Hugging Face batch), a tuple the positional ones."""
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) * scale)
+
+    class Positional(Keywords):
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x, scale=scale)
+
+    torch.manual_seed(0)
+    net = Keywords().double()
+    positional = Positional().double()
+    positional.load_state_dict(net.state_dict())
+    x, scale = torch.randn(10, 6, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    targets = torch.randint(0, 3, (10,))
+    by_dict = measure_sensitivity(net, [({"x": x, "scale": scale}, targets)], ["a", "b"])
+    by_tuple = measure_sensitivity(positional, [((x, scale), targets)], ["a", "b"])
+    assert by_dict == by_tuple

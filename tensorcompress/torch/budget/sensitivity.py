@@ -65,7 +65,12 @@ from tensorcompress.torch.budget.knapsack import Choice, LayerSensitivity, Sensi
 from tensorcompress.torch.functions import ConvSpec, conv_weight_grad, linear_weight_grad
 from tensorcompress.torch.measure import analytic_bytes
 from tensorcompress.torch.modules import CompressedModule
-from tensorcompress.torch.selection import SUPPORTED_LAYERS, LayerSelection, select_layers
+from tensorcompress.torch.selection import (
+    SUPPORTED_LAYERS,
+    LayerSelection,
+    call_model,
+    select_layers,
+)
 from tensorcompress.torch.state import preserved_training_state
 
 __all__ = ["DEFAULT_CANDIDATES", "measure_sensitivity"]
@@ -250,8 +255,10 @@ def measure_sensitivity(
         as they were.
     batches : iterable of (inputs, targets)
         A few batches (two or more give a steadier average); each runs one
-        forward (``model(inputs)``) and one backward. Use the training batch
-        size: the batch-mode rank is measured at this size.
+        forward (``model(inputs)``; a tuple of inputs is the positional
+        arguments and a dict the keyword arguments, as a Hugging Face
+        model's batch) and one backward. Use the training batch size: the
+        batch-mode rank is measured at this size.
     layers : LastLayers, callable, list of str or None
         Which layers, as in :func:`~tensorcompress.torch.convert`
         (:func:`~tensorcompress.torch.last_layers` is resolved in execution
@@ -311,7 +318,7 @@ def measure_sensitivity(
                 inputs, targets = _split_batch(batch, index)
                 for cap in captures.values():
                     cap.reset()
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(call_model(model, inputs), targets)
                 # Only the selected weights: .grad stays untouched, and no
                 # gradient is computed for earlier layers' parameters.
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)  # type: ignore[arg-type]

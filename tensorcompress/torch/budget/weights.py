@@ -51,7 +51,12 @@ from tensorcompress.torch.budget.knapsack import (
 from tensorcompress.torch.budget.sensitivity import DEFAULT_CANDIDATES, _peek, _split_batch
 from tensorcompress.torch.lowrank import check_output_gram, output_basis, weight_rank, weight_svd
 from tensorcompress.torch.modules import CompressedModule
-from tensorcompress.torch.selection import LayerSelection, check_per_layer, select_layers
+from tensorcompress.torch.selection import (
+    LayerSelection,
+    call_model,
+    check_per_layer,
+    select_layers,
+)
 from tensorcompress.torch.state import preserved_training_state
 
 __all__ = ["measure_weight_sensitivity", "output_grams", "plan_weight_ranks"]
@@ -116,7 +121,7 @@ def _run_forwards(
         with preserved_training_state(model), torch.no_grad():
             for index, batch in enumerate(every):
                 calls.update(dict.fromkeys(calls, 0))
-                model(_split_batch(batch, index)[0])
+                call_model(model, _split_batch(batch, index)[0])
                 for name, count in calls.items():
                     if count != 1:
                         raise ValueError(
@@ -266,7 +271,8 @@ def measure_weight_sensitivity(
         fine-tuning does); training flags and buffers are restored after.
     batches : iterable of (inputs, targets)
         A few batches, as :func:`~tensorcompress.torch.budget.measure_sensitivity`
-        takes them; only ``model(inputs)`` runs.
+        takes them (inputs a tensor, a tuple of positional arguments or a
+        dict of keyword arguments); only ``model(inputs)`` runs.
     layers : LastLayers, LastBlocks, callable, list of str or None
         Which layers, as in :func:`~tensorcompress.torch.wasi.to_wasi`; each
         a Linear or a Conv2d with groups 1, run exactly once per forward.
