@@ -69,8 +69,9 @@ from tensorcompress.models import MODEL_NAMES, get_model
 from tensorcompress.torch import METHODS, convert, last_blocks
 from tensorcompress.torch.budget import output_grams, plan_weight_ranks
 from tensorcompress.torch.flops import training_step_flops
+from tensorcompress.torch.lowrank import factor_by_outputs
 from tensorcompress.torch.measure import activation_memory
-from tensorcompress.torch.selection import select_layers
+from tensorcompress.torch.selection import execution_order, select_layers
 from tensorcompress.torch.transformer import block_names
 
 __all__ = [
@@ -234,6 +235,15 @@ class RunConfig:
         same ranks and bytes, the rank-``k`` weight closest to the layer's
         outputs); with ``weight_ranks="budget"``, the allocation measures
         that factorization's errors.
+    frozen_threshold : float or None
+        WSI/WASI rows: also factor the frozen layers that run before the
+        fine-tuned part (a transformer's Linear layers, a CNN's convs with
+        groups 1), in the basis of their outputs on
+        the first training batches, at the rank that keeps this share of their
+        outputs' energy, where that is smaller
+        (:func:`~tensorcompress.torch.lowrank.factor_by_outputs`); they stay
+        frozen, and the exported model is low-rank there too. None: the
+        frozen layers stay as pretrained.
     blocks : BlockSettings
         Transformers: the attention, the saved form of the compressed
         methods' other tensors and LoRA's rank
@@ -268,6 +278,7 @@ class RunConfig:
     factor: str = "all"
     weight_ranks: str = "threshold"
     weight_basis: str = "weight"
+    frozen_threshold: float | None = None
     blocks: K.BlockSettings = field(default_factory=K.BlockSettings)
 
     def __post_init__(self) -> None:
@@ -282,6 +293,10 @@ class RunConfig:
         if self.weight_basis not in WEIGHT_BASES:
             raise ValueError(
                 f"weight_basis must be one of {WEIGHT_BASES}, got {self.weight_basis!r}"
+            )
+        if self.frozen_threshold is not None and not 0.0 < self.frozen_threshold <= 1.0:
+            raise ValueError(
+                f"frozen_threshold must be in (0, 1] or None, got {self.frozen_threshold!r}"
             )
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(
@@ -559,6 +574,8 @@ def prepare(
     """
     model = T.load_backbone(config.model, train.num_classes, state, seed).to(env.device)
     extra: dict[str, Any] = {}
+    if method in K.FACTORED_METHODS and config.frozen_threshold is not None and layers != "all":
+        extra["frozen_factors"] = _factor_frozen(model, layers, train, seed, config, example, env)
     weight_rank: dict[str, int] | None = None
     grams: dict[str, torch.Tensor] | None = None
     measured = method in K.FACTORED_METHODS and (
@@ -615,6 +632,40 @@ def prepare(
             product_dtype=config.products,
         )
     return model, names, extra
+
+
+def _factor_frozen(
+    model: nn.Module,
+    layers: str,
+    train: D.ImageData,
+    seed: int,
+    config: RunConfig,
+    example: torch.Tensor,
+    env: T.DistEnv,
+) -> dict[str, Any]:
+    """``--frozen-threshold``: the layers that run before the fine-tuned part and factor
+    as the fine-tuned ones do (a transformer's Linear layers, a CNN's convs with groups
+    1), factored by ``factor_by_outputs`` on the budget batches (their Gram matrices
+    measured on process 0 and shared); returns the ranks for results.json."""
+    assert config.frozen_threshold is not None
+    trained = set(K.trained_modules(model, layers, example, blocks=config.transformer))
+    modules = dict(model.named_modules())
+
+    def factorable(m: nn.Module) -> bool:
+        # A transformer's Linear layers (Hugging Face reads the patch conv's weight
+        # dtype); a CNN's convs with groups 1.
+        if config.transformer:
+            return isinstance(m, nn.Linear)
+        return isinstance(m, nn.Conv2d) and m.groups == 1
+
+    order = execution_order(model, example)
+    frozen = [n for n in order if n not in trained and factorable(modules[n])]
+    grams = None
+    if env.main and frozen:
+        grams = output_grams(model, _budget_batches(train, config, seed, env), frozen)
+    grams = env.broadcast(grams)
+    ranks = factor_by_outputs(model, grams or {}, config.frozen_threshold)
+    return {"threshold": config.frozen_threshold, "layers": frozen, "ranks": ranks}
 
 
 def _factorable(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -735,7 +786,8 @@ def _run_one(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if replay is not None and not replay.prefix.replays(layers):
+    if replay is not None and (not replay.prefix.replays(layers) or "frozen_factors" in extra):
+        # A factored prefix computes other inputs than the recorded one.
         replay = None
     # A peft model wraps the recorded model's modules under its own names.
     getter = getattr(model, "get_base_model", None)
@@ -1268,6 +1320,16 @@ def _notes(
             f"{config.budget_batches} training batches, R = L^T W), not by its SVD: the same "
             "ranks and bytes"
         )
+    if config.frozen_threshold is not None and any(m in K.FACTORED_METHODS for m in config.methods):
+        notes.append(
+            f"WSI ε, WASI ε (--frozen-threshold {config.frozen_threshold:g}): the frozen "
+            f"{'Linear layers' if config.transformer else 'convs with groups 1'} before the "
+            "fine-tuned part factored too, each in the basis "
+            f"of its outputs on {config.budget_batches} training batches at the rank that keeps "
+            f"{config.frozen_threshold:g} of their energy, where smaller "
+            "(lowrank.factor_by_outputs); they stay frozen, and these rows train without the "
+            "replayed prefix"
+        )
     if config.product_dtype != "float32":
         notes.append(
             f"ASI and HOSVD decompositions: tensor products in {config.product_dtype} "
@@ -1336,6 +1398,13 @@ def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
                 f", weight ranks {min(ranks.values())}-{max(ranks.values())} (break-even "
                 f"{min(even.values()):.0f}-{max(even.values()):.0f}); {larger} of them larger "
                 "than their dense weights"
+            )
+        frozen = fields.get("frozen_factors")
+        if frozen is not None and frozen["ranks"]:
+            values = frozen["ranks"].values()
+            text += (
+                f"; {len(frozen['ranks'])} of {len(frozen['layers'])} frozen layers factored "
+                f"at {frozen['threshold']:g} of their outputs, ranks {min(values)}-{max(values)}"
             )
         text += " (first seed)"
         paper = [
@@ -1627,6 +1696,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="WSI/WASI: factor each weight by its truncated SVD (weight), or in the basis "
         "of its outputs on the first training batches (outputs; same ranks and bytes)",
     )
+    g.add_argument(
+        "--frozen-threshold",
+        type=float,
+        metavar="EPS",
+        help="WSI/WASI: also factor the frozen layers before the fine-tuned part, in the "
+        "basis of their outputs, at the rank keeping EPS of their outputs' energy (they stay "
+        "frozen; the exported model is low-rank there too)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -1690,6 +1767,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         factor=getattr(args, "factor", "all"),
         weight_ranks=getattr(args, "weight_ranks", "threshold"),
         weight_basis=getattr(args, "weight_basis", "weight"),
+        frozen_threshold=getattr(args, "frozen_threshold", None),
         blocks=K.BlockSettings(
             saved=None if getattr(args, "saved", "int8") == "none" else "int8",
             fused_mlp=getattr(args, "mlp", "fused") == "fused",

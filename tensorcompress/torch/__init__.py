@@ -14,6 +14,7 @@ from tensorcompress.torch.lowrank import (
     LowRankConv2d,
     LowRankLinear,
     export_low_rank,
+    factor_by_outputs,
     to_dense,
 )
 from tensorcompress.torch.modules import (
@@ -58,6 +59,7 @@ __all__ = [
     "compressed_layers",
     "convert",
     "export_low_rank",
+    "factor_by_outputs",
     "find_blocks",
     "fine_tuned_modules",
     "input_groups",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -53,9 +53,11 @@ __all__ = [
     "check_output_gram",
     "conv_with",
     "export_low_rank",
+    "factor_by_outputs",
     "factorize",
     "low_rank_layers",
     "output_basis",
+    "output_rank",
     "to_dense",
     "weight_rank",
     "weight_svd",
@@ -112,6 +114,15 @@ def output_basis(gram: torch.Tensor) -> torch.Tensor:
     """
     _, vectors = torch.linalg.eigh(gram.double())
     return vectors.flip(1)
+
+
+def output_rank(gram: torch.Tensor, threshold: float) -> int:
+    """The smallest ``k`` whose leading directions of the outputs keep ``threshold``
+    of their energy: the explained variance of the eigenvalues of ``gram``
+    (``Y^T Y``, :func:`~tensorcompress.torch.budget.output_grams`), in float64."""
+    values = torch.linalg.eigvalsh(gram.detach().double()).flip(0).cpu().numpy()
+    rtol = float(torch.finfo(torch.float64).eps)
+    return _rank.rank_for_threshold(values, threshold, rtol=rtol)
 
 
 def factorize(
@@ -623,6 +634,77 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Te
 # ---------------------------------------------------------------------------
 # Whole models
 # ---------------------------------------------------------------------------
+
+
+def factor_by_outputs(
+    model: nn.Module,
+    output_grams: Mapping[str, torch.Tensor],
+    threshold: float,
+    *,
+    only_if_smaller: bool = True,
+) -> dict[str, int]:
+    """Factor layers in the basis of their outputs, at the rank their outputs need; in place.
+
+    Post-training low-rank compression (the rank-``k`` weight closest to each
+    layer on real inputs, as SVD-LLM): every layer named in ``output_grams``
+    becomes a :class:`LowRankLinear`/:class:`LowRankConv2d` whose ``L`` is
+    the leading ``k`` eigenvectors of its Gram matrix and ``R = L^T W``, with
+    ``k`` the smallest rank that keeps ``threshold`` of the outputs' energy
+    (:func:`output_rank`). Unlike a threshold on the weight's own spectrum,
+    this sees that a layer's inputs use few of its directions. Whether the
+    factors train follows the weight, so a frozen layer stays frozen: use it
+    on the layers before the fine-tuned ones, which then cost ``k (in + out)``
+    multiply-adds per row in training and in inference.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place.
+    output_grams : dict
+        From qualified name to the Gram matrix of that layer's outputs on real
+        inputs (:func:`~tensorcompress.torch.budget.output_grams`); these are
+        the layers factored.
+    threshold : float
+        Share of the outputs' energy to keep, in (0, 1].
+    only_if_smaller : bool, default True
+        Leave a layer dense where its factors would hold as many numbers as its
+        weight or more (``k`` at or above
+        :attr:`LowRankModule.break_even_rank`): no saving there.
+
+    Returns
+    -------
+    dict
+        The rank of each layer factored.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A layer that is not a Linear or a Conv2d with ``groups == 1``, a bad
+        Gram matrix (naming the layer) or a threshold outside (0, 1]; nothing
+        is factored then.
+    """
+    if isinstance(threshold, bool) or not (
+        isinstance(threshold, numbers.Real) and 0.0 < float(threshold) <= 1.0
+    ):
+        raise ValueError(f"threshold must be a float in (0, 1], got {threshold!r}")
+    modules = dict(model.named_modules())
+    new: dict[str, LowRankModule] = {}
+    for name, gram in output_grams.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            kind = "no module" if module is None else _describe(module)
+            raise TypeError(f"layer {name!r}: {kind}; only Linear and Conv2d layers factor")
+        out_dim = int(module.weight.shape[0])
+        check_output_gram(gram, out_dim, name)
+        # Outputs of rank above min(out, in) are round-off.
+        k = min(output_rank(gram, float(threshold)), min(module.weight.reshape(out_dim, -1).shape))
+        cls: Any = LowRankLinear if isinstance(module, nn.Linear) else LowRankConv2d
+        new[name] = cls.from_dense(module, k, name=name, output_gram=gram)
+    if only_if_smaller:
+        new = {name: layer for name, layer in new.items() if layer.smaller_than_dense}
+    for name, layer in new.items():
+        replace_module(model, modules[name], layer)
+    return {name: layer.rank for name, layer in new.items()}
 
 
 def low_rank_layers(model: nn.Module) -> dict[str, LowRankModule]:
