@@ -665,6 +665,9 @@ def _factor_frozen(
         grams = output_grams(model, _budget_batches(train, config, seed, env), frozen)
     grams = env.broadcast(grams)
     ranks = factor_by_outputs(model, grams or {}, config.frozen_threshold)
+    factored = dict(model.named_modules())
+    for name in ranks:
+        factored[name].requires_grad_(False)
     return {"threshold": config.frozen_threshold, "layers": frozen, "ranks": ranks}
 
 

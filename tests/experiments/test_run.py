@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tensorcompress.experiments import report as R
 from tensorcompress.experiments import run as run_mod
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
 from tensorcompress.torch import METHODS
+from tensorcompress.torch.budget import output_grams
+from tensorcompress.torch.lowrank import LowRankConv2d, factor_by_outputs
 from tensorcompress.torch.wasi import wasi_layers
 
 # Small enough for seconds per run: 4 steps of 16 images at 32x32, 3 pretraining steps.
@@ -491,3 +494,43 @@ def test_wsi_and_wasi_rows_on_a_cnn(tmp_path: Path, single_thread: None) -> None
     # WASI keeps compressed inputs: less than vanilla's and WSI's (which keeps them whole).
     for t in (0.5, 0.9):
         assert 0 < by["wasi", t].mem_mb < by["wsi", t].mem_mb <= by["vanilla", None].mem_mb
+
+
+def test_frozen_convs_factored_on_a_cnn(tmp_path: Path, single_thread: None) -> None:
+    """``--frozen-threshold`` on a CNN: the convs with groups 1 that run before the
+    fine-tuned part become frozen LowRankConv2d layers in their outputs' basis (those
+    whose factors are smaller); depthwise convs and the trained part are left alone."""
+    config = _tiny(tmp_path, methods=("vanilla", "wasi"), frozen_threshold=0.5)
+    train, _, _ = run_mod._target_data(config)
+    env = run_mod.T.init_distributed("cpu")
+    model = get_model(config.model, num_classes=train.num_classes)
+    example = run_mod.D.to_input(train.images[:2], "cpu")
+    trained = set(run_mod.K.trained_modules(model, "2", example, blocks=False))
+    modules = dict(model.named_modules())
+    before = [
+        n
+        for n in run_mod.execution_order(model, example)
+        if n not in trained and isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1
+    ]
+    batches = run_mod._budget_batches(train, config, 0, env)
+    grams = output_grams(copy.deepcopy(model), batches, before)
+    expected = factor_by_outputs(copy.deepcopy(model), grams, 0.5)
+    frozen = run_mod._factor_frozen(model, "2", train, 0, config, example, env)
+    assert frozen["layers"] == before and frozen["threshold"] == 0.5
+    assert frozen["ranks"] == expected
+    assert frozen["ranks"], "a random init at 0.5 of the outputs factors some convs"
+    after = dict(model.named_modules())
+    for name in before:
+        layer = after[name]
+        if name in frozen["ranks"]:
+            assert isinstance(layer, LowRankConv2d) and layer.rank == frozen["ranks"][name]
+            assert not layer.left.requires_grad and not layer.right.requires_grad
+        else:
+            assert type(layer) is nn.Conv2d
+    assert all(type(after[n]) is type(modules[n]) for n in trained)
+    exp = run_mod.run_experiment(config)
+    by = {r["method"]: r for r in exp.results}
+    # The run's backbone is pretrained, so its ranks are its own.
+    run_frozen = by["wasi"]["frozen_factors"]
+    assert run_frozen["layers"] == before and set(run_frozen["ranks"]) <= set(before)
+    assert not by["wasi"]["replayed_prefix"] and "frozen_factors" not in by["vanilla"]

@@ -21,6 +21,7 @@ from tensorcompress.experiments import train as T
 from tensorcompress.experiments.cli import main
 from tensorcompress.models import get_model
 from tensorcompress.torch.budget import output_grams, plan_weight_ranks
+from tensorcompress.torch.lowrank import factor_by_outputs
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -193,6 +194,10 @@ def test_vit_command_line() -> None:
     assert config("--no-cache", "--weight-basis", "outputs").weight_basis == "outputs"
     with pytest.raises(ValueError, match="weight_basis must be one of"):
         run_mod.RunConfig(weight_basis="inputs")
+    assert default.frozen_threshold is None
+    assert config("--no-cache", "--frozen-threshold", "0.95").frozen_threshold == 0.95
+    with pytest.raises(ValueError, match=r"frozen_threshold must be in \(0, 1\]"):
+        run_mod.RunConfig(frozen_threshold=1.5)
 
 
 @pytest.mark.parametrize("plans", ["measured", "estimated"])
@@ -334,6 +339,26 @@ def test_weights_factored_in_their_outputs_basis(
         n: m.rank for n, m in wasi_layers(to_wasi(model, rank=0.8, layers=linears)).items()
     }
     assert any("--weight-basis outputs" in n for n in exp.notes)
+
+
+def test_frozen_layers_factored_in_their_outputs_basis(tmp_path: Path) -> None:
+    """``--frozen-threshold``: WASI's frozen Linear layers (every block but the last) are
+    factored as factor_by_outputs factors them on the run's budget batches; the row trains
+    without the replayed prefix (recorded from the dense layers), vanilla with it."""
+    config = _tiny(tmp_path, methods=("vanilla", "wasi"), frozen_threshold=0.9)
+    exp = run_mod.run_experiment(config)
+    by_method = {r["method"]: r for r in exp.results}
+    frozen = by_method["wasi"]["frozen_factors"]
+    assert "frozen_factors" not in by_method["vanilla"]
+    assert [by_method[m]["replayed_prefix"] for m in ("vanilla", "wasi")] == [True, False]
+    model, last, batches = _first_seeds_blocks(config)
+    every = run_mod.select_layers(model, run_mod.last_blocks(12), batches[0][0])
+    before = [n for n in every if n not in last]
+    assert frozen["layers"] == before and frozen["threshold"] == 0.9
+    assert frozen["ranks"] == factor_by_outputs(model, output_grams(model, batches, before), 0.9)
+    assert 0 < len(frozen["ranks"]) <= len(before)
+    assert any("--frozen-threshold 0.9" in n for n in exp.notes)
+    assert any("frozen layers factored at 0.9 of their outputs" in n for n in exp.notes)
 
 
 def test_replaying_the_frozen_blocks_changes_no_result(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,12 @@ from tensorcompress.torch.budget import (
     output_grams,
     plan_weight_ranks,
     weights,
+)
+from tensorcompress.torch.lowrank import (
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankModule,
+    factor_by_outputs,
 )
 from tensorcompress.torch.wasi import to_wasi, wasi_layers
 
@@ -326,3 +333,88 @@ def test_bad_output_grams_get_clear_errors() -> None:
     nan = {**grams, "0": torch.full_like(grams["0"], float("nan"))}
     with pytest.raises(ValueError, match="layer '0': its output Gram matrix holds NaN"):
         to_wasi(copy_of(net), rank=0.6, layers=LAYERS, output_grams=nan)
+
+
+# ---------------------------------------------------------------------------
+# factor_by_outputs: post-training factors at the rank the outputs need
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_factor_by_outputs_keeps_the_threshold_of_the_outputs(threshold: float) -> None:
+    """Each layer's rank is the fewest eigenvectors of its outputs' Gram matrix that
+    keep ``threshold`` of their energy, and its outputs on the batch lose exactly the
+    rest: ``||Y - Y L L^T||^2 = ||Y||^2 - (the k largest eigenvalues)``."""
+    net, batches = _net(), _batches(1)
+    grams = output_grams(copy_of(net), batches, LAYERS)
+    inputs = {n: xs[0] for n, xs in _inputs(copy_of(net), batches).items()}
+    mods = dict(net.named_modules())
+    factored = copy_of(net)
+    before = dict(factored.named_modules())
+    ranks = factor_by_outputs(factored, grams, threshold, only_if_smaller=False)
+    new = dict(factored.named_modules())
+    assert list(ranks) == LAYERS
+    for name in LAYERS:
+        eig = np.sort(np.linalg.eigvalsh(grams[name].numpy()))[::-1]
+        share = np.cumsum(eig) / eig.sum()
+        k = int(np.argmax(share >= threshold - 1e-12)) + 1
+        layer, dense = new[name], mods[name]
+        assert ranks[name] == k == layer.rank
+        assert isinstance(layer, LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv2d)
+        assert layer.bias is before[name].bias
+        y = _rows(dense, inputs[name], dense.weight.detach())
+        y_k = _rows(dense, inputs[name], layer.dense_weight())
+        lost = float((y - y_k).square().sum() / y.square().sum())
+        assert lost == pytest.approx(1.0 - share[k - 1], abs=1e-10)
+        assert lost <= 1.0 - threshold + 1e-12
+
+
+def test_factor_by_outputs_is_exact_on_inputs_of_low_rank_and_keeps_trainability() -> None:
+    """Inputs in a 3-dimensional subspace: threshold 1 gives rank 3 and the same
+    outputs; a frozen weight gives frozen factors, a trainable one trainable factors."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 10)).double()
+    net[0].requires_grad_(False)
+    x = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 16, dtype=torch.float64)
+    grams = output_grams(copy_of(net), [(x, None)], ["0", "1"])
+    with torch.no_grad():
+        y = net(x)
+    ranks = factor_by_outputs(net, grams, 1.0)
+    # The second layer's inputs are 3-dimensional plus the first layer's bias.
+    assert ranks == {"0": 3, "1": 4}
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y, rtol=1e-10, atol=1e-10)
+    assert not net[0].left.requires_grad and not net[0].right.requires_grad
+    assert net[1].left.requires_grad and net[1].right.requires_grad
+
+
+def test_factor_by_outputs_leaves_dense_what_would_not_shrink() -> None:
+    """At threshold 1 the first conv (27 -> 12, break-even 8.3) needs all 12 ranks: it
+    stays an nn.Conv2d by default, and is factored when asked for every layer."""
+    net, batches = _net(), _batches(1)
+    grams = output_grams(copy_of(net), batches, ["0"])
+    kept = copy_of(net)
+    assert factor_by_outputs(kept, grams, 1.0) == {}
+    assert type(kept[0]) is nn.Conv2d
+    everything = copy_of(net)
+    assert factor_by_outputs(everything, grams, 1.0, only_if_smaller=False) == {"0": 12}
+    assert isinstance(everything[0], LowRankConv2d)
+
+
+def test_factor_by_outputs_bad_input_gets_clear_errors() -> None:
+    net, batches = _net(), _batches(1)
+    grams = output_grams(copy_of(net), batches, LAYERS)
+    for bad in (0.0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match=r"threshold must be a float in \(0, 1\]"):
+            factor_by_outputs(net, grams, bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"layer '1': BatchNorm2d; only Linear and Conv2d"):
+        factor_by_outputs(net, {"1": grams["0"]}, 0.9)
+    with pytest.raises(TypeError, match=r"layer '9': no module"):
+        factor_by_outputs(net, {"9": grams["0"]}, 0.9)
+    with pytest.raises(ValueError, match=r"layer '5': its output Gram matrix must be \(24, 24\)"):
+        factor_by_outputs(net, {**grams, "5": grams["7"]}, 0.9)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)).double()
+    with pytest.raises(ValueError, match=r"layer '0'.*grouped conv"):
+        factor_by_outputs(grouped, {"0": torch.eye(4, dtype=torch.float64)}, 0.9)
+    # Nothing was factored by the failed calls.
+    assert not any(isinstance(m, LowRankModule) for m in net.modules())
