@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import types
@@ -12,10 +13,12 @@ import torch
 from torch import nn
 
 from tensorcompress.torch import lowrank, wasi
+from tensorcompress.torch.budget import output_grams
 from tensorcompress.torch.lowrank import (
     LowRankConv2d,
     LowRankLinear,
     export_low_rank,
+    factor_by_outputs,
     factorize,
     low_rank_layers,
     to_dense,
@@ -202,6 +205,43 @@ def test_state_dict_round_trip() -> None:
     again.eval()
     with torch.no_grad():
         assert torch.equal(again(x), exported(x))
+
+
+def test_frozen_layers_factored_by_their_outputs_export_exactly() -> None:
+    """factor_by_outputs on the first (frozen) layers, WASI on the rest: training leaves
+    the frozen factors as they were, and the export and a state_dict round trip give
+    the trained model's outputs exactly."""
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(8, 3, 10, 10)
+    model.conv.requires_grad_(False)
+    model.pw.requires_grad_(False)
+    grams = output_grams(model, [(x, None)], ["conv", "pw"])
+    ranks = factor_by_outputs(model, grams, 0.6)
+    assert set(ranks) == {"conv", "pw"} and type(model.conv) is type(model.pw) is LowRankConv2d
+    to_wasi(model, method="wasi", rank=4, act_rank=0.8, layers=["fc1", "fc2"])
+    frozen = [p.detach().clone() for p in (model.conv.left, model.pw.right)]
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(
+        n.startswith(("conv.left", "conv.right", "pw.left", "pw.right")) for n in trained
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert torch.equal(model.conv.left, frozen[0]) and torch.equal(model.pw.right, frozen[1])
+    refresh_subspaces(model)
+    model.eval()
+    exported = export_low_rank(model)
+    with torch.no_grad():
+        assert torch.equal(exported(x), model(x))
+    fresh = copy.deepcopy(exported)
+    for p in fresh.parameters():
+        p.data.normal_()
+    fresh.load_state_dict(exported.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
 
 
 def test_to_dense_forms_the_weight_and_keeps_the_function() -> None:
