@@ -680,8 +680,8 @@ def factor_by_outputs(
     ------
     TypeError, ValueError
         A layer that is not a Linear or a Conv2d with ``groups == 1``, a bad
-        Gram matrix (naming the layer) or a threshold outside (0, 1]; nothing
-        is factored then.
+        Gram matrix (naming the layer), the model itself (name ``""``) or a
+        threshold outside (0, 1]; nothing is factored then.
     """
     if isinstance(threshold, bool) or not (
         isinstance(threshold, numbers.Real) and 0.0 < float(threshold) <= 1.0
@@ -691,6 +691,11 @@ def factor_by_outputs(
     new: dict[str, LowRankModule] = {}
     for name, gram in output_grams.items():
         module = modules.get(name)
+        if name == "":
+            raise ValueError(
+                "factor_by_outputs replaces a model's layers in place, not the model itself; "
+                "factor one layer with LowRankLinear/LowRankConv2d.from_dense(..., output_gram=)"
+            )
         if not isinstance(module, nn.Linear | nn.Conv2d):
             kind = "no module" if module is None else _describe(module)
             raise TypeError(f"layer {name!r}: {kind}; only Linear and Conv2d layers factor")

@@ -413,6 +413,9 @@ def test_factor_by_outputs_bad_input_gets_clear_errors() -> None:
         factor_by_outputs(net, {"9": grams["0"]}, 0.9)
     with pytest.raises(ValueError, match=r"layer '5': its output Gram matrix must be \(24, 24\)"):
         factor_by_outputs(net, {**grams, "5": grams["7"]}, 0.9)
+    layer = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="not the model itself"):
+        factor_by_outputs(layer, {"": torch.eye(3)}, 0.9)
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)).double()
     with pytest.raises(ValueError, match=r"layer '0'.*grouped conv"):
         factor_by_outputs(grouped, {"0": torch.eye(4, dtype=torch.float64)}, 0.9)
