@@ -23,7 +23,10 @@ autograd machinery. The factored *training* layers of
   ``R = S_k V_k^T``), at an int rank or at an explained-variance threshold
   of the weight's spectrum (:func:`factorize`); or, given the Gram matrix of
   the layer's outputs on real inputs, in the basis that keeps most of those
-  outputs (``L`` its leading eigenvectors, ``R = L^T W``).
+  outputs (``L`` its leading eigenvectors, ``R = L^T W``);
+- :func:`factor_by_outputs` does that to a model's layers in place, each at
+  the rank that keeps a share of its outputs' energy (post-training
+  compression, of frozen layers say).
 
 Only ``groups == 1`` convolutions factor this way: a grouped conv's weight
 is block-diagonal across groups, not one matrix, so it is refused with an
