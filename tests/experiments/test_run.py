@@ -507,9 +507,10 @@ def test_frozen_convs_factored_on_a_cnn(tmp_path: Path, single_thread: None) -> 
     example = run_mod.D.to_input(train.images[:2], "cpu")
     trained = set(run_mod.K.trained_modules(model, "2", example, blocks=False))
     modules = dict(model.named_modules())
+    order = run_mod.execution_order(model, example)
     before = [
         n
-        for n in run_mod.execution_order(model, example)
+        for n in order
         if n not in trained and isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1
     ]
     batches = run_mod._budget_batches(train, config, 0, env)
@@ -528,6 +529,10 @@ def test_frozen_convs_factored_on_a_cnn(tmp_path: Path, single_thread: None) -> 
         else:
             assert type(layer) is nn.Conv2d
     assert all(type(after[n]) is type(modules[n]) for n in trained)
+    depthwise = [
+        n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups > 1 and n in order
+    ]
+    assert depthwise and all(type(after[n]) is nn.Conv2d for n in depthwise)
     exp = run_mod.run_experiment(config)
     by = {r["method"]: r for r in exp.results}
     # The run's backbone is pretrained, so its ranks are its own.
