@@ -650,16 +650,12 @@ def _factor_frozen(
     assert config.frozen_threshold is not None
     trained = set(K.trained_modules(model, layers, example, blocks=config.transformer))
     modules = dict(model.named_modules())
-
-    def factorable(m: nn.Module) -> bool:
-        # A transformer's Linear layers (Hugging Face reads the patch conv's weight
-        # dtype); a CNN's convs with groups 1.
-        if config.transformer:
-            return isinstance(m, nn.Linear)
-        return isinstance(m, nn.Conv2d) and m.groups == 1
-
+    # Hugging Face reads the patch conv's weight dtype: a transformer's Linear layers only.
+    kind = nn.Linear if config.transformer else nn.Conv2d
     order = execution_order(model, example)
-    frozen = [n for n in order if n not in trained and factorable(modules[n])]
+    frozen = _factorable(
+        model, [n for n in order if n not in trained and isinstance(modules[n], kind)]
+    )
     grams = None
     if env.main and frozen:
         grams = output_grams(model, _budget_batches(train, config, seed, env), frozen)
