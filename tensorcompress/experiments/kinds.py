@@ -69,12 +69,14 @@ __all__ = [
     "TRANSFORMER_METHODS",
     "BlockSettings",
     "TargetCheck",
+    "WasiTargetCheck",
     "cross_entropy",
     "factored_kept_bytes",
     "finetune_lr",
     "is_transformer",
     "logits",
     "optimizer_name",
+    "paper_convention",
     "prepare_blocks",
     "recommended_threshold",
     "split_factored",
@@ -83,6 +85,7 @@ __all__ = [
     "trained_modules",
     "transformer_measurements",
     "tuned_layers",
+    "wasi_target_checks",
 ]
 
 CNN_METHODS: tuple[str, ...] = (*METHODS, "wsi", "wasi")
@@ -604,3 +607,203 @@ def recommended_threshold(checks: Sequence[TargetCheck], method: str = "ASI") ->
         return min(c.threshold for c in good if c.threshold is not None)
     best = max(own, key=lambda c: c.accuracy_gap)
     return best.threshold
+
+
+# ---------------------------------------------------------------------------
+# The WASI targets
+# ---------------------------------------------------------------------------
+
+
+def paper_convention(row: Any, vanilla: Any) -> tuple[float, float, float] | None:
+    """The WASI paper's memory convention of ``row`` against ``vanilla``'s, seed by seed.
+
+    The convention counts the trained layers' weights (their factors where
+    factored) plus what they keep for their weight gradients: a seed's
+    ``weight_bytes`` plus ``mem_bytes``.
+
+    Parameters
+    ----------
+    row, vanilla : Row
+        :class:`~tensorcompress.experiments.report.Row` s with the same
+        layers; their ``seeds`` pair by ``"seed"``.
+
+    Returns
+    -------
+    tuple of float or None
+        The row's bytes, vanilla's bytes over the row's, and vanilla's bytes,
+        each a mean over the paired seeds; ``None`` where no seed pairs (or a
+        seed lacks ``weight_bytes``).
+    """
+
+    def convention(fields: Mapping[str, Any]) -> float:
+        return float(fields["weight_bytes"] + fields["mem_bytes"])
+
+    theirs = {s["seed"]: convention(s) for s in vanilla.seeds if "weight_bytes" in s}
+    pairs = [
+        (convention(s), theirs[s["seed"]])
+        for s in row.seeds
+        if "weight_bytes" in s and s["seed"] in theirs
+    ]
+    if not pairs:
+        return None
+    return (
+        sum(p for p, _ in pairs) / len(pairs),
+        sum(v / p for p, v in pairs) / len(pairs),
+        sum(v for _, v in pairs) / len(pairs),
+    )
+
+
+@dataclass(frozen=True)
+class WasiTargetCheck:
+    """A WASI row against the WASI targets, from the run's own measurements.
+
+    The targets: accuracy within ``accuracy_points`` of vanilla's with the
+    same blocks; whole training memory (``tuned MB``) at most
+    ``lora_fraction`` of LoRA's and at most the leanest ASI row's; the WASI
+    paper's convention at least ``paper_factor`` times below vanilla's; the
+    training step at most vanilla's; the exported model's forward at most
+    ``inference_fraction`` of the dense model's. A ratio is NaN where the
+    run lacks the row it needs (LoRA, ASI) or the measurement.
+
+    Attributes
+    ----------
+    label, layers : str
+        The row.
+    threshold : float or None
+        Its threshold.
+    accuracy_gap, lora_accuracy_gap : float
+        Accuracy minus vanilla's and minus LoRA's, in points.
+    tuned_vs_lora, tuned_vs_asi : float
+        Whole training memory over LoRA's and over the smallest of the ASI rows'.
+    paper_below : float
+        Vanilla's paper-convention bytes over the row's (mean over seeds).
+    step_vs_vanilla, inference_vs_dense : float
+        The step over vanilla's and the exported model's forward over the
+        dense model's, each paired by seed and averaged.
+    accuracy_points, lora_fraction, paper_factor, inference_fraction : float
+        The targets.
+    """
+
+    label: str
+    layers: str
+    threshold: float | None
+    accuracy_gap: float
+    lora_accuracy_gap: float
+    tuned_vs_lora: float
+    tuned_vs_asi: float
+    paper_below: float
+    step_vs_vanilla: float
+    inference_vs_dense: float
+    accuracy_points: float = 2.0
+    lora_fraction: float = 0.5
+    paper_factor: float = 20.0
+    inference_fraction: float = 0.8
+
+    @property
+    def accuracy_met(self) -> bool:
+        """Within ``accuracy_points`` of vanilla."""
+        return self.accuracy_gap >= -self.accuracy_points
+
+    @property
+    def memory_met(self) -> bool:
+        """At most ``lora_fraction`` of LoRA's and at most the leanest ASI row's."""
+        return self.tuned_vs_lora <= self.lora_fraction and self.tuned_vs_asi <= 1.0
+
+    @property
+    def paper_met(self) -> bool:
+        """The paper convention at least ``paper_factor`` times below vanilla's."""
+        return self.paper_below >= self.paper_factor
+
+    @property
+    def time_met(self) -> bool:
+        """The step at most vanilla's."""
+        return self.step_vs_vanilla <= 1.0
+
+    @property
+    def inference_met(self) -> bool:
+        """The exported forward at most ``inference_fraction`` of the dense one's."""
+        return self.inference_vs_dense <= self.inference_fraction
+
+    @property
+    def all_met(self) -> bool:
+        """Every target."""
+        return (
+            self.accuracy_met
+            and self.memory_met
+            and self.paper_met
+            and self.time_met
+            and self.inference_met
+        )
+
+    def text(self) -> str:
+        """One line: each figure with its target, met or missed ("not run" where a
+        needed row is missing)."""
+
+        def verdict(ok: bool, value: float = 0.0) -> str:
+            return "not measured" if math.isnan(value) else "met" if ok else "missed"
+
+        def times(value: float, fmt: str = ".2f") -> str:
+            return "n/a" if math.isnan(value) else f"{value:{fmt}}x"
+
+        if math.isnan(self.tuned_vs_lora):
+            lora = "against LoRA: not run (add lora to --methods)"
+        else:
+            lora = (
+                f"{times(self.tuned_vs_lora)} LoRA's, at {self.lora_accuracy_gap:+.1f} points "
+                f"vs LoRA (target <= {self.lora_fraction:g}: "
+                f"{verdict(self.tuned_vs_lora <= self.lora_fraction)})"
+            )
+        if math.isnan(self.tuned_vs_asi):
+            asi = "against ASI: not run (add asi to --methods)"
+        else:
+            asi = (
+                f"{times(self.tuned_vs_asi)} the leanest ASI row's "
+                f"(target <= 1: {verdict(self.tuned_vs_asi <= 1.0)})"
+            )
+        return (
+            f"{self.label}, last {self.layers} (WASI targets): accuracy "
+            f"{self.accuracy_gap:+.1f} points vs vanilla (target >= -{self.accuracy_points:g}: "
+            f"{verdict(self.accuracy_met)}); whole training memory {lora}, {asi}; "
+            f"paper convention {times(self.paper_below, '.1f')} below vanilla's (target >= "
+            f"{self.paper_factor:g}: {verdict(self.paper_met, self.paper_below)}); step "
+            f"{times(self.step_vs_vanilla)} vanilla's (target <= 1: "
+            f"{verdict(self.time_met, self.step_vs_vanilla)}); exported forward "
+            f"{times(self.inference_vs_dense)} the dense model's (target <= "
+            f"{self.inference_fraction:g}: "
+            f"{verdict(self.inference_met, self.inference_vs_dense)})"
+        )
+
+
+def wasi_target_checks(rows: Sequence[Any], layers: str = "4") -> list[WasiTargetCheck]:
+    """Every WASI row with ``layers`` against the WASI targets (see :class:`WasiTargetCheck`).
+
+    ``rows`` are :class:`~tensorcompress.experiments.report.Row` s; empty
+    when the run has no vanilla row with those layers.
+    """
+    by = {(r.method, r.layers): r for r in rows if r.threshold is None}
+    van, lora = by.get(("vanilla", layers)), by.get(("lora", layers))
+    if van is None:
+        return []
+    asi = [r.tuned_mb for r in rows if r.method == "asi" and r.layers == layers]
+    nan = math.nan
+    checks = []
+    for r in rows:
+        if r.method != "wasi" or r.layers != layers:
+            continue
+        paper = paper_convention(r, van)
+        inference = [s["infer_ratio"] for s in r.seeds if "infer_ratio" in s]
+        checks.append(
+            WasiTargetCheck(
+                label=r.label,
+                layers=layers,
+                threshold=r.threshold,
+                accuracy_gap=r.accuracy - van.accuracy,
+                lora_accuracy_gap=nan if lora is None else r.accuracy - lora.accuracy,
+                tuned_vs_lora=nan if lora is None else _ratio(r.tuned_mb, lora.tuned_mb),
+                tuned_vs_asi=_ratio(r.tuned_mb, min(asi)) if asi else nan,
+                paper_below=nan if paper is None else paper[1],
+                step_vs_vanilla=r.step_ratio,
+                inference_vs_dense=sum(inference) / len(inference) if inference else nan,
+            )
+        )
+    return checks

@@ -48,7 +48,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1349,7 +1349,8 @@ def _notes(
 
 
 def _target_findings(rows: Sequence[R.Row]) -> list[str]:
-    """The transformer targets, for the deepest N: every ASI-based row and the recommended ε."""
+    """The transformer targets, for the deepest N: every ASI-based row and the recommended
+    ε; then every WASI row against the WASI targets."""
     depths = sorted({r.layers for r in rows if r.layers != "all"}, key=int)
     if not depths:
         return []
@@ -1363,12 +1364,7 @@ def _target_findings(rows: Sequence[R.Row]) -> list[str]:
             f"recommended ε = {eps:g} (the smallest whose ASI, last {depths[-1]} blocks, is "
             f"within 1 point of vanilla's accuracy, else the most accurate): it {met}"
         )
-    return out
-
-
-def _paper_bytes(fields: Mapping[str, Any]) -> float:
-    # The WASI paper's convention: the trained layers' weights plus what they keep.
-    return float(fields["weight_bytes"] + fields["mem_bytes"])
+    return out + [c.text() for c in K.wasi_target_checks(rows, depths[-1])]
 
 
 def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
@@ -1377,13 +1373,7 @@ def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
     WASI paper's memory convention against vanilla's (mean over seeds); the exported model's
     inference time against the dense model's."""
     out = []
-    vanilla = {
-        (r.layers, s["seed"]): _paper_bytes(s)
-        for r in rows
-        if r.method == "vanilla"
-        for s in r.seeds
-        if "weight_bytes" in s
-    }
+    vanilla = {r.layers: r for r in rows if r.method == "vanilla"}
     for r in rows:
         fields = r.seeds[0] if r.seeds else {}
         ranks, even = fields.get("weight_ranks"), fields.get("break_even_ranks")
@@ -1406,17 +1396,12 @@ def _factored_findings(rows: Sequence[R.Row]) -> list[str]:
                 f"at {frozen['threshold']:g} of their outputs, ranks {min(values)}-{max(values)}"
             )
         text += " (first seed)"
-        paper = [
-            (_paper_bytes(s), vanilla[r.layers, s["seed"]])
-            for s in r.seeds
-            if "weight_bytes" in s and (r.layers, s["seed"]) in vanilla
-        ]
-        if paper:
+        paper = K.paper_convention(r, vanilla[r.layers]) if r.layers in vanilla else None
+        if paper is not None:
             text += (
                 f"; WASI paper's convention (the layers' weights plus their kept inputs) "
-                f"{statistics.mean(p for p, _ in paper) / R.MB:.2f} MB, "
-                f"{statistics.mean(v / p for p, v in paper):.1f}x below vanilla's "
-                f"{statistics.mean(v for _, v in paper) / R.MB:.2f} MB (mean over seeds)"
+                f"{paper[0] / R.MB:.2f} MB, {paper[1]:.1f}x below vanilla's "
+                f"{paper[2] / R.MB:.2f} MB (mean over seeds)"
             )
         ratios = [s["infer_ratio"] for s in r.seeds if "infer_ratio" in s]
         if ratios:

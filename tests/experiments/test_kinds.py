@@ -253,3 +253,54 @@ def test_target_checks_and_recommended_threshold() -> None:
     assert math.isnan(no_ckpt.step_vs_checkpoint) and not no_ckpt.time_met
     assert "nan" not in no_ckpt.text() and "checkpointing: not run" in no_ckpt.text()
     assert "0.29x vanilla's (target <= 0.3: met)" in no_ckpt.text()
+
+
+def _wasi_row(method: str, eps: float | None, acc: float, tuned: float, **fields: Any) -> Any:
+    """A row of the WASI targets: one seed per (weight, kept) pair in ``fields['paper']``."""
+    from types import SimpleNamespace
+
+    paper = fields.pop("paper", [])
+    seeds = tuple(
+        {"seed": i, "weight_bytes": w, "mem_bytes": m, **fields} for i, (w, m) in enumerate(paper)
+    )
+    label = method.upper() if eps is None else f"{method.upper()} ε={eps:g}"
+    return SimpleNamespace(
+        method=method, label=label, layers="4", threshold=eps, accuracy=acc, tuned_mb=tuned,
+        step_ratio=fields.get("step", 1.0), seeds=seeds,
+    )  # fmt: skip
+
+
+def test_paper_convention_pairs_seeds() -> None:
+    van = _wasi_row("vanilla", None, 97.0, 130.0, paper=[(60, 40), (80, 20)])
+    row = _wasi_row("wasi", 0.7, 96.0, 40.0, paper=[(4, 1), (3, 2), (1, 1)])  # seed 2 unpaired
+    bytes_, below, vanilla = K.paper_convention(row, van)  # type: ignore[misc]
+    assert bytes_ == 5.0 and vanilla == 100.0 and below == 20.0
+    assert K.paper_convention(row, _wasi_row("vanilla", None, 97.0, 130.0)) is None
+
+
+def test_wasi_target_checks() -> None:
+    rows = [
+        _wasi_row("vanilla", None, 97.0, 130.0, paper=[(60, 40)]),
+        _wasi_row("lora", None, 95.0, 120.0),
+        _wasi_row("asi", 0.8, 96.0, 57.0),
+        _wasi_row("asi", 0.9, 96.5, 58.0),
+        _wasi_row("wasi", 0.7, 95.5, 42.0, paper=[(4, 1)], step=0.7, infer_ratio=0.5),
+        _wasi_row("wasi", 0.9, 96.5, 59.0, paper=[(8, 2)], step=1.1, infer_ratio=0.9),
+    ]
+    good, bad = K.wasi_target_checks(rows)
+    assert good.all_met and math.isclose(good.tuned_vs_lora, 0.35)
+    assert good.paper_below == 20.0 and good.inference_vs_dense == 0.5
+    assert math.isclose(good.tuned_vs_asi, 42 / 57) and good.lora_accuracy_gap == 0.5
+    assert bad.accuracy_met and not bad.memory_met and bad.paper_below == 10.0
+    assert not (bad.paper_met or bad.time_met or bad.inference_met)
+    assert "(target >= 20: met)" in good.text() and "missed" not in good.text()
+    assert "10.0x below vanilla's (target >= 20: missed)" in bad.text()
+    assert "-1.5 points vs vanilla (target >= -2: met)" in good.text()
+    # Without LoRA, ASI or a paired seed, the line says what it could not measure.
+    alone = K.wasi_target_checks([rows[0], _wasi_row("wasi", 0.7, 90.0, 42.0)])[0]
+    assert not alone.memory_met and not alone.paper_met and not alone.accuracy_met
+    text = alone.text()
+    assert "not run (add lora to --methods)" in text and "not run (add asi" in text
+    assert "nan" not in text
+    assert "convention n/a below vanilla's (target >= 20: not measured)" in text
+    assert K.wasi_target_checks(rows[1:]) == []  # no vanilla row

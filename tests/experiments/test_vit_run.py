@@ -273,6 +273,11 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
         for n in wsi["layer_names"]
     )
     assert any(n.startswith("WSI ε=0.8") and "WASI paper's convention" in n for n in exp.notes)
+    # The WASI targets, each against the row it needs, all measured in this run.
+    (wasi_line,) = [n for n in exp.notes if "(WASI targets)" in n]
+    assert wasi_line.startswith("WASI ε=0.8, last 1 (WASI targets): accuracy")
+    assert "LoRA's" in wasi_line and "the leanest ASI row's" in wasi_line
+    assert "n/a" not in wasi_line and "not run" not in wasi_line
     text = exp.table()
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
