@@ -593,7 +593,9 @@ def target_checks(
     ]
 
 
-def recommended_threshold(checks: Sequence[TargetCheck], method: str = "ASI") -> float | None:
+def recommended_threshold(
+    checks: Sequence[TargetCheck | WasiTargetCheck], method: str = "ASI"
+) -> float | None:
     """The smallest threshold whose ``method`` row (label prefix) meets the accuracy target.
 
     The cheapest point of the frontier within the accuracy tolerance; when

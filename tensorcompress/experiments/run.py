@@ -1364,7 +1364,17 @@ def _target_findings(rows: Sequence[R.Row]) -> list[str]:
             f"recommended ε = {eps:g} (the smallest whose ASI, last {depths[-1]} blocks, is "
             f"within 1 point of vanilla's accuracy, else the most accurate): it {met}"
         )
-    return out + [c.text() for c in K.wasi_target_checks(rows, depths[-1])]
+    wasi = K.wasi_target_checks(rows, depths[-1])
+    out += [c.text() for c in wasi]
+    eps = K.recommended_threshold(wasi, "WASI")
+    if eps is not None:
+        (chosen,) = [c for c in wasi if c.threshold == eps]
+        met = "meets every WASI target" if chosen.all_met else "misses a WASI target"
+        out.append(
+            f"recommended WASI ε = {eps:g} (the smallest whose WASI, last {depths[-1]} blocks, "
+            f"is within 2 points of vanilla's accuracy, else the most accurate): it {met}"
+        )
+    return out
 
 
 def _factored_findings(rows: Sequence[R.Row]) -> list[str]:

@@ -304,3 +304,4 @@ def test_wasi_target_checks() -> None:
     assert "nan" not in text
     assert "convention n/a below vanilla's (target >= 20: not measured)" in text
     assert K.wasi_target_checks(rows[1:]) == []  # no vanilla row
+    assert K.recommended_threshold([bad, good], "WASI") == 0.7  # the smallest within 2 points

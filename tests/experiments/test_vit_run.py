@@ -278,6 +278,7 @@ def test_every_transformer_method_runs(tmp_path: Path) -> None:
     assert wasi_line.startswith("WASI ε=0.8, last 1 (WASI targets): accuracy")
     assert "LoRA's" in wasi_line and "the leanest ASI row's" in wasi_line
     assert "n/a" not in wasi_line and "not run" not in wasi_line
+    assert any(n.startswith("recommended WASI ε = 0.8") for n in exp.notes)
     text = exp.table()
     assert "peak act MB" in text and "LoRA r8" in text
     assert any("recommended ε = 0.8" in n for n in exp.notes)
