@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +67,7 @@ __all__ = [
     "LORA_LR_SCALE",
     "LORA_METHODS",
     "TRANSFORMER_METHODS",
+    "AccuracyCheck",
     "BlockSettings",
     "TargetCheck",
     "WasiTargetCheck",
@@ -476,12 +477,11 @@ ASI_METHODS: tuple[str, ...] = ("asi", "lora+asi", "wasi")
 
 
 @dataclass(frozen=True)
-class TargetCheck:
-    """An ASI-based row against the transformer targets, from the run's own measurements.
+class AccuracyCheck:
+    """A row of a threshold frontier against vanilla's accuracy with the same blocks.
 
-    The targets: accuracy within ``accuracy_points`` of vanilla's with the
-    same blocks; peak activation memory at most checkpointing's and at most
-    ``peak_fraction`` of vanilla's; step time at most checkpointing's.
+    The base of :class:`TargetCheck` and :class:`WasiTargetCheck`, and what
+    :func:`recommended_threshold` reads.
 
     Attributes
     ----------
@@ -491,27 +491,44 @@ class TargetCheck:
         Its threshold.
     accuracy_gap : float
         Accuracy minus vanilla's, in points.
-    peak_vs_vanilla, peak_vs_checkpoint, step_vs_checkpoint : float
-        Ratios of the peak activation memory and step time (NaN when the
-        other row is missing).
-    accuracy_points, peak_fraction : float
-        The targets.
+    accuracy_points : float
+        The target: at most this many points below vanilla.
     """
 
     label: str
     layers: str
     threshold: float | None
     accuracy_gap: float
-    peak_vs_vanilla: float
-    peak_vs_checkpoint: float
-    step_vs_checkpoint: float
-    accuracy_points: float = 1.0
-    peak_fraction: float = 0.3
+    accuracy_points: float = field(default=1.0, kw_only=True)
 
     @property
     def accuracy_met(self) -> bool:
         """Within ``accuracy_points`` of vanilla."""
         return self.accuracy_gap >= -self.accuracy_points
+
+
+@dataclass(frozen=True)
+class TargetCheck(AccuracyCheck):
+    """An ASI-based row against the transformer targets, from the run's own measurements.
+
+    The targets: accuracy within ``accuracy_points`` of vanilla's with the
+    same blocks; peak activation memory at most checkpointing's and at most
+    ``peak_fraction`` of vanilla's; step time at most checkpointing's.
+
+    Attributes
+    ----------
+    peak_vs_vanilla, peak_vs_checkpoint, step_vs_checkpoint : float
+        Ratios of the peak activation memory and step time (NaN when the
+        other row is missing).
+    peak_fraction : float
+        The peak's target; the row, its gap and ``accuracy_points`` are
+        :class:`AccuracyCheck`'s.
+    """
+
+    peak_vs_vanilla: float
+    peak_vs_checkpoint: float
+    step_vs_checkpoint: float
+    peak_fraction: float = 0.3
 
     @property
     def memory_met(self) -> bool:
@@ -593,9 +610,7 @@ def target_checks(
     ]
 
 
-def recommended_threshold(
-    checks: Sequence[TargetCheck | WasiTargetCheck], method: str = "ASI"
-) -> float | None:
+def recommended_threshold(checks: Sequence[AccuracyCheck], method: str = "ASI") -> float | None:
     """The smallest threshold whose ``method`` row (label prefix) meets the accuracy target.
 
     The cheapest point of the frontier within the accuracy tolerance; when
@@ -656,7 +671,7 @@ def paper_convention(row: Any, vanilla: Any) -> tuple[float, float, float] | Non
 
 
 @dataclass(frozen=True)
-class WasiTargetCheck:
+class WasiTargetCheck(AccuracyCheck):
     """A WASI row against the WASI targets, from the run's own measurements.
 
     The targets: accuracy within ``accuracy_points`` of vanilla's with the
@@ -669,12 +684,9 @@ class WasiTargetCheck:
 
     Attributes
     ----------
-    label, layers : str
-        The row.
-    threshold : float or None
-        Its threshold.
-    accuracy_gap, lora_accuracy_gap : float
-        Accuracy minus vanilla's and minus LoRA's, in points.
+    lora_accuracy_gap : float
+        Accuracy minus LoRA's, in points (the row, its gap to vanilla and
+        ``accuracy_points``, 2 here, are :class:`AccuracyCheck`'s).
     tuned_vs_lora, tuned_vs_asi : float
         Whole training memory over LoRA's and over the smallest of the ASI rows'.
     paper_below : float
@@ -682,29 +694,20 @@ class WasiTargetCheck:
     step_vs_vanilla, inference_vs_dense : float
         The step over vanilla's and the exported model's forward over the
         dense model's, each paired by seed and averaged.
-    accuracy_points, lora_fraction, paper_factor, inference_fraction : float
-        The targets.
+    lora_fraction, paper_factor, inference_fraction : float
+        The other targets.
     """
 
-    label: str
-    layers: str
-    threshold: float | None
-    accuracy_gap: float
     lora_accuracy_gap: float
     tuned_vs_lora: float
     tuned_vs_asi: float
     paper_below: float
     step_vs_vanilla: float
     inference_vs_dense: float
-    accuracy_points: float = 2.0
+    accuracy_points: float = field(default=2.0, kw_only=True)
     lora_fraction: float = 0.5
     paper_factor: float = 20.0
     inference_fraction: float = 0.8
-
-    @property
-    def accuracy_met(self) -> bool:
-        """Within ``accuracy_points`` of vanilla."""
-        return self.accuracy_gap >= -self.accuracy_points
 
     @property
     def memory_met(self) -> bool:
