@@ -85,13 +85,18 @@ def weight_svd(
     :func:`~tensorcompress.torch.budget.measure_weight_sensitivity` take.
     ``ValueError`` (naming the layer) on NaN or Inf.
     """
+    u, s, vh = torch.linalg.svd(_finite_weight(matrix, name), full_matrices=False)
+    return u, s, vh
+
+
+def _finite_weight(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """The weight detached, in float32 if half precision; ``ValueError`` on NaN or Inf."""
     work = matrix.detach()
     if work.dtype not in (torch.float32, torch.float64):
         work = work.float()
     if not bool(torch.isfinite(work).all()):
         raise ValueError(f"layer {name!r}: the weight holds NaN or Inf; it cannot be factored")
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    return u, s, vh
+    return work
 
 
 def weight_rank(singular_values: torch.Tensor, rank: int | float) -> int:
@@ -197,8 +202,13 @@ def factorize(
             f"layer {name!r}: a float rank is an explained-variance threshold in (0, 1], "
             f"got {rank!r}"
         )
-    u, s, vh = weight_svd(matrix, name=name)
-    k = weight_rank(s, rank)
+    if output_gram is not None and isinstance(rank, numbers.Integral):
+        # The rank is given and the basis is the outputs': no SVD of the weight needed.
+        _finite_weight(matrix, name)
+        k = int(rank)
+    else:
+        u, s, vh = weight_svd(matrix, name=name)
+        k = weight_rank(s, rank)
     if output_gram is None:
         explained = float(_rank.explained_variance((s.double() ** 2).cpu().numpy())[k - 1])
         left = u[:, :k].contiguous().to(matrix.dtype)

@@ -66,6 +66,8 @@ def test_factorize_refuses_non_finite_weights() -> None:
     m[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         factorize(m, 2, name="fc")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # in the outputs' basis too
+        factorize(m, 2, name="fc", output_gram=torch.eye(4))
 
 
 def test_constructors() -> None:
